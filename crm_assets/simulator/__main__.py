@@ -1,0 +1,92 @@
+"""CLI: ``python -m crm_assets.simulator`` / ``crm-simulator``. Serves until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Optional, Sequence
+
+from .data import DEFAULT_COUNTS, RESOURCES
+from .server import FAULT_KINDS, CrmSimulator, SimulatorConfig
+
+
+def _parse_records(text: str) -> dict[str, int]:
+    """``100000`` (every resource) or ``jobs=2500,tasks=12000`` (others keep their defaults)."""
+    counts = dict(DEFAULT_COUNTS)
+    text = text.strip()
+    if text.isdigit():
+        return {r: int(text) for r in RESOURCES}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in RESOURCES or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(
+                f"bad --records item {part!r}: expected N or name=N with name in {list(RESOURCES)}")
+        counts[name.strip()] = int(value)
+    return counts
+
+
+def _parse_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FAULT_KINDS]
+    if not kinds or bad:
+        raise argparse.ArgumentTypeError(f"fault kinds must be from {list(FAULT_KINDS)}, got {text!r}")
+    return kinds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crm-simulator", description="Local CRM API simulator.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    p.add_argument("--api-key", default="demo-key")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--records", type=_parse_records, default=dict(DEFAULT_COUNTS),
+                   help="N for every resource, or jobs=2500,tasks=12000")
+    p.add_argument("--page-cap", type=int, default=None, help="silently return at most N records a page")
+    p.add_argument("--latency-ms", type=float, default=0)
+    p.add_argument("--fault-every", type=int, default=None, help="every N-th data request faults (N >= 2)")
+    p.add_argument("--fault-kinds", type=_parse_kinds, default=list(FAULT_KINDS),
+                   help=f"comma list cycling through {','.join(FAULT_KINDS)}")
+    p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
+    p.add_argument("--drift-every", type=int, default=None, help="every N-th page (from > 0) drifts by one")
+    p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
+    p.add_argument("--ready-file", default=None, help="write the URL here once listening")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = SimulatorConfig(
+        host=args.host, port=args.port, api_key=args.api_key, seed=args.seed, counts=args.records,
+        page_cap=args.page_cap, latency_ms=args.latency_ms, fault_every=args.fault_every,
+        fault_kinds=args.fault_kinds, retry_after=args.retry_after, drift_every=args.drift_every,
+        verbose=args.verbose,
+    )
+    try:
+        sim = CrmSimulator(config).start()
+    except (ValueError, OSError) as exc:
+        print(f"crm-simulator: {exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"CRM simulator listening on {sim.url} (api key: {config.api_key})", flush=True)
+    if args.ready_file:
+        # Write then rename, so a script polling for the file never reads half a URL.
+        tmp = f"{args.ready_file}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(sim.url + "\n")
+        os.replace(tmp, args.ready_file)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        sim.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

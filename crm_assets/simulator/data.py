@@ -1,0 +1,297 @@
+"""Deterministic, lazily generated CRM records.
+
+Record ``i`` of a resource is a pure function of ``(seed, resource, i)``: nothing is stored for
+records that were never mutated, so a resource can hold a million records at no memory cost.
+Mutated and inserted records live in a per-resource ``overlay`` dict keyed by index.
+
+Ordering invariant the query engine relies on: for every record, index order == (date_created, id)
+order.  Generated records have ``date_created = BASE + (i // 3) * 7`` (non-decreasing, with ties)
+and zero-padded ids; inserted records get indices after all generated ones and a
+``date_created`` from a strictly increasing "now" clock that lies above every generated date;
+edits never change ``date_created``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from typing import Any
+
+# name -> (path, key under which the records are listed)
+RESOURCES: dict[str, tuple[str, str]] = {
+    "jobs": ("/v1/jobs", "results"),
+    "contacts": ("/v1/contacts", "results"),
+    "tasks": ("/v1/tasks", "results"),
+    "activities": ("/v1/activities", "activity"),
+    "files": ("/v1/files", "files"),
+}
+# tasks is above the 10,000 result window on purpose: reading it needs filter ranges.
+DEFAULT_COUNTS: dict[str, int] = {
+    "jobs": 2500,
+    "contacts": 3000,
+    "tasks": 12000,
+    "activities": 4000,
+    "files": 1500,
+}
+PREFIXES = {"jobs": "job", "contacts": "con", "tasks": "tsk", "activities": "act", "files": "fil"}
+
+BASE = 1_600_000_000
+DAY = 86_400
+MAX_UPDATE_OFFSET = 90 * DAY  # generated date_updated lies within 90 days after date_created
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finaliser: a fast, well-spread 64-bit hash of an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def generated_date_created(i: int) -> int:
+    # Three records share each timestamp, so (date_created) alone has ties and id must break them.
+    return BASE + (i // 3) * 7
+
+
+# --- value pools (deliberately full of non-ASCII text, quotes and emoji) -------------------------
+NAMES = [
+    "Zoë Ørsted", "北京项目", "Café ☕", "عميل", "Šárka Dvořák", "José Müller", "Łukasz Żółć",
+    "Ana-María Núñez", "Προμηθέας", "Иван Петров", "東京オフィス", "🚀 Launch", "O'Brien & Sons",
+    "Plain Name", "Straße 5", "नमस्ते", "Björk 🎵", 'The "Quoted" Co', "back\\slash Ltd", "Ñandú 🦤",
+]
+NOUNS = ["Renovation", "Roof", "Kitchen", "Survey", "Audit", "Install", "Repair", "Fit-out", "Extension"]
+JOB_STATUSES = ["open", "quoted", "in_progress", "on_hold", "completed", "cancelled"]
+CITIES = [("Zürich", "CH"), ("København", "DK"), ("São Paulo", "BR"), ("Kraków", "PL"), ("北京", "CN"),
+          ("Montréal", "CA"), ("القاهرة", "EG"), ("London", "GB"), ("Reykjavík", "IS"), ("Austin", "US")]
+STREETS = ["Hauptstraße", "Rue de l'Église", "Main St", "Calle Mayor", "Ulica Długa", "Baker Street"]
+TAGS = ["vip", "urgent", "résumé", "北", "🔥", "follow-up", "b2b", "archived?", "tag with space"]
+COMPANIES = ["Acme GmbH", "Ørsted A/S", "株式会社テスト", "Café Society", "Smith & Sons", "Élan S.A."]
+ACTIVITY_TYPES = ["note", "call", "email", "meeting"]
+BODIES = [
+    "Called the customer — they'd like a quote by Friday.",
+    "Kunde möchte einen Rückruf 📞",
+    "已发送报价单。",
+    "Réunion reportée à lundi.\nNotes: bring samples.",
+    "تم الاتصال بالعميل",
+    "Left voicemail 🙃 \"call back later\"",
+]
+FILES = [("plan", "pdf", "application/pdf"), ("photo_été", "jpg", "image/jpeg"),
+         ("угода", "docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"),
+         ("報告", "xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
+         ("notes", "txt", "text/plain"), ("sketch 🖊", "png", "image/png")]
+PRIORITIES = ["low", "normal", "high", "urgent"]
+
+
+class Dataset:
+    """One resource: generated records ``0..count-1`` plus an overlay of mutated/inserted ones."""
+
+    def __init__(self, resource: str, count: int, seed: int, counts: dict[str, int]):
+        self.resource = resource
+        self.count = count  # generated records
+        self.total = count  # generated + inserted
+        self.prefix = PREFIXES[resource]
+        self.salt = _mix((seed & _M64) ^ (zlib.crc32(resource.encode()) << 20))
+        self.late_from = (count * 9) // 10  # records from here on carry the "late" field
+        self.counts = counts  # referenced ids (job_id, contact_id) point into the other datasets
+        self.overlay: dict[int, dict[str, Any]] = {}
+        self.version = 0  # bumped on every mutation; part of the query cache key
+        self.query_cache: dict[Any, list[int]] = {}
+        self._extra = getattr(self, "_fields_" + resource)
+
+    # -- ids ---------------------------------------------------------------------------------------
+    def record_id(self, i: int) -> str:
+        return f"{self.prefix}_{i:08d}"
+
+    def ref(self, resource: str, h: int) -> str:
+        n = max(1, self.counts.get(resource, 1))
+        return f"{PREFIXES[resource]}_{h % n:08d}"
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, i: int) -> dict[str, Any]:
+        """The pristine record ``i`` (ignores the overlay). A fresh dict on every call."""
+        h = _mix(self.salt + i)
+        dc = generated_date_created(i)
+        rec: dict[str, Any] = {
+            "id": self.record_id(i),
+            "name": f"{NAMES[h % len(NAMES)]} {NOUNS[(h >> 5) % 9]} {i}",
+            "created_by": f"usr_{(h >> 9) % 200:04d}",
+            "date_created": dc,
+            "date_updated": dc + (h >> 24) % MAX_UPDATE_OFFSET,
+            "is_active": (h >> 17) % 100 >= 3,  # ~3% archived
+        }
+        self._extra(rec, i, _mix(h))
+        if i >= self.late_from:
+            rec["priority"] = PRIORITIES[(h >> 60) % 4]
+        return rec
+
+    def get(self, i: int) -> dict[str, Any]:
+        """Current record ``i``. Overlay records are shared: never mutate the result in place."""
+        rec = self.overlay.get(i)
+        return rec if rec is not None else self.generate(i)
+
+    def date_created(self, i: int) -> int:
+        if i < self.count:
+            return generated_date_created(i)
+        return self.overlay[i]["date_created"]
+
+    def date_updated(self, i: int) -> int:
+        rec = self.overlay.get(i)
+        if rec is not None:
+            return rec["date_updated"]
+        # Same formula as generate(), without building the record (used by full scans).
+        return generated_date_created(i) + (_mix(self.salt + i) >> 24) % MAX_UPDATE_OFFSET
+
+    def max_generated_date_updated(self) -> int:
+        return generated_date_created(max(self.count - 1, 0)) + MAX_UPDATE_OFFSET
+
+    # -- resource-specific fields (g: a second 64-bit hash; peeled off in mixed radix) -----------
+    def _tags(self, g: int) -> list[str]:
+        n = g % 4  # 0..3 tags, so some lists are empty
+        return [TAGS[(g >> (4 + 4 * k)) % len(TAGS)] for k in range(n)]
+
+    def _fields_jobs(self, rec: dict, i: int, g: int) -> None:
+        k = _mix(g)
+        kind = g % 10
+        # budget's type varies between records: int mostly, a string like "12k" or null sometimes.
+        budget: Any = (g >> 8) % 500_000 if kind >= 2 else (f"{(g >> 8) % 90 + 10}k" if kind == 1 else None)
+        city, country = CITIES[(g >> 28) % len(CITIES)]
+        rec.update({
+            "status": JOB_STATUSES[(g >> 4) % 6],
+            "number": 10_000 + i,
+            "budget": budget,
+            "location": {
+                "street": f"{(g >> 32) % 200 + 1} {STREETS[(g >> 40) % len(STREETS)]}",
+                "city": city,
+                "country": country,
+                "geo": {"lat": round((k % 180_000_000) / 1e6 - 90, 6),
+                        "lng": round(((k >> 28) % 360_000_000) / 1e6 - 180, 6)},
+            },
+            "related": [{"type": "contact", "id": self.ref("contacts", k >> (8 * j))}
+                        for j in range((k >> 60) % 3)],
+            "tags": self._tags(g >> 44),
+        })
+
+    def _fields_contacts(self, rec: dict, i: int, g: int) -> None:
+        email = f"contact.{i}@example.com"
+        phone = None if g % 7 == 0 else f"+1-555-{(g >> 8) % 10_000:04d}"
+        rec.update({
+            "email": email,
+            "phone": phone,
+            "primary": {"email": email, "phone": phone},
+            "company": COMPANIES[(g >> 24) % len(COMPANIES)],
+            "tags": self._tags(g >> 32),
+        })
+
+    def _fields_tasks(self, rec: dict, i: int, g: int) -> None:
+        rec.update({
+            "job_id": self.ref("jobs", g >> 8),
+            "due_date": None if g % 5 == 0 else rec["date_created"] + ((g >> 4) % 60) * DAY,
+            "completed": bool((g >> 3) & 1),
+            "assignees": [f"usr_{(g >> (20 + 8 * j)) % 200:04d}" for j in range((g >> 56) % 4)],
+        })
+
+    def _fields_activities(self, rec: dict, i: int, g: int) -> None:
+        rec.update({
+            "type": ACTIVITY_TYPES[g % 4],
+            "body": BODIES[(g >> 2) % len(BODIES)],
+            "contact_id": self.ref("contacts", g >> 8),
+            "job_id": None if (g >> 5) % 4 == 0 else self.ref("jobs", g >> 30),
+        })
+
+    def _fields_files(self, rec: dict, i: int, g: int) -> None:
+        stem, ext, mime = FILES[g % len(FILES)]
+        rec.update({
+            "filename": f"{stem}_{i}.{ext}",
+            "size_bytes": (g >> 8) % 50_000_000 + 1,
+            "mime_type": mime,
+            "related": [{"type": "job", "id": self.ref("jobs", g >> 16)}]
+            + ([{"type": "contact", "id": self.ref("contacts", g >> 40)}] if (g >> 4) & 1 else []),
+        })
+
+
+class Store:
+    """All datasets plus the mutation logic and the shared "now" clock."""
+
+    def __init__(self, seed: int, counts: dict[str, int]):
+        self.seed = seed
+        self.counts = {r: int(counts.get(r, DEFAULT_COUNTS[r])) for r in RESOURCES}
+        self._last_now = 0  # survives reset(): dates must never repeat one served earlier
+        self._mutations = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.datasets = {r: Dataset(r, self.counts[r], self.seed, self.counts) for r in RESOURCES}
+        self._mutations = 0
+
+    def now(self) -> int:
+        """Strictly increasing; >= wall clock and above every generated date."""
+        floor = max(ds.max_generated_date_updated() for ds in self.datasets.values()) + 1
+        self._last_now = max(int(time.time()), self._last_now + 1, floor)
+        return self._last_now
+
+    def _pick(self, ds: Dataset, n: int, salt: int, want_active: bool = False) -> list[int]:
+        """n distinct indices spread over the dataset: one per equal-width bucket."""
+        total, n = ds.total, min(n, ds.total)
+        picked = []
+        for k in range(max(n, 0)):
+            start, stop = k * total // n, (k + 1) * total // n
+            width = stop - start
+            off = _mix(salt + k) % width
+            for j in range(width):  # walk the bucket (wrapping) for an active record if asked
+                idx = start + (off + j) % width
+                if not want_active or ds.get(idx)["is_active"]:
+                    picked.append(idx)
+                    break
+        return picked
+
+    def mutate(self, resource: str, edit: int = 0, insert: int = 0, deactivate: int = 0,
+               add_field: dict | None = None) -> dict[str, list[str]]:
+        if resource not in self.datasets:
+            raise ValueError(f"unknown resource {resource!r}")
+        if min(edit, insert, deactivate) < 0:
+            raise ValueError("edit, insert and deactivate must be >= 0")
+        if add_field is not None and (not isinstance(add_field, dict) or not isinstance(add_field.get("name"), str)):
+            raise ValueError('add_field must be {"name": <str>, "value": <any>}')
+        ds = self.datasets[resource]
+        self._mutations += 1
+        seq = self._mutations
+        now = self.now()  # one tick per mutation call; ties between its records break on id
+        salt = _mix(self.seed ^ (seq << 32) ^ zlib.crc32(resource.encode()))
+
+        def extra(rec: dict) -> None:
+            if add_field is not None:
+                rec[add_field["name"]] = copy.deepcopy(add_field.get("value"))
+
+        edited = []
+        for idx in self._pick(ds, edit, salt):
+            rec = copy.deepcopy(ds.get(idx))  # copy: a served overlay dict is never changed in place
+            rec["name"] = f"{NAMES[(salt + idx) % len(NAMES)]} (edit {seq})"
+            rec["date_updated"] = now
+            extra(rec)
+            ds.overlay[idx] = rec
+            edited.append(rec["id"])
+
+        inserted = []
+        for _ in range(insert):
+            idx = ds.total
+            rec = ds.generate(idx)
+            rec["date_created"] = rec["date_updated"] = now
+            rec["is_active"] = True
+            extra(rec)
+            ds.overlay[idx] = rec
+            ds.total += 1
+            inserted.append(rec["id"])
+
+        deactivated = []
+        for idx in self._pick(ds, deactivate, salt ^ 0x5EED, want_active=True):
+            rec = copy.deepcopy(ds.get(idx))
+            rec["is_active"] = False
+            rec["date_updated"] = now
+            ds.overlay[idx] = rec
+            deactivated.append(rec["id"])
+
+        ds.version += 1
+        ds.query_cache.clear()
+        return {"edited": edited, "inserted": inserted, "deactivated": deactivated}

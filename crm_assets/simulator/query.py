@@ -1,0 +1,160 @@
+"""Filter parsing, query planning and the offset-drift model.
+
+A query is reduced to integer half-open bounds ``[lo, hi)`` per date field plus a sort.  The common
+case (date_created bounds only, sorted on date_created) becomes an index range found by binary
+search, because index order == (date_created, id) order (see data.py).  Anything involving
+date_updated is answered by a scan whose result is cached per (dataset version, query).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect_left
+from typing import Any, Optional, Sequence
+
+from .data import Dataset
+
+FIELDS = ("date_created", "date_updated")
+SORT_FIELDS = FIELDS
+DIRECTIONS = ("asc", "desc")
+Bounds = tuple[tuple[Optional[int], Optional[int]], tuple[Optional[int], Optional[int]]]
+NO_BOUNDS: Bounds = ((None, None), (None, None))
+_CACHE_SIZE = 16
+
+
+class QueryError(ValueError):
+    """A bad request parameter; the server answers 400 with this message."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_filter(text: Optional[str]) -> Bounds:
+    """``{"must":[{"range":{"date_updated":{"gte":1700000000}}}, ...]}`` -> integer bounds."""
+    if text is None or text.strip() == "":
+        return NO_BOUNDS
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise QueryError(f"filter is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise QueryError("filter must be a JSON object")
+    unknown = set(doc) - {"must"}
+    if unknown:
+        raise QueryError(f"unsupported filter keys: {sorted(unknown)}")
+    clauses = doc.get("must", [])
+    if isinstance(clauses, dict):  # Elasticsearch accepts a single clause without the list
+        clauses = [clauses]
+    if not isinstance(clauses, list):
+        raise QueryError("filter.must must be a list of clauses")
+    bounds = {f: [None, None] for f in FIELDS}
+
+    def tighten(field: str, lo: Optional[int] = None, hi: Optional[int] = None) -> None:
+        b = bounds[field]
+        if lo is not None:
+            b[0] = lo if b[0] is None else max(b[0], lo)
+        if hi is not None:
+            b[1] = hi if b[1] is None else min(b[1], hi)
+
+    for clause in clauses:
+        if not isinstance(clause, dict) or set(clause) != {"range"} or not isinstance(clause["range"], dict):
+            raise QueryError(f"unsupported filter clause (only range is supported): {json.dumps(clause)}")
+        for field, ops in clause["range"].items():
+            if field not in FIELDS:
+                raise QueryError(f"range filter on unsupported field {field!r}; use one of {list(FIELDS)}")
+            if not isinstance(ops, dict) or not ops:
+                raise QueryError(f"range on {field} needs operators gte/gt/lte/lt")
+            for op, value in ops.items():
+                if not _is_number(value):
+                    raise QueryError(f"range {field}.{op} must be a number, got {json.dumps(value)}")
+                # Fields hold integers, so every operator becomes an integer half-open bound.
+                if op == "gte":
+                    tighten(field, lo=math.ceil(value))
+                elif op == "gt":
+                    tighten(field, lo=math.floor(value) + 1)
+                elif op == "lte":
+                    tighten(field, hi=math.floor(value) + 1)
+                elif op == "lt":
+                    tighten(field, hi=math.ceil(value))
+                else:
+                    raise QueryError(f"unsupported range operator {op!r}; use gte, gt, lte or lt")
+    return (tuple(bounds["date_created"]), tuple(bounds["date_updated"]))  # type: ignore[return-value]
+
+
+class IndexRange:
+    """Records lo..hi-1 in index order (or reversed): the fast path, O(1) per position."""
+
+    def __init__(self, lo: int, hi: int, desc: bool):
+        self.lo, self.hi, self.desc = lo, max(lo, hi), desc
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def at(self, pos: int) -> int:
+        return self.hi - 1 - pos if self.desc else self.lo + pos
+
+
+class IndexList:
+    """An explicit (cached) list of record indices: the scanning path."""
+
+    def __init__(self, indices: list[int]):
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def at(self, pos: int) -> int:
+        return self.indices[pos]
+
+
+def plan(ds: Dataset, bounds: Bounds, sort_field: str, desc: bool):
+    """The ordered listing of record indices matching a query."""
+    (dc_lo, dc_hi), (du_lo, du_hi) = bounds
+    positions = range(ds.total)
+    # date_created is non-decreasing in the index, so its bounds are two binary searches.
+    lo = 0 if dc_lo is None else bisect_left(positions, dc_lo, key=ds.date_created)
+    hi = ds.total if dc_hi is None else bisect_left(positions, dc_hi, key=ds.date_created)
+    if du_lo is None and du_hi is None and sort_field == "date_created":
+        return IndexRange(lo, hi, desc)
+
+    key = (ds.version, ds.total, bounds, sort_field, desc)
+    cached = ds.query_cache.get(key)
+    if cached is None:
+        idx: Sequence[int] = range(lo, max(lo, hi))
+        if du_lo is not None or du_hi is not None:
+            du = ds.date_updated
+            lo2 = -math.inf if du_lo is None else du_lo
+            hi2 = math.inf if du_hi is None else du_hi
+            idx = [i for i in idx if lo2 <= du(i) < hi2]
+        idx = list(idx)
+        if sort_field == "date_updated":
+            idx.sort(key=ds.date_updated)  # stable: ties stay in index (= id) order
+        if desc:
+            idx.reverse()  # reversing an ascending (key, id) order gives descending on both
+        if len(ds.query_cache) >= _CACHE_SIZE:
+            ds.query_cache.pop(next(iter(ds.query_cache)))
+        ds.query_cache[key] = cached = idx
+    return IndexList(cached)
+
+
+class Drift:
+    """Offset drift for one listing (resource + filter + sort).
+
+    Each event is a virtual position ``p`` at which a duplicate of the record then at ``p - 1``
+    was inserted.  Positions at or after ``p`` shift by one and ``count`` grows by one, so a client
+    that advances ``from`` by the records it received sees a duplicate but never skips a record.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[int] = []
+        self.pages = 0  # page requests with from > 0 since the listing (re)started
+
+    def to_real(self, v: int) -> int:
+        for p in reversed(self.events):  # undo the newest insertion first
+            if v == p:
+                v = p - 1
+            elif v > p:
+                v -= 1
+        return v

@@ -1,0 +1,501 @@
+"""The HTTP side of the simulator: the CRM API contract, opt-in faults and loopback admin endpoints.
+
+Standard library only.  ``ThreadingHTTPServer`` speaking HTTP/1.1 with an exact Content-Length on
+every response, so clients can keep connections alive.  One lock guards all mutable state; record
+generation for a page happens under it, JSON encoding and socket writes do not.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hmac
+import json
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+from urllib.parse import parse_qs, urlsplit
+
+from .data import DEFAULT_COUNTS, RESOURCES, Store
+from .query import DIRECTIONS, SORT_FIELDS, Drift, QueryError, parse_filter, plan
+
+try:  # optional speed-up; the output is the same JSON
+    import orjson
+
+    def _dumps(obj: Any) -> bytes:
+        try:
+            return orjson.dumps(obj)
+        except TypeError:  # e.g. a non-str dict key in an add_field value: let json coerce it
+            return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+except ImportError:  # pragma: no cover - depends on the environment
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+FAULT_KINDS = ("429", "500", "502", "503", "504", "drop")
+CORRUPT_KINDS = ("html", "no_key", "truncated")
+_PATHS = {path: (name, key) for name, (path, key) in RESOURCES.items()}
+_HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+
+
+@dataclass
+class SimulatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port
+    api_key: str = "demo-key"
+    seed: int = 42
+    counts: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_COUNTS))
+    result_window: int = 10_000
+    max_size: int = 1000
+    default_size: int = 10
+    # --- live-configurable (POST /_admin/config, CrmSimulator.configure) ---
+    page_cap: Optional[int] = None  # silently return at most this many records per page
+    page_caps: dict[str, int] = field(default_factory=dict)  # per-resource override of page_cap
+    fault_every: Optional[int] = None  # every N-th data request of a resource gets a fault
+    fault_kinds: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
+    retry_after: int = 1  # seconds, sent with 429
+    latency_ms: float = 0
+    drift_every: Optional[int] = None  # every N-th page (from > 0) of a listing drifts by one
+    fail_resources: dict[str, int] = field(default_factory=dict)  # resource -> status, always
+    corrupt: dict[str, str] = field(default_factory=dict)  # resource -> html | no_key | truncated
+    forbidden: list[str] = field(default_factory=list)  # resources answering 403
+    verbose: bool = False  # one stderr line per request
+
+
+LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "latency_ms",
+               "drift_every", "fail_resources", "corrupt", "forbidden", "verbose",
+               "result_window", "max_size", "default_size")
+
+
+def _check_config(c: SimulatorConfig) -> None:
+    """Raise ValueError on nonsense, so a typo in a test fails loudly instead of doing nothing."""
+    # Accept any iterable for the list fields (e.g. a set), but store JSON-friendly lists.
+    c.forbidden = sorted(set(c.forbidden))
+    c.fault_kinds = [str(k) for k in c.fault_kinds]
+    def pos_int(name: str, v: Any, minimum: int = 1, optional: bool = True) -> None:
+        if v is None and optional:
+            return
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}{' or null' if optional else ''}, got {v!r}")
+
+    def resources(name: str, names: Any) -> None:
+        bad = [r for r in names if r not in RESOURCES]
+        if bad:
+            raise ValueError(f"{name}: unknown resources {bad}; known: {list(RESOURCES)}")
+
+    pos_int("page_cap", c.page_cap)
+    resources("page_caps", c.page_caps)
+    for r, v in c.page_caps.items():
+        pos_int(f"page_caps[{r}]", v, optional=False)
+    # fault_every=1 would fault every retry too; fail_resources is the tool for "always fails".
+    pos_int("fault_every", c.fault_every, minimum=2)
+    if not c.fault_kinds or any(k not in FAULT_KINDS for k in c.fault_kinds):
+        raise ValueError(f"fault_kinds must be a non-empty list of {list(FAULT_KINDS)}, got {c.fault_kinds!r}")
+    pos_int("retry_after", c.retry_after, minimum=0, optional=False)
+    if not isinstance(c.latency_ms, (int, float)) or c.latency_ms < 0:
+        raise ValueError(f"latency_ms must be a number >= 0, got {c.latency_ms!r}")
+    pos_int("drift_every", c.drift_every)
+    resources("fail_resources", c.fail_resources)
+    for r, v in c.fail_resources.items():
+        pos_int(f"fail_resources[{r}]", v, minimum=400, optional=False)
+    resources("corrupt", c.corrupt)
+    if any(v not in CORRUPT_KINDS for v in c.corrupt.values()):
+        raise ValueError(f"corrupt values must be one of {list(CORRUPT_KINDS)}")
+    resources("forbidden", c.forbidden)
+    pos_int("result_window", c.result_window, optional=False)
+    pos_int("max_size", c.max_size, optional=False)
+    pos_int("default_size", c.default_size, minimum=0, optional=False)
+    resources("counts", c.counts)
+    for r, v in c.counts.items():
+        pos_int(f"counts[{r}]", v, minimum=0, optional=False)
+
+
+def _empty_stats() -> dict[str, dict]:
+    return {
+        "requests": {r: 0 for r in RESOURCES},  # every /v1 request, whatever the outcome
+        "records_served": {r: 0 for r in RESOURCES},  # records in well-formed 200 pages
+        "count_requests": {r: 0 for r in RESOURCES},  # size=0 requests
+        "statuses": {r: {} for r in RESOURCES},  # resource -> {"200": n, "429": n, "drop": n, ...}
+    }
+
+
+class _Reply(Exception):
+    """Raised inside request handling to answer with a given status and body."""
+
+    def __init__(self, status: int, body: bytes, ctype: str = "application/json", headers=()):
+        super().__init__(status)
+        self.status, self.body, self.ctype, self.headers = status, body, ctype, list(headers)
+
+
+def _error(status: int, message: str, headers=()) -> _Reply:
+    return _Reply(status, _dumps({"error": message}), headers=headers)
+
+
+def _int_param(params: dict[str, str], name: str, default: int) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise _error(400, f"parameter {name!r} must be a non-negative integer") from None
+    if value < 0:
+        raise _error(400, f"parameter {name!r} must be a non-negative integer")
+    return value
+
+
+class CrmSimulator:
+    """A local CRM API. ``CrmSimulator(SimulatorConfig(...)).start()``; ``.url``; ``.stop()``."""
+
+    def __init__(self, config: Optional[SimulatorConfig] = None):
+        config = copy.deepcopy(config) if config is not None else SimulatorConfig()
+        config.counts = {r: int(config.counts.get(r, DEFAULT_COUNTS[r])) for r in RESOURCES}
+        _check_config(config)
+        self._initial = copy.deepcopy(config)  # what /_admin/reset goes back to
+        self.config = config
+        self._lock = threading.RLock()
+        self._store = Store(config.seed, config.counts)
+        self._server: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+        self._conns: set[socket.socket] = set()
+        self._reset_runtime()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "CrmSimulator":
+        if self._server is not None:
+            return self
+        server_cls = _Server6 if ":" in self.config.host else _Server
+        self._server = server_cls((self.config.host, self.config.port), _Handler)
+        self._server.sim = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="crm-simulator", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("simulator is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        # Kept-alive connections would otherwise keep being served by their handler threads.
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "CrmSimulator":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ admin (Python API)
+    def configure(self, **kw: Any) -> dict[str, Any]:
+        """Apply live config changes; returns the live config."""
+        unknown = set(kw) - set(LIVE_FIELDS)
+        if unknown:
+            raise ValueError(f"not live-configurable: {sorted(unknown)}; allowed: {list(LIVE_FIELDS)}")
+        with self._lock:
+            new = dataclasses.replace(self.config, **copy.deepcopy(kw))
+            _check_config(new)
+            self.config = new
+            if "fault_every" in kw or "fault_kinds" in kw:
+                self._fault_counters = {r: 0 for r in RESOURCES}  # restart the cycle predictably
+            if "drift_every" in kw:
+                self._drift = {}
+            return self._live_config()
+
+    def mutate(self, resource: str, edit: int = 0, insert: int = 0, deactivate: int = 0,
+               add_field: Optional[dict] = None) -> dict[str, list[str]]:
+        with self._lock:
+            return self._store.mutate(resource, edit=edit, insert=insert, deactivate=deactivate,
+                                      add_field=add_field)
+
+    def reset(self) -> None:
+        """Back to the seeded data and the config given at construction; clears stats."""
+        with self._lock:
+            self.config = copy.deepcopy(self._initial)
+            self._store.reset()
+            self._reset_runtime()
+
+    def stats(self) -> dict[str, dict]:
+        with self._lock:
+            return copy.deepcopy(self._stats)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = _empty_stats()
+
+    def ids(self, resource: str) -> list[str]:
+        """All current ids of a resource, in (date_created, id) order."""
+        ds = self._dataset(resource)
+        with self._lock:
+            return [ds.record_id(i) for i in range(ds.total)]
+
+    def records(self, resource: str) -> list[dict[str, Any]]:
+        """All current records of a resource (copies), in (date_created, id) order."""
+        ds = self._dataset(resource)
+        with self._lock:
+            return [copy.deepcopy(ds.get(i)) for i in range(ds.total)]
+
+    # ------------------------------------------------------------------ internals
+    def _reset_runtime(self) -> None:
+        self._stats = _empty_stats()
+        self._fault_counters = {r: 0 for r in RESOURCES}
+        self._drift: dict[tuple, Drift] = {}
+
+    def _dataset(self, resource: str):
+        if resource not in RESOURCES:
+            raise ValueError(f"unknown resource {resource!r}; known: {list(RESOURCES)}")
+        return self._store.datasets[resource]
+
+    def _live_config(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(getattr(self.config, k)) for k in LIVE_FIELDS}
+
+    def _count(self, resource: str, status: str, records: int = 0) -> None:
+        with self._lock:
+            st = self._stats["statuses"][resource]
+            st[status] = st.get(status, 0) + 1
+            self._stats["records_served"][resource] += records
+
+    # -- the API proper ------------------------------------------------------
+    def _serve_data(self, h: "_Handler", resource: str, key: str, params: dict[str, str]) -> Optional[_Reply]:
+        """Answer a /v1 listing; returns None when the connection must be dropped."""
+        cfg = self.config  # one consistent snapshot for the whole request
+        with self._lock:
+            self._stats["requests"][resource] += 1
+        if cfg.latency_ms:
+            time.sleep(cfg.latency_ms / 1000)
+
+        supplied = h.headers.get("Authorization", "")
+        expected = f"Bearer {cfg.api_key}"
+        if not hmac.compare_digest(supplied.encode("utf-8", "replace"), expected.encode("utf-8")):
+            return _error(401, "missing or invalid API key" if supplied else "missing Authorization header")
+        if resource in cfg.forbidden:
+            return _error(403, f"this API key has no access to {resource}")
+        if resource in cfg.fail_resources:
+            return self._fault_reply(str(cfg.fail_resources[resource]), cfg)
+
+        start = _int_param(params, "from", 0)
+        size = _int_param(params, "size", cfg.default_size)
+        if start + size > cfg.result_window:
+            return _error(400, f"result window is too large, from + size must be less than or equal to: "
+                               f"[{cfg.result_window}] but was [{start + size}]. See the scroll api for a "
+                               f"more efficient way to request large data sets.")
+        try:
+            bounds = parse_filter(params.get("filter"))
+        except QueryError as exc:
+            return _error(400, str(exc))
+        sort_field = params.get("sort_field", "date_created")
+        direction = params.get("sort_direction", "asc")
+        if sort_field not in SORT_FIELDS:
+            return _error(400, f"sort_field must be one of {list(SORT_FIELDS)}")
+        if direction not in DIRECTIONS:
+            return _error(400, f"sort_direction must be one of {list(DIRECTIONS)}")
+
+        with self._lock:
+            if size == 0:
+                self._stats["count_requests"][resource] += 1
+            elif cfg.fault_every:
+                # Deterministic faults: the N-th, 2N-th, ... data request gets the next fault kind;
+                # the request after it (the client's retry) is served normally.
+                n = self._fault_counters[resource] = self._fault_counters[resource] + 1
+                if n % cfg.fault_every == 0:
+                    kind = cfg.fault_kinds[(n // cfg.fault_every - 1) % len(cfg.fault_kinds)]
+                    return self._fault_reply(kind, cfg)
+
+            ds = self._store.datasets[resource]
+            listing = plan(ds, bounds, sort_field, direction == "desc")
+            cap = cfg.page_caps.get(resource, cfg.page_cap)
+            take = min(size, cfg.max_size, cap if cap is not None else size)
+            lkey = (resource, bounds, sort_field, direction)
+            drift = self._drift.get(lkey)
+            if size > 0 and start == 0:  # a listing (re)starts: forget its shift
+                self._drift.pop(lkey, None)
+                drift = None
+            elif size > 0 and cfg.drift_every:
+                drift = self._drift.setdefault(lkey, Drift())
+                drift.pages += 1
+                count_now = len(listing) + len(drift.events)
+                # take >= 2: a page made only of the duplicate would never let the client progress.
+                if drift.pages % cfg.drift_every == 0 and start < count_now and take >= 2:
+                    drift.events.append(start)
+            count = len(listing) + (len(drift.events) if drift else 0)
+            records = []
+            for v in range(start, min(start + take, count)):
+                real = drift.to_real(v) if drift else v
+                if 0 <= real < len(listing):
+                    records.append(ds.get(listing.at(real)))
+
+        corrupt = cfg.corrupt.get(resource) if size > 0 else None
+        if corrupt == "html":
+            return _Reply(200, b"<!DOCTYPE html><html><body><h1>Maintenance</h1></body></html>", "text/html")
+        if corrupt == "no_key":
+            return _Reply(200, _dumps({"count": count, "data": records}))
+        body = _dumps({"count": count, key: records})
+        if corrupt == "truncated":
+            return _Reply(200, body[: max(1, len(body) // 2)])
+        h.records_in_reply = len(records)
+        return _Reply(200, body)
+
+    def _fault_reply(self, kind: str, cfg: SimulatorConfig) -> Optional[_Reply]:
+        if kind == "drop":
+            return None
+        status = int(kind)
+        if status == 502:  # gateways answer in HTML, not JSON
+            return _Reply(502, _HTML_502, "text/html")
+        if status == 429:
+            return _error(429, "rate limit exceeded", headers=[("Retry-After", str(cfg.retry_after))])
+        return _error(status, f"simulated error {status}")
+
+    # -- admin ----------------------------------------------------------------
+    def _serve_admin(self, method: str, path: str, params: dict[str, str], body: Any) -> _Reply:
+        route = (method, path)
+        if route == ("GET", "/_admin/stats"):
+            return _Reply(200, _dumps(self.stats()))
+        if route == ("POST", "/_admin/stats/reset"):
+            self.reset_stats()
+            return _Reply(200, _dumps({"ok": True}))
+        if route == ("GET", "/_admin/config"):
+            with self._lock:
+                return _Reply(200, _dumps(self._live_config()))
+        if route == ("POST", "/_admin/config"):
+            if not isinstance(body, dict):
+                return _error(400, "expected a JSON object")
+            return _Reply(200, _dumps(self.configure(**body)))
+        if route == ("POST", "/_admin/mutate"):
+            if not isinstance(body, dict) or "resource" not in body:
+                return _error(400, 'expected {"resource": ..., "edit": n, "insert": n, "deactivate": n}')
+            args = {k: body[k] for k in ("edit", "insert", "deactivate") if k in body}
+            for k, v in args.items():
+                if not isinstance(v, int) or isinstance(v, bool):
+                    return _error(400, f"{k} must be an integer")
+            return _Reply(200, _dumps(self.mutate(body["resource"], add_field=body.get("add_field"), **args)))
+        if route == ("POST", "/_admin/reset"):
+            self.reset()
+            return _Reply(200, _dumps({"ok": True}))
+        if route == ("GET", "/_admin/ids"):
+            resource = params.get("resource", "")
+            ds = self._dataset(resource)
+            with self._lock:
+                recs = [ds.get(i) for i in range(ds.total)]
+                return _Reply(200, _dumps({"ids": [r["id"] for r in recs],
+                                           "active": {r["id"]: r["is_active"] for r in recs}}))
+        if route == ("GET", "/_admin/records"):
+            resource = params.get("resource", "")
+            self._dataset(resource)
+            with self._lock:
+                ds = self._store.datasets[resource]
+                recs = [ds.get(i) for i in range(ds.total)]
+                body_bytes = _dumps({"count": len(recs), "records": recs})
+            return _Reply(200, body_bytes)
+        return _error(404, f"no admin route {method} {path}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; every reply carries Content-Length
+    server_version = "CrmSimulator/1.0"
+    disable_nagle_algorithm = True  # small replies on kept-alive connections: no Nagle delays
+    records_in_reply = 0
+
+    @property
+    def sim(self) -> CrmSimulator:
+        return self.server.sim  # type: ignore[attr-defined]
+
+    def setup(self) -> None:
+        super().setup()
+        with self.sim._lock:
+            self.sim._conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.sim._lock:
+            self.sim._conns.discard(self.connection)
+        super().finish()
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        self.records_in_reply = 0
+        parts = urlsplit(self.path)
+        path = parts.path.rstrip("/") or "/"
+        # First value wins for repeated params; blank values are kept (so "from=" is a 400).
+        params = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length > 0 else b""
+        resource = None
+        try:
+            if path in _PATHS:
+                resource, key = _PATHS[path]
+                if method != "GET":
+                    reply: Optional[_Reply] = _error(405, "method not allowed")
+                else:
+                    reply = self.sim._serve_data(self, resource, key, params)
+            elif path.startswith("/_admin/"):
+                try:
+                    body = json.loads(raw) if raw.strip() else {}
+                except ValueError:
+                    raise _error(400, "request body is not valid JSON") from None
+                reply = self.sim._serve_admin(method, path, params, body)
+            else:
+                reply = _error(404, f"no such endpoint: {path}")
+        except _Reply as r:
+            reply = r
+        except (ValueError, TypeError) as exc:  # bad admin input (e.g. unknown resource)
+            reply = _error(400, str(exc))
+        except Exception as exc:  # a simulator bug: say so loudly, on stderr and in the reply
+            traceback.print_exc(file=sys.stderr)
+            reply = _error(500, f"internal simulator error: {type(exc).__name__}: {exc}")
+
+        if reply is None:  # "drop": close the connection without any response
+            if resource:
+                self.sim._count(resource, "drop")
+            self.close_connection = True
+            self.log_message('"%s" dropped', self.requestline)
+            return
+        if resource:
+            ok_page = reply.status == 200 and reply.ctype == "application/json"
+            self.sim._count(resource, str(reply.status), self.records_in_reply if ok_page else 0)
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.ctype)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        # Only the request line and status are logged; never headers (the Authorization token).
+        if self.sim.config.verbose:
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6

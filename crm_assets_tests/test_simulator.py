@@ -1,0 +1,381 @@
+"""The CRM API simulator against the contract (docs/api-contract.md), over real HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from crm_assets.simulator import DEFAULT_COUNTS, RESOURCES, CrmSimulator, SimulatorConfig
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+# tasks stays above the 10,000 result window; the rest small so the file runs in seconds.
+COUNTS = {"jobs": 60, "contacts": 40, "tasks": 12_000, "activities": 30, "files": 25}
+
+
+@pytest.fixture(scope="module")
+def sim():
+    with CrmSimulator(SimulatorConfig(api_key=KEY, counts=COUNTS)) as s:
+        yield s
+
+
+@pytest.fixture()
+def api(sim):
+    """A fresh simulator state per test, and a keep-alive session with the right key."""
+    sim.reset()
+    with requests.Session() as session:
+        session.headers.update(AUTH)
+
+        def get(resource: str, **params):
+            return session.get(sim.url + RESOURCES[resource][0], params=params, timeout=10)
+
+        yield get
+
+
+def rng(field: str, **ops) -> str:
+    return json.dumps({"must": [{"range": {field: ops}}]})
+
+
+def read_all(get, resource: str, size: int = 1000, **params) -> tuple[list[dict], int]:
+    """Read a listing the way the contract says: advance by records received. Returns (records, pages)."""
+    key = RESOURCES[resource][1]
+    out, start, pages = [], 0, 0
+    while True:
+        r = get(resource, **{"from": start, "size": size, **params})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        pages += 1
+        out += body[key]
+        start += len(body[key])
+        if not body[key] or start >= body["count"]:
+            return out, pages
+
+
+# --------------------------------------------------------------------------- auth & basics
+def test_missing_or_wrong_key_is_401_and_never_echoes_the_key(sim, api):
+    no_key = requests.get(sim.url + "/v1/jobs", timeout=10)
+    wrong = requests.get(sim.url + "/v1/jobs", headers={"Authorization": "Bearer sekrit-wrong"}, timeout=10)
+    assert no_key.status_code == wrong.status_code == 401
+    assert "error" in no_key.json() and "error" in wrong.json()
+    assert "sekrit-wrong" not in wrong.text and KEY not in wrong.text
+    assert api("jobs").status_code == 200
+
+
+def test_forbidden_resource_is_403_others_still_work(sim, api):
+    sim.configure(forbidden=["files"])
+    r = api("files")
+    assert r.status_code == 403 and "error" in r.json()
+    assert api("jobs").status_code == 200
+
+
+def test_every_resource_lists_under_its_key_with_default_size_10(api):
+    for resource, (_, key) in RESOURCES.items():
+        r = api(resource)
+        assert r.status_code == 200
+        assert r.headers["Content-Type"] == "application/json"
+        body = r.json()
+        assert set(body) == {"count", key}
+        assert body["count"] == COUNTS[resource]
+        assert len(body[key]) == 10
+        rec = body[key][0]
+        assert {"id", "name", "created_by", "date_created", "date_updated", "is_active"} <= set(rec)
+        assert isinstance(rec["date_created"], int) and rec["date_updated"] >= rec["date_created"]
+
+
+def test_size_zero_returns_only_the_count_and_unknown_params_are_ignored(api):
+    body = api("tasks", size=0).json()
+    assert body == {"count": 12_000, "results": []}
+    filtered = api("tasks", size=0, filter=rng("date_created", lt=1_600_000_007)).json()
+    assert filtered == {"count": 3, "results": []}  # three records share each timestamp
+    assert len(api("jobs", limit=5).json()["results"]) == 10  # `limit` is not a thing here
+
+
+@pytest.mark.parametrize("params", [{"from": -1}, {"size": -5}, {"size": "ten"}, {"from": "1.5"},
+                                    {"filter": "{not json"}, {"filter": rng("name", gte=1)},
+                                    {"filter": rng("date_updated", eq=1)}, {"sort_field": "name"},
+                                    {"sort_direction": "up"}])
+def test_bad_parameters_are_400_with_an_error(api, params):
+    r = api("jobs", **params)
+    assert r.status_code == 400
+    assert r.json()["error"]
+
+
+def test_result_window_is_enforced(api):
+    assert api("tasks", **{"from": 9000, "size": 1000}).status_code == 200
+    r = api("tasks", **{"from": 9001, "size": 1000})
+    assert r.status_code == 400
+    assert r.json()["error"].startswith(
+        "result window is too large, from + size must be less than or equal to: [10000]")
+
+
+def test_size_above_max_is_clamped(api):
+    body = api("tasks", size=5000).json()
+    assert len(body["results"]) == 1000 and body["count"] == 12_000
+
+
+def test_page_cap_returns_fewer_records_silently(sim, api):
+    sim.configure(page_cap=7, page_caps={"contacts": 3})
+    assert len(api("jobs", size=50).json()["results"]) == 7
+    assert len(api("contacts", size=50).json()["results"]) == 3
+    assert len(api("jobs", size=5).json()["results"]) == 5
+    # Advancing by records received still reads everything, in order, exactly once.
+    recs, pages = read_all(api, "jobs", size=50)
+    assert [r["id"] for r in recs] == sim.ids("jobs")
+    assert pages == -(-60 // 7)
+
+
+# --------------------------------------------------------------------------- filter & sort
+def test_date_created_ranges_and_split_read_of_a_resource_above_the_window(sim, api):
+    all_recs = sim.records("tasks")
+    lo, hi = all_recs[3000]["date_created"], all_recs[7000]["date_created"]
+    cases = {
+        json.dumps({"must": [{"range": {"date_created": {"gte": lo}}},
+                             {"range": {"date_created": {"lt": hi}}}]}): lambda d: lo <= d < hi,
+        rng("date_created", gt=lo, lte=hi): lambda d: lo < d <= hi,
+    }
+    for flt, pred in cases.items():
+        expected = [r["id"] for r in all_recs if pred(r["date_created"])]
+        got, _ = read_all(api, "tasks", filter=flt)
+        assert [r["id"] for r in got] == expected
+        assert api("tasks", size=0, filter=flt).json()["count"] == len(expected)
+
+    # 12,000 records: only readable through date_created ranges of <= 10,000 records each.
+    mid = all_recs[6000]["date_created"]
+    halves = [rng("date_created", lt=mid), rng("date_created", gte=mid)]
+    assert all(api("tasks", size=0, filter=f).json()["count"] <= 10_000 for f in halves)
+    ids = [r["id"] for f in halves for r in read_all(api, "tasks", filter=f)[0]]
+    assert ids == sim.ids("tasks") and len(set(ids)) == 12_000
+
+
+def test_date_updated_filter_and_sorts_break_ties_on_id(sim, api):
+    # Edited records share one date_updated: a tie the id must break.
+    edited = set(sim.mutate("jobs", edit=5)["edited"])
+    recs = sim.records("jobs")
+    asc = sorted(recs, key=lambda r: (r["date_updated"], r["id"]))
+
+    got, _ = read_all(api, "jobs", size=7, sort_field="date_updated")
+    assert [r["id"] for r in got] == [r["id"] for r in asc]
+    got, _ = read_all(api, "jobs", size=7, sort_field="date_updated", sort_direction="desc")
+    assert [r["id"] for r in got] == [r["id"] for r in reversed(asc)]
+    assert {r["id"] for r in got[:5]} == edited and [r["id"] for r in got[:5]] == sorted(edited, reverse=True)
+
+    # date_created desc: ties (3 records a second) also break on id, descending.
+    got, _ = read_all(api, "jobs", size=9, sort_direction="desc")
+    assert [r["id"] for r in got] == sorted((r["id"] for r in recs), reverse=True)
+
+    cut = asc[20]["date_updated"]
+    flt = json.dumps({"must": [{"range": {"date_updated": {"gte": cut}}},
+                               {"range": {"date_created": {"lt": recs[50]["date_created"]}}}]})
+    expected = [r["id"] for r in recs if r["date_updated"] >= cut and r["date_created"] < recs[50]["date_created"]]
+    got, _ = read_all(api, "jobs", size=4, filter=flt)
+    assert [r["id"] for r in got] == expected and expected
+
+
+# --------------------------------------------------------------------------- drift & faults
+def test_offset_drift_duplicates_but_never_skips(sim, api):
+    sim.configure(drift_every=2)
+    recs, pages = read_all(api, "jobs", size=8)
+    ids = [r["id"] for r in recs]
+    assert set(ids) == set(sim.ids("jobs"))  # nothing skipped
+    assert len(ids) > len(set(ids))  # but some records came twice
+    assert len(ids) - len(set(ids)) == (pages - 1) // 2  # one duplicate per 2nd page after the first
+    assert api("jobs", size=0).json()["count"] > 60  # the listing's count grew with the drift
+    # A new listing (from=0) starts without shift.
+    assert [r["id"] for r in api("jobs", size=60).json()["results"]] == sim.ids("jobs")
+
+
+def test_faults_cycle_deterministically_and_a_retry_succeeds(sim, api):
+    sim.configure(fault_every=2, fault_kinds=["429", "500", "502", "503", "504", "drop"], retry_after=0)
+    seen = []
+    for _ in range(6):
+        assert api("jobs", size=3).status_code == 200  # request 1, 3, 5, ...: real answers
+        try:
+            r = api("jobs", size=3)  # request 2, 4, 6, ...: the next fault kind
+        except requests.ConnectionError:
+            seen.append("drop")
+            continue
+        seen.append(str(r.status_code))
+        if r.status_code == 429:
+            assert r.headers["Retry-After"] == "0"
+        if r.status_code == 502:
+            assert r.headers["Content-Type"] == "text/html" and r.text.startswith("<html>")
+        else:
+            assert "error" in r.json()
+    assert seen == ["429", "500", "502", "503", "504", "drop"]
+    assert api("jobs", size=3).status_code == 200  # the retry after a drop works too
+    assert api("jobs", size=0).status_code == 200  # count requests are never faulted
+    assert sim.stats()["statuses"]["jobs"]["drop"] == 1
+
+
+def test_fail_resources_always_fail_and_corrupt_bodies(sim, api):
+    sim.configure(fail_resources={"tasks": 503},
+                  corrupt={"jobs": "html", "contacts": "no_key", "files": "truncated"})
+    assert [api("tasks").status_code for _ in range(4)] == [503] * 4
+    r = api("jobs")
+    assert r.status_code == 200 and r.headers["Content-Type"] == "text/html"
+    r = api("contacts")
+    assert r.status_code == 200 and "results" not in r.json()
+    r = api("files")
+    assert r.status_code == 200
+    with pytest.raises(ValueError):
+        json.loads(r.text)
+    assert api("activities").status_code == 200
+
+
+def test_latency_is_applied(sim, api):
+    sim.configure(latency_ms=150)
+    t = time.perf_counter()
+    assert api("jobs").status_code == 200
+    assert time.perf_counter() - t >= 0.15
+
+
+def test_invalid_config_is_rejected(sim):
+    with pytest.raises(ValueError):
+        sim.configure(fault_kinds=["418"])
+    with pytest.raises(ValueError):
+        sim.configure(page_caps={"nope": 3})
+    with pytest.raises(ValueError):
+        sim.configure(seed=1)  # not live
+    assert sim.configure()["fault_every"] is None
+    assert sim.configure(forbidden={"tasks"})["forbidden"] == ["tasks"]  # sets are fine too
+
+
+# --------------------------------------------------------------------------- mutation
+def test_mutations_are_visible_through_a_date_updated_filter(sim, api):
+    before = sim.records("jobs")
+    cursor = max(r["date_updated"] for r in before)
+    out = sim.mutate("jobs", edit=4, insert=3, deactivate=2, add_field={"name": "colour", "value": "vert"})
+    assert len(out["edited"]) == 4 and len(out["deactivated"]) == 2
+    assert out["inserted"] == ["job_00000060", "job_00000061", "job_00000062"]  # numbering continues
+    edited_idx = sorted(int(i.split("_")[1]) for i in out["edited"])
+    assert edited_idx[-1] - edited_idx[0] > 30  # spread over the dataset, not clustered
+
+    changed, _ = read_all(api, "jobs", filter=rng("date_updated", gt=cursor))
+    by_id = {r["id"]: r for r in changed}
+    assert set(by_id) == set(out["edited"]) | set(out["inserted"]) | set(out["deactivated"])
+    now = by_id[out["inserted"][0]]["date_updated"]
+    assert now >= int(time.time()) - 5 and now > cursor
+    assert all(by_id[i]["colour"] == "vert" for i in out["edited"] + out["inserted"])
+    assert all(by_id[i]["is_active"] is False for i in out["deactivated"])
+    assert all(by_id[i]["date_created"] == now for i in out["inserted"])
+
+    # Inserted records come last in date_created order; the total grew.
+    body = api("jobs", size=0).json()
+    assert body["count"] == 63
+    assert [r["id"] for r in api("jobs", **{"from": 60, "size": 10}).json()["results"]] == out["inserted"]
+
+    # A later mutation gets a strictly later clock.
+    later = sim.mutate("jobs", edit=1)
+    rec = next(r for r in sim.records("jobs") if r["id"] == later["edited"][0])
+    assert rec["date_updated"] > now
+
+    sim.reset()
+    assert sim.records("jobs") == before
+
+
+def test_late_records_carry_a_new_field(sim):
+    recs = sim.records("contacts")
+    late = [r["id"] for r in recs if "priority" in r]
+    assert late == [r["id"] for r in recs[36:]]  # index >= 90% of 40
+    assert all(isinstance(r["priority"], str) for r in recs[36:])
+
+
+def test_data_is_deterministic_per_seed_and_varied(sim):
+    other = CrmSimulator(SimulatorConfig(counts=COUNTS, api_key=KEY))  # never started: API only
+    assert other.records("jobs") == sim.records("jobs")
+    assert CrmSimulator(SimulatorConfig(seed=7, counts=COUNTS)).records("jobs") != sim.records("jobs")
+    jobs = sim.records("jobs")
+    assert {type(j["budget"]) for j in jobs} >= {int, str}  # a field whose type varies
+    assert any(j["tags"] == [] for j in jobs) and any(j["tags"] for j in jobs)
+    assert any(ord(c) > 127 for j in jobs for c in j["name"])
+    assert all(set(j["location"]["geo"]) == {"lat", "lng"} for j in jobs)
+
+
+def test_million_records_are_lazy_and_the_common_query_is_direct():
+    big = CrmSimulator(SimulatorConfig(api_key=KEY, counts={r: 1_000_000 for r in RESOURCES})).start()
+    try:
+        tail_start = 1_600_000_000 + (999_000 // 3) * 7
+        r = requests.get(big.url + "/v1/jobs", headers=AUTH, timeout=10,
+                         params={"size": 1000, "from": 0, "filter": rng("date_created", gte=tail_start)})
+        body = r.json()
+        assert body["count"] == 1000
+        assert [x["id"] for x in body["results"]] == [f"job_{i:08d}" for i in range(999_000, 1_000_000)]
+    finally:
+        big.stop()
+
+
+# --------------------------------------------------------------------------- admin & server
+def test_admin_endpoints_over_http(sim, api):
+    base = sim.url
+    assert requests.post(base + "/_admin/config", json={"page_cap": 4}, timeout=10).json()["page_cap"] == 4
+    assert len(api("jobs").json()["results"]) == 4
+    assert requests.post(base + "/_admin/config", json={"page_cap": "x"}, timeout=10).status_code == 400
+    out = requests.post(base + "/_admin/mutate", json={"resource": "files", "insert": 2}, timeout=10).json()
+    assert out["inserted"] == ["fil_00000025", "fil_00000026"] and out["edited"] == []
+    ids = requests.get(base + "/_admin/ids", params={"resource": "files"}, timeout=10).json()
+    assert ids["ids"][-2:] == out["inserted"] and len(ids["active"]) == 27
+    recs = requests.get(base + "/_admin/records", params={"resource": "files"}, timeout=10).json()["records"]
+    assert recs == sim.records("files")
+    stats = requests.get(base + "/_admin/stats", timeout=10).json()
+    assert stats["requests"]["jobs"] == 1 and stats["records_served"]["jobs"] == 4
+    api("jobs", size=0)
+    assert sim.stats()["count_requests"]["jobs"] == 1
+    requests.post(base + "/_admin/stats/reset", timeout=10)
+    assert sim.stats()["requests"]["jobs"] == 0
+    requests.post(base + "/_admin/reset", timeout=10)
+    assert len(api("jobs").json()["results"]) == 10 and len(sim.ids("files")) == 25
+
+
+def test_connections_are_kept_alive():
+    with CrmSimulator(SimulatorConfig(api_key=KEY, counts=COUNTS)) as s:
+        parts = urlsplit(s.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        sockets = set()
+        for start in (0, 10, 20):  # three requests, one socket (http.client reopens if told to close)
+            conn.request("GET", f"/v1/jobs?from={start}", headers=AUTH)
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+            assert resp.status == 200 and resp.version == 11
+            assert body["results"][0]["id"] == f"job_{start:08d}"
+            assert conn.sock is not None  # the server did not ask to close
+            sockets.add(id(conn.sock))
+        assert len(sockets) == 1
+        conn.close()
+
+
+def test_cli_starts_writes_ready_file_and_stops_on_sigterm(tmp_path: Path):
+    ready = tmp_path / "ready"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crm_assets.simulator", "--port", "0", "--ready-file", str(ready),
+         "--records", "jobs=5,tasks=20", "--api-key", KEY],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        for _ in range(100):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        url = ready.read_text().strip()
+        assert requests.get(url + "/v1/jobs", headers=AUTH, timeout=10).json()["count"] == 5
+        assert requests.get(url + "/v1/contacts", headers=AUTH, timeout=10).json()["count"] == DEFAULT_COUNTS["contacts"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert out.strip() == f"CRM simulator listening on {url} (api key: {KEY})"
+        assert KEY not in err  # quiet by default, and never logs the token
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
