@@ -1,0 +1,122 @@
+"""The five `crm/*` assets: one `@dlt_assets` multi-asset over the `crm` dlt source."""
+
+# No `from __future__ import annotations` here: Dagster reads the config class from the signature.
+
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult
+from dagster_dlt import DagsterDltResource, dlt_assets
+from pydantic import Field
+
+from .sources.crm import CrmApiError, CrmConfigurationError, CrmError, crm, find_crm_error
+from .sources.crm.settings import RETRY_STATUSES
+from .sources.crm_pipeline import DATASET_NAME, crm_pipeline, run_options, table_row_counts
+from .translator import CrmTranslator
+
+# Only one run may write the warehouse at a time (DuckDB allows a single writer; dlt state
+# must not be committed by two runs at once). The pool's limit is set on the instance.
+WAREHOUSE_POOL = "crm_warehouse"
+
+# The source as Dagster sees it when it loads the code location: names and hints only. Every
+# argument is given, so nothing is read from the environment at import time; the run builds
+# the real source from configuration.
+_DEFINITION_SOURCE = crm(
+    base_url="http://crm-api.invalid",
+    api_key="not-used-at-definition-time",
+    page_sizes={},
+    hard_delete=False,
+    max_retries=0,
+    backoff_factor=0,
+    request_timeout=1,
+)
+
+
+class CrmSyncConfig(Config):
+    full_refresh: bool = Field(
+        default=False,
+        description=(
+            "Drop the selected resources' tables and incremental cursors, then reload them "
+            "from scratch. Resources that are not selected are left alone."
+        ),
+    )
+
+
+class _ForwardToDagster(logging.Handler):
+    def __init__(self, context: AssetExecutionContext) -> None:
+        super().__init__(level=logging.INFO)
+        self._log = context.log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            self._log.error(message)
+        elif record.levelno >= logging.WARNING:
+            self._log.warning(message)
+        else:
+            self._log.info(message)
+
+
+@contextmanager
+def _source_logs_in(context: AssetExecutionContext) -> Iterator[None]:
+    """Show the source's progress and retry messages in the run's log."""
+    source_logger = logging.getLogger("crm_assets.sources")
+    handler = _ForwardToDagster(context)
+    previous_level = source_logger.level
+    source_logger.addHandler(handler)
+    source_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        source_logger.removeHandler(handler)
+        source_logger.setLevel(previous_level)
+
+
+def _is_transient(error: CrmError) -> bool:
+    """Worth another attempt by the run's retry policy: the API was down, not wrong."""
+    return isinstance(error, CrmApiError) and (error.status is None or error.status in RETRY_STATUSES)
+
+
+@dlt_assets(
+    dlt_source=_DEFINITION_SOURCE,
+    dlt_pipeline=crm_pipeline(),
+    name="crm_sync_assets",
+    dagster_dlt_translator=CrmTranslator(),
+    pool=WAREHOUSE_POOL,
+)
+def crm_sync_assets(
+    context: AssetExecutionContext, dlt: DagsterDltResource, config: CrmSyncConfig
+) -> Iterator[MaterializeResult]:
+    try:
+        source = crm()
+    except CrmConfigurationError as exc:
+        raise Failure(description=str(exc), allow_retries=False) from None
+    pipeline = crm_pipeline()
+    options: dict[str, Any] = run_options(pipeline)
+    if config.full_refresh:
+        options["refresh"] = "drop_resources"
+        context.log.info("Full refresh: dropping and reloading %s" % ", ".join(
+            key.to_user_string() for key in sorted(context.selected_asset_keys)))
+    with _source_logs_in(context):
+        try:
+            results = list(
+                dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
+            )
+        except Exception as exc:
+            error = find_crm_error(exc)
+            if error is None:
+                raise
+            raise Failure(description=str(error), allow_retries=_is_transient(error)) from None
+
+    tables = [result.asset_key.path[-1] for result in results]
+    counts = table_row_counts(pipeline, tables)
+    for result, table in zip(results, tables):
+        metadata = dict(result.metadata or {})
+        metadata["dagster/row_count"] = counts.get(table)
+        metadata["dagster/table_name"] = f"{DATASET_NAME}.{table}"
+        metadata.setdefault("rows_loaded", 0)
+        yield result._replace(metadata=metadata)
+

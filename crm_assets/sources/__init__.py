@@ -1,0 +1,1 @@
+"""dlt sources and pipelines. Nothing in this package imports Dagster."""

@@ -1,0 +1,151 @@
+"""The `crm` dlt source: the five CRM resources through dlt's REST API source.
+
+No Dagster here: the source runs on its own (`python -m crm_assets.sources.crm_pipeline`).
+Configuration comes from dlt's own providers:
+
+    SOURCES__CRM__BASE_URL   or  [sources.crm] base_url  in .dlt/config.toml
+    SOURCES__CRM__API_KEY    or  [sources.crm] api_key   in .dlt/secrets.toml
+                             (the seed spec's `API_KEY` / top-level `api_key` work too)
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any, Optional
+
+import dlt
+from dlt.sources import DltResource
+from dlt.sources.rest_api import rest_api_resources
+
+from .config import check_settings, connection_settings
+from .counts import count_records
+from .http import (
+    UPDATED_SINCE_PARAM,
+    CrmApiError,
+    CrmConfigurationError,
+    CrmError,
+    CrmIncompleteReadError,
+    CrmSession,
+    WindowedOffsetPaginator,
+    find_crm_error,
+)
+from .settings import (
+    BACKOFF_FACTOR,
+    CURSOR_FIELD,
+    ENDPOINTS,
+    ENDPOINTS_BY_NAME,
+    MAX_PAGE_SIZE,
+    MAX_RETRIES,
+    PRIMARY_KEY,
+    REQUEST_TIMEOUT,
+    Endpoint,
+)
+
+__all__ = [
+    "crm",
+    "check_settings",
+    "connection_settings",
+    "count_records",
+    "CORE_COLUMNS",
+    "ENDPOINTS_BY_NAME",
+    "CrmApiError",
+    "CrmConfigurationError",
+    "CrmError",
+    "CrmIncompleteReadError",
+    "ENDPOINTS",
+    "find_crm_error",
+    "HARD_DELETE_COLUMN",
+]
+
+# With `hard_delete=True`, records the API lists as `is_active: false` are removed from the
+# tables (and their child tables) through dlt's `hard_delete` column hint on this column.
+HARD_DELETE_COLUMN = "_crm_deleted"
+
+# Columns every record has (api-contract.md), typed up front so the tables are right from the
+# first load whatever the first page happens to contain.
+CORE_COLUMNS: dict[str, dict[str, Any]] = {
+    PRIMARY_KEY: {"data_type": "text", "nullable": False},
+    "name": {"data_type": "text"},
+    "created_by": {"data_type": "text"},
+    "date_created": {"data_type": "bigint"},
+    # several copies of a record in one load (offset drift, window boundaries): keep the newest
+    CURSOR_FIELD: {"data_type": "bigint", "dedup_sort": "desc"},
+    "is_active": {"data_type": "bool"},
+}
+
+def _mark_deleted(record: dict[str, Any]) -> dict[str, Any]:
+    record[HARD_DELETE_COLUMN] = record.get("is_active") is False
+    return record
+
+
+def _resource_config(endpoint: Endpoint, page_size: int, hard_delete: bool) -> dict[str, Any]:
+    columns = deepcopy(CORE_COLUMNS)
+    resource: dict[str, Any] = {
+        "name": endpoint.name,
+        "primary_key": PRIMARY_KEY,
+        # delete-insert keeps one row per id even when a load holds the same id twice
+        # (upsert on DuckDB would keep both)
+        "write_disposition": {"disposition": "merge", "strategy": "delete-insert"},
+        "parallelized": True,
+        "endpoint": {
+            "path": endpoint.path,
+            "data_selector": endpoint.data_selector,
+            "paginator": WindowedOffsetPaginator(endpoint.name, page_size),
+            "params": {},
+            # The cursor is kept in dlt state, committed with the data. The paginator turns it into
+            # an inclusive `date_updated >= cursor` filter. `primary_key: []` switches off dlt's
+            # boundary de-duplication: a record edited again within the cursor's second must be
+            # reloaded, not dropped as already seen.
+            "incremental": {
+                "start_param": UPDATED_SINCE_PARAM,
+                "cursor_path": CURSOR_FIELD,
+                "initial_value": None,
+                "primary_key": [],
+            },
+        },
+    }
+    if hard_delete:
+        columns[HARD_DELETE_COLUMN] = {"data_type": "bool", "hard_delete": True}
+        resource["processing_steps"] = [{"map": _mark_deleted}]
+    resource["columns"] = columns
+    return resource
+
+
+@dlt.source(name="crm", section="crm")
+def crm(
+    base_url: Optional[str] = dlt.config.value,
+    api_key: Optional[str] = dlt.secrets.value,
+    page_sizes: Optional[dict[str, int]] = None,
+    hard_delete: bool = False,
+    max_retries: int = MAX_RETRIES,
+    backoff_factor: float = BACKOFF_FACTOR,
+    request_timeout: float = REQUEST_TIMEOUT,
+) -> list[DltResource]:
+    """The CRM API's five resources, each read completely and merged on `id`.
+
+    Args:
+        base_url: API root, e.g. https://api.example.com.
+        api_key: Bearer token.
+        page_sizes: per-resource page size overrides, e.g. {"tasks": 500} (1..1000).
+        hard_delete: delete records whose `is_active` is false instead of keeping them flagged.
+        max_retries / backoff_factor / request_timeout: the HTTP retry policy (spec: 3 and 2).
+    """
+    overrides = dict(page_sizes or {})
+    root = check_settings(base_url, api_key, overrides)
+    if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0:
+        raise CrmConfigurationError("max_retries and backoff_factor must be >= 0 and request_timeout > 0")
+    session = CrmSession(
+        max_retries=max_retries, backoff_factor=backoff_factor, request_timeout=request_timeout
+    )
+    config: dict[str, Any] = {
+        "client": {
+            "base_url": root,
+            "auth": {"type": "bearer", "token": api_key},
+            "session": session,
+        },
+        "resources": [
+            _resource_config(endpoint, overrides.get(endpoint.name, endpoint.page_size), hard_delete)
+            for endpoint in ENDPOINTS
+        ],
+    }
+    return rest_api_resources(config)  # type: ignore[arg-type]

@@ -1,0 +1,47 @@
+"""Resolving and checking the source's connection settings, through dlt's config providers."""
+
+from __future__ import annotations
+
+from typing import Optional
+from urllib.parse import urlsplit
+
+import dlt
+from dlt.common.configuration.inject import with_config
+
+from .http import CrmConfigurationError
+from .settings import ENDPOINTS_BY_NAME, MAX_PAGE_SIZE
+
+_BASE_URL_HELP = "set SOURCES__CRM__BASE_URL (or base_url under [sources.crm] in .dlt/config.toml)"
+_API_KEY_HELP = "set SOURCES__CRM__API_KEY (or API_KEY, or api_key in .dlt/secrets.toml)"
+
+
+def check_settings(base_url: Optional[str], api_key: Optional[str], page_sizes: dict[str, int]) -> str:
+    """Fail before any request, saying what to set. Returns the normalised base URL."""
+    if not base_url:
+        raise CrmConfigurationError(f"No CRM API base URL is configured: {_BASE_URL_HELP}")
+    parts = urlsplit(str(base_url).strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CrmConfigurationError(
+            f"The CRM API base URL must be an http(s) URL like https://api.example.com: {_BASE_URL_HELP}"
+        )
+    if not api_key:
+        raise CrmConfigurationError(f"No CRM API key is configured: {_API_KEY_HELP}")
+    for name, size in page_sizes.items():
+        if name not in ENDPOINTS_BY_NAME:
+            raise CrmConfigurationError(
+                f"page_sizes names an unknown resource {name!r}; known: {', '.join(ENDPOINTS_BY_NAME)}"
+            )
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_PAGE_SIZE:
+            raise CrmConfigurationError(
+                f"page size for {name} must be a whole number from 1 to {MAX_PAGE_SIZE}, got {size!r}"
+            )
+    return str(base_url).strip().rstrip("/")
+
+
+@with_config(sections=("sources", "crm"))
+def connection_settings(
+    base_url: Optional[str] = dlt.config.value, api_key: Optional[str] = dlt.secrets.value
+) -> tuple[str, str]:
+    """(base URL, API key) from the same places the `crm` source reads them, checked."""
+    root = check_settings(base_url, api_key, {})
+    return root, str(api_key)

@@ -1,0 +1,42 @@
+"""Cheap questions to the API: how many records match, without reading them (`size=0`)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .config import connection_settings
+from .http import CrmSession, encode_filter, range_clause
+from .settings import CURSOR_FIELD, ENDPOINTS_BY_NAME
+
+
+def count_records(
+    resource: str,
+    *,
+    updated_after: Optional[int] = None,
+    base_url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    session: Optional[CrmSession] = None,
+) -> int:
+    """The API's `count` for a resource, optionally only records with `date_updated > updated_after`.
+
+    Connection settings default to the source's configuration; the session applies the same
+    retry policy and error messages as a sync.
+    """
+    endpoint = ENDPOINTS_BY_NAME[resource]
+    if base_url is None or api_key is None:
+        base_url, api_key = connection_settings()
+    params: dict[str, object] = {"size": 0}
+    if updated_after is not None:
+        params["filter"] = encode_filter([range_clause(CURSOR_FIELD, "gt", int(updated_after))])
+    own_session = session is None
+    session = session or CrmSession()
+    try:
+        response = session.get(
+            base_url.rstrip("/") + endpoint.path,
+            params=params,
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
+        return int(response.json()["count"])
+    finally:
+        if own_session:
+            session.close()

@@ -1,0 +1,186 @@
+"""End to end through Dagster's `materialize()`: real HTTP to the simulator, a real DuckDB file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from dagster import AssetKey
+
+from .conftest import (
+    API_KEY,
+    RESOURCES,
+    SMALL_COUNTS,
+    all_event_text,
+    api_state,
+    assert_exact,
+    failure_message,
+    query,
+    run_sync,
+    table_ids,
+    table_state,
+)
+
+
+def _materializations(result) -> dict[str, dict]:
+    return {
+        m.asset_key.to_user_string(): m.metadata
+        for m in result.asset_materializations_for_node("crm_sync_assets")
+    }
+
+
+def test_every_record_lands_once_when_pages_are_capped_below_the_asked_size(
+    start_simulator, crm_env, warehouse
+):
+    simulator = start_simulator(page_cap=37)  # we ask for 1000 (tasks: 100) and get 37
+    crm_env(simulator)
+
+    result = run_sync()
+
+    assert result.success
+    assert_exact(warehouse, simulator)
+    metadata = _materializations(result)
+    assert set(metadata) == {f"crm/{name}" for name in RESOURCES}
+    for name in RESOURCES:
+        assert metadata[f"crm/{name}"]["dagster/row_count"].value == SMALL_COUNTS[name]
+    # nested lists land in child tables tied to their parent rows
+    assert query(warehouse, "SELECT COUNT(*) FROM crm.jobs__tags")[0][0] > 0
+
+
+def test_a_resource_larger_than_the_result_window_is_read_completely(
+    start_simulator, crm_env, warehouse, monkeypatch
+):
+    counts = {**SMALL_COUNTS, "tasks": 10_450}
+    simulator = start_simulator(counts, page_cap=300)
+    crm_env(simulator)
+    monkeypatch.setenv("SOURCES__CRM__PAGE_SIZES", json.dumps({"tasks": 1000}))
+
+    result = run_sync(selection=[AssetKey(["crm", "tasks"])])
+
+    assert result.success
+    assert_exact(warehouse, simulator, resources=["tasks"])
+    assert len(table_ids(warehouse, "tasks")) == 10_450
+
+
+def test_retried_faults_and_offset_drift_lose_and_duplicate_nothing(
+    start_simulator, crm_env, warehouse
+):
+    simulator = start_simulator(
+        page_cap=50,
+        fault_every=3,
+        fault_kinds=["429", "500", "502", "503", "504", "drop"],
+        retry_after=0,
+        drift_every=2,
+    )
+    crm_env(simulator)
+
+    result = run_sync()
+
+    assert result.success
+    assert_exact(warehouse, simulator)
+    statuses = simulator.stats()["statuses"]
+    assert any(str(code) in json.dumps(statuses) for code in (429, 500, 502, 503, 504))
+
+
+def test_a_second_run_merges_edits_inserts_and_deactivations_in_place(
+    start_simulator, crm_env, warehouse
+):
+    simulator = start_simulator(page_cap=64)
+    crm_env(simulator)
+    assert run_sync().success
+    before = table_state(warehouse, "jobs")
+
+    changed = simulator.mutate("jobs", edit=7, insert=4, deactivate=3)
+    simulator.mutate("contacts", edit=2, insert=1)
+    result = run_sync()
+
+    assert result.success
+    assert_exact(warehouse, simulator)
+    after = table_state(warehouse, "jobs")
+    assert len(after) == len(before) + 4
+    for record_id in changed["deactivated"]:
+        assert after[record_id][2] is False
+    for record_id in changed["edited"]:
+        assert after[record_id] != before[record_id]
+        assert after[record_id] == api_state(simulator, "jobs")[record_id]
+
+
+def test_a_wrong_key_fails_fast_readably_and_without_printing_the_key(
+    start_simulator, crm_env, warehouse, capfd
+):
+    simulator = start_simulator()
+    wrong_key = "wrong-key-7d41b0e2"
+    crm_env(simulator, api_key=wrong_key)
+
+    result = run_sync(raise_on_error=False)
+
+    assert not result.success
+    message = failure_message(result)
+    assert "401" in message and "API key" in message and "SOURCES__CRM__API_KEY" in message
+    requests_made = simulator.stats()["requests"]
+    assert all(requests_made.get(name, 0) <= 1 for name in RESOURCES), requests_made
+    captured = capfd.readouterr()
+    for text in (all_event_text(result), captured.out, captured.err):
+        assert wrong_key not in text
+    assert not warehouse.exists() or not query(
+        warehouse, "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'jobs'"
+    )[0][0]
+
+
+def test_a_200_that_is_not_json_fails_naming_the_resource_and_leaves_tables_alone(
+    start_simulator, crm_env, warehouse
+):
+    simulator = start_simulator()
+    crm_env(simulator)
+    assert run_sync().success
+    before = table_state(warehouse, "activities")
+
+    simulator.mutate("activities", edit=3)
+    simulator.configure(corrupt={"activities": "html"})
+    result = run_sync(raise_on_error=False)
+
+    assert not result.success
+    message = failure_message(result)
+    assert "activities" in message and "/v1/activities" in message and "not JSON" in message
+    assert table_state(warehouse, "activities") == before
+
+
+def test_missing_configuration_fails_before_any_request_saying_what_to_set(
+    start_simulator, warehouse, monkeypatch
+):
+    simulator = start_simulator()
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(warehouse))
+    monkeypatch.setenv("SOURCES__CRM__API_KEY", API_KEY)
+
+    result = run_sync(raise_on_error=False)
+
+    assert not result.success
+    assert "SOURCES__CRM__BASE_URL" in failure_message(result)
+    assert sum(simulator.stats()["requests"].values()) == 0
+
+
+def test_a_subset_materializes_only_the_selected_resource(start_simulator, crm_env, warehouse):
+    simulator = start_simulator()
+    crm_env(simulator)
+
+    result = run_sync(selection=[AssetKey(["crm", "files"])])
+
+    assert result.success
+    assert set(_materializations(result)) == {"crm/files"}
+    tables = {row[0] for row in query(
+        warehouse, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'crm'")}
+    assert "files" in tables and "jobs" not in tables
+    assert_exact(warehouse, simulator, resources=["files"])
+
+
+@pytest.mark.parametrize("spelling", ["SOURCES__CRM__API_KEY", "API_KEY"])
+def test_the_api_key_can_be_given_in_the_seed_specs_spelling_too(
+    start_simulator, crm_env, warehouse, monkeypatch, spelling
+):
+    simulator = start_simulator()
+    crm_env(simulator)
+    monkeypatch.delenv("SOURCES__CRM__API_KEY")
+    monkeypatch.setenv(spelling, API_KEY)
+
+    assert run_sync(selection=[AssetKey(["crm", "files"])]).success
+    assert_exact(warehouse, simulator, resources=["files"])
