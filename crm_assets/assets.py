@@ -6,15 +6,22 @@
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Optional
 
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue
+from dlt.common.schema.exceptions import DataValidationError
 from dagster_dlt import DagsterDltResource, dlt_assets
 from pydantic import Field
 
 from .sources.crm import CrmApiError, CrmConfigurationError, CrmError, crm, find_crm_error
 from .sources.crm.settings import RETRY_STATUSES
-from .sources.crm_pipeline import DATASET_NAME, crm_pipeline, run_options, table_row_counts
+from .sources.crm_pipeline import (
+    DATASET_NAME,
+    crm_pipeline,
+    run_options,
+    schema_changes,
+    table_row_counts,
+)
 from .translator import CrmTranslator
 
 # Only one run may write the warehouse at a time (DuckDB allows a single writer; dlt state
@@ -107,9 +114,12 @@ def crm_sync_assets(
             )
         except Exception as exc:
             error = find_crm_error(exc)
-            if error is None:
-                raise
-            raise Failure(description=str(error), allow_retries=_is_transient(error)) from None
+            if error is not None:
+                raise Failure(description=str(error), allow_retries=_is_transient(error)) from None
+            violation = _contract_violation(exc)
+            if violation is not None:
+                raise Failure(description=violation, allow_retries=False) from None
+            raise
 
     tables = [result.asset_key.path[-1] for result in results]
     counts = table_row_counts(pipeline, tables)
@@ -118,5 +128,30 @@ def crm_sync_assets(
         metadata["dagster/row_count"] = counts.get(table)
         metadata["dagster/table_name"] = f"{DATASET_NAME}.{table}"
         metadata.setdefault("rows_loaded", 0)
+        changes = schema_changes(pipeline, table)
+        for kind, entries in changes.items():
+            metadata[f"crm/{kind}"] = MetadataValue.json(entries)
+        if changes["variant_columns"]:
+            context.log.warning(
+                f"{table}: a field changed type, dlt added variant column(s) "
+                f"{', '.join(changes['variant_columns'])}"
+            )
+        elif changes["new_columns"] and not changes["new_tables"]:
+            context.log.info(f"{table}: new column(s) {', '.join(changes['new_columns'])}")
         yield result._replace(metadata=metadata)
+
+
+def _contract_violation(exc: BaseException) -> Optional[str]:
+    """A readable message for a refused schema change (`schema_contract="freeze"`)."""
+    current: Optional[BaseException] = exc
+    while current is not None:
+        if isinstance(current, DataValidationError):
+            what = f"column `{current.column_name}`" if current.column_name else "table"
+            return (
+                f"Schema contract refused a change in table `{current.table_name}`: new {what} "
+                "(SOURCES__CRM__SCHEMA_CONTRACT=freeze). The API sent a field the warehouse does "
+                "not have; the columns are frozen, set SOURCES__CRM__SCHEMA_CONTRACT=evolve to let it in."
+            )
+        current = current.__cause__ or current.__context__
+    return None
 

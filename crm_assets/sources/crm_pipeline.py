@@ -57,6 +57,41 @@ def table_row_counts(pipeline: Pipeline, tables: Iterable[str]) -> dict[str, Opt
     return counts
 
 
+def schema_changes(pipeline: Pipeline, resource: str) -> dict[str, list[str]]:
+    """What the last load added to a resource's tables (its own and its `<resource>__*` children).
+
+    Returns {"new_tables": [...], "new_columns": ["table.column (type)", ...],
+    "variant_columns": [...]}: a variant column (`<column>__v_<type>`) is dlt's answer to a
+    field whose type changed, and deserves a human look.
+    """
+    changes: dict[str, list[str]] = {"new_tables": [], "new_columns": [], "variant_columns": []}
+    trace = pipeline.last_trace
+    load_info = trace.last_load_info if trace else None
+    if load_info is None:
+        return changes
+    for package in load_info.load_packages:
+        for table_name, table in package.schema_update.items():
+            if table_name != resource and not table_name.startswith(f"{resource}__"):
+                continue
+            columns = table.get("columns", {})
+            if not _existed_before(pipeline, table_name, columns):
+                changes["new_tables"].append(table_name)
+            for column_name, column in columns.items():
+                if column_name.startswith("_dlt_"):
+                    continue
+                entry = f"{table_name}.{column_name} ({column.get('data_type', '?')})"
+                changes["new_columns"].append(entry)
+                if column.get("variant") or "__v_" in column_name:
+                    changes["variant_columns"].append(entry)
+    return changes
+
+
+def _existed_before(pipeline: Pipeline, table_name: str, new_columns: dict[str, Any]) -> bool:
+    """dlt lists a table it creates with all its columns; one that existed has others too."""
+    table = pipeline.default_schema.tables.get(table_name, {})
+    return any(name not in new_columns for name in table.get("columns", {}))
+
+
 def database_location(pipeline: Pipeline) -> str:
     """Where the data is, for people: the DuckDB file path, or the destination's name."""
     try:

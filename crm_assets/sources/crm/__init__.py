@@ -34,7 +34,6 @@ from .settings import (
     CURSOR_FIELD,
     ENDPOINTS,
     ENDPOINTS_BY_NAME,
-    MAX_PAGE_SIZE,
     MAX_RETRIES,
     PRIMARY_KEY,
     REQUEST_TIMEOUT,
@@ -78,7 +77,15 @@ def _mark_deleted(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _resource_config(endpoint: Endpoint, page_size: int, hard_delete: bool) -> dict[str, Any]:
+# `schema_contract="freeze"`: a new column on an existing table fails the run. New tables (the
+# first load, a new nested list) are still created, and a field whose type varies still gets a
+# variant column: the API contract says types vary between records, so that is no surprise.
+FROZEN_SCHEMA_CONTRACT = {"tables": "evolve", "columns": "freeze", "data_type": "evolve"}
+
+
+def _resource_config(
+    endpoint: Endpoint, page_size: int, hard_delete: bool, schema_contract: Optional[str]
+) -> dict[str, Any]:
     columns = deepcopy(CORE_COLUMNS)
     resource: dict[str, Any] = {
         "name": endpoint.name,
@@ -104,6 +111,8 @@ def _resource_config(endpoint: Endpoint, page_size: int, hard_delete: bool) -> d
             },
         },
     }
+    if schema_contract == "freeze":
+        resource["schema_contract"] = dict(FROZEN_SCHEMA_CONTRACT)
     if hard_delete:
         columns[HARD_DELETE_COLUMN] = {"data_type": "bool", "hard_delete": True}
         resource["processing_steps"] = [{"map": _mark_deleted}]
@@ -117,6 +126,7 @@ def crm(
     api_key: Optional[str] = dlt.secrets.value,
     page_sizes: Optional[dict[str, int]] = None,
     hard_delete: bool = False,
+    schema_contract: Optional[str] = None,
     max_retries: int = MAX_RETRIES,
     backoff_factor: float = BACKOFF_FACTOR,
     request_timeout: float = REQUEST_TIMEOUT,
@@ -128,10 +138,17 @@ def crm(
         api_key: Bearer token.
         page_sizes: per-resource page size overrides, e.g. {"tasks": 500} (1..1000).
         hard_delete: delete records whose `is_active` is false instead of keeping them flagged.
+        schema_contract: "evolve" (default: new fields become new columns) or "freeze" (a new
+            column fails the run, naming the table and column).
         max_retries / backoff_factor / request_timeout: the HTTP retry policy (spec: 3 and 2).
     """
     overrides = dict(page_sizes or {})
     root = check_settings(base_url, api_key, overrides)
+    if schema_contract not in (None, "evolve", "freeze"):
+        raise CrmConfigurationError(
+            f"schema_contract must be 'evolve' or 'freeze', got {schema_contract!r}: "
+            "set SOURCES__CRM__SCHEMA_CONTRACT"
+        )
     if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0:
         raise CrmConfigurationError("max_retries and backoff_factor must be >= 0 and request_timeout > 0")
     session = CrmSession(
@@ -144,7 +161,9 @@ def crm(
             "session": session,
         },
         "resources": [
-            _resource_config(endpoint, overrides.get(endpoint.name, endpoint.page_size), hard_delete)
+            _resource_config(
+                endpoint, overrides.get(endpoint.name, endpoint.page_size), hard_delete, schema_contract
+            )
             for endpoint in ENDPOINTS
         ],
     }

@@ -1,0 +1,193 @@
+"""Incremental sync on `date_updated`, deletions, schema changes and full refresh.
+
+The simulator counts what it served, so these tests prove a run after a small change fetched a
+few records rather than the dataset, and the tables still match the API exactly.
+"""
+
+from __future__ import annotations
+
+from dagster import AssetKey
+
+from .conftest import (
+    RESOURCES,
+    SMALL_COUNTS,
+    assert_exact,
+    failure_message,
+    query,
+    run_sync,
+    table_ids,
+    table_state,
+)
+
+
+def _metadata(result, name: str) -> dict:
+    for materialization in result.asset_materializations_for_node("crm_sync_assets"):
+        if materialization.asset_key == AssetKey(["crm", name]):
+            return materialization.metadata
+    raise AssertionError(f"crm/{name} was not materialized")
+
+
+def test_after_a_full_load_a_small_change_refetches_a_few_records_not_the_dataset(
+    start_simulator, crm_env, warehouse
+):
+    simulator = start_simulator(page_cap=40)
+    crm_env(simulator)
+    assert run_sync().success
+    assert simulator.stats()["records_served"]["jobs"] >= SMALL_COUNTS["jobs"]
+
+    simulator.reset_stats()
+    changed = simulator.mutate("jobs", edit=3, insert=2, deactivate=1)
+    result = run_sync()
+
+    assert result.success
+    assert_exact(warehouse, simulator)
+    served = simulator.stats()["records_served"]
+    changed_ids = sum(len(ids) for ids in changed.values())
+    # the changed records, plus at most a few that share the previous cursor's second (inclusive)
+    assert changed_ids <= served["jobs"] <= changed_ids + 5, served
+    for name in RESOURCES:
+        if name != "jobs":
+            assert served.get(name, 0) <= 5, served
+    assert query(warehouse, f"SELECT is_active FROM crm.jobs WHERE id = '{changed['deactivated'][0]}'") == [(False,)]
+
+
+def test_more_than_10000_changes_since_the_last_run_still_land_exactly_once(
+    start_simulator, crm_env, warehouse, monkeypatch
+):
+    simulator = start_simulator({**SMALL_COUNTS, "tasks": 10_400}, page_cap=500)
+    crm_env(simulator)
+    monkeypatch.setenv("SOURCES__CRM__PAGE_SIZES", '{"tasks": 1000}')
+    tasks = [AssetKey(["crm", "tasks"])]
+    assert run_sync(selection=tasks).success
+
+    simulator.reset_stats()
+    simulator.mutate("tasks", edit=10_150, insert=300)
+    result = run_sync(selection=tasks)
+
+    assert result.success
+    assert_exact(warehouse, simulator, resources=["tasks"])
+    assert len(table_ids(warehouse, "tasks")) == 10_700
+    served = simulator.stats()["records_served"]["tasks"]
+    assert 10_450 <= served < 10_700 + 1000, served  # the change set, not a full re-read plus
+
+
+def test_a_failed_incremental_run_keeps_the_cursor_and_the_next_run_loses_nothing(
+    start_simulator, crm_env, warehouse
+):
+    simulator = start_simulator()
+    crm_env(simulator)
+    assert run_sync().success
+    changed = simulator.mutate("contacts", edit=4, insert=2)
+
+    simulator.configure(fail_resources={"contacts": 503})
+    failed = run_sync(raise_on_error=False)
+    assert not failed.success
+    assert "contacts" in failure_message(failed) and "503" in failure_message(failed)
+
+    simulator.configure(fail_resources={})
+    assert run_sync().success
+    assert_exact(warehouse, simulator)
+    for record_id in changed["inserted"]:
+        assert record_id in table_state(warehouse, "contacts")
+
+
+def test_full_refresh_reloads_the_selected_resource_and_leaves_the_others_alone(
+    start_simulator, crm_env, warehouse
+):
+    simulator = start_simulator()
+    crm_env(simulator)
+    assert run_sync().success
+    contacts_before = table_state(warehouse, "contacts")
+    simulator.mutate("contacts", edit=3)
+    simulator.reset_stats()
+
+    result = run_sync(
+        selection=[AssetKey(["crm", "jobs"])],
+        run_config={"ops": {"crm_sync_assets": {"config": {"full_refresh": True}}}},
+    )
+
+    assert result.success
+    served = simulator.stats()["records_served"]
+    assert served["jobs"] == SMALL_COUNTS["jobs"]  # read from scratch
+    assert served.get("contacts", 0) == 0
+    assert table_state(warehouse, "contacts") == contacts_before  # untouched, edits not pulled
+    assert_exact(warehouse, simulator, resources=["jobs"])
+
+    simulator.reset_stats()
+    simulator.mutate("jobs", edit=1)
+    assert run_sync(selection=[AssetKey(["crm", "jobs"])]).success
+    assert simulator.stats()["records_served"]["jobs"] <= 6  # the reset cursor was stored again
+
+
+def test_a_new_field_becomes_a_column_and_the_materialization_says_so(
+    start_simulator, crm_env, warehouse
+):
+    simulator = start_simulator()
+    crm_env(simulator)
+    assert run_sync().success
+
+    simulator.mutate("jobs", edit=2, add_field={"name": "warranty_code", "value": "W-17"})
+    result = run_sync()
+
+    assert result.success
+    rows = query(warehouse, "SELECT COUNT(*) FROM crm.jobs WHERE warranty_code = 'W-17'")
+    assert rows == [(2,)]
+    new_columns = _metadata(result, "jobs")["crm/new_columns"].value
+    assert any(entry.startswith("jobs.warranty_code") for entry in new_columns)
+    assert _metadata(result, "files")["crm/new_columns"].value == []
+
+
+def test_a_type_change_is_reported_as_a_variant_column(start_simulator, crm_env, warehouse):
+    simulator = start_simulator()
+    crm_env(simulator)
+    assert run_sync().success
+
+    # `number` has been an integer so far; the API now sends text in it
+    simulator.mutate("jobs", edit=1, add_field={"name": "number", "value": "N/A"})
+    result = run_sync()
+
+    assert result.success
+    variants = _metadata(result, "jobs")["crm/variant_columns"].value
+    assert any(entry.startswith("jobs.number__v_") for entry in variants), variants
+
+
+def test_a_frozen_schema_fails_naming_the_table_and_column(
+    start_simulator, crm_env, warehouse, monkeypatch
+):
+    simulator = start_simulator()
+    crm_env(simulator)
+    monkeypatch.setenv("SOURCES__CRM__SCHEMA_CONTRACT", "freeze")
+    assert run_sync().success  # the first load creates the tables
+    before = table_state(warehouse, "jobs")
+
+    simulator.mutate("jobs", edit=2, add_field={"name": "warranty_code", "value": "W-17"})
+    result = run_sync(raise_on_error=False)
+
+    assert not result.success
+    message = failure_message(result)
+    assert "jobs" in message and "warranty_code" in message and "frozen" in message
+    assert table_state(warehouse, "jobs") == before
+
+
+def test_hard_delete_removes_deactivated_records_and_their_child_rows(
+    start_simulator, crm_env, warehouse, monkeypatch
+):
+    simulator = start_simulator()
+    crm_env(simulator)
+    monkeypatch.setenv("SOURCES__CRM__HARD_DELETE", "true")
+    assert run_sync().success
+    active = {r["id"] for r in simulator.records("jobs") if r["is_active"]}
+    assert set(table_ids(warehouse, "jobs")) == active
+
+    deactivated = simulator.mutate("jobs", deactivate=4)["deactivated"]
+    assert run_sync().success
+
+    remaining = set(table_ids(warehouse, "jobs"))
+    assert remaining == {r["id"] for r in simulator.records("jobs") if r["is_active"]}
+    assert not remaining & set(deactivated)
+    orphans = query(
+        warehouse,
+        "SELECT COUNT(*) FROM crm.jobs__tags t LEFT JOIN crm.jobs j ON t._dlt_root_id = j._dlt_id "
+        "WHERE j._dlt_id IS NULL",
+    )
+    assert orphans == [(0,)]
