@@ -22,6 +22,7 @@ from .sources.crm_pipeline import (
     schema_changes,
     table_row_counts,
 )
+from .sources.run_lock import exclusive_run
 from .translator import CrmTranslator
 
 # Only one run may write the warehouse at a time (DuckDB allows a single writer; dlt state
@@ -109,9 +110,10 @@ def crm_sync_assets(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))
     with _source_logs_in(context):
         try:
-            results = list(
-                dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
-            )
+            with exclusive_run(pipeline):
+                results = list(
+                    dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
+                )
         except Exception as exc:
             error = find_crm_error(exc)
             if error is not None:

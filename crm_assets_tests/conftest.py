@@ -37,7 +37,9 @@ def start_simulator() -> Iterator[Callable[..., CrmSimulator]]:
 
     def start(counts: Optional[dict[str, int]] = None, **config: Any) -> CrmSimulator:
         simulator = CrmSimulator(
-            SimulatorConfig(api_key=API_KEY, counts=dict(counts or SMALL_COUNTS), **config)
+            SimulatorConfig(
+                api_key=config.pop("api_key", API_KEY), counts=dict(counts or SMALL_COUNTS), **config
+            )
         ).start()
         started.append(simulator)
         return simulator
