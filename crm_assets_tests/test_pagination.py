@@ -106,3 +106,19 @@ def test_a_window_that_cannot_move_forward_fails_loudly():
 def test_bad_configuration_is_refused_before_any_request(kwargs, message):
     with pytest.raises(CrmConfigurationError, match=message):
         crm(**kwargs)
+
+
+def test_a_page_fetched_ahead_before_the_listing_grew_is_read_again_not_trusted():
+    paginator = WindowedOffsetPaginator("jobs", page_size=100)
+    request = _first_request(paginator)
+    paginator.update_state(_Page(501), _records(0, 100))  # the listing grew to 501 meanwhile
+
+    stale = _Page(500)  # fetched ahead earlier, when the count was still 500
+    stale.crm_prefetched = True
+    paginator.update_state(stale, _records(100, 100))
+    paginator.update_request(request)
+
+    assert request.params["from"] == 100 and paginator.refetched == 1
+    paginator.update_state(_Page(501), _records(99, 100))  # the fresh read
+    paginator.update_request(request)
+    assert request.params["from"] == 200

@@ -35,6 +35,7 @@ from .settings import (
     ENDPOINTS,
     ENDPOINTS_BY_NAME,
     MAX_RETRIES,
+    PAGE_CONCURRENCY,
     PRIMARY_KEY,
     REQUEST_TIMEOUT,
     Endpoint,
@@ -130,6 +131,7 @@ def crm(
     max_retries: int = MAX_RETRIES,
     backoff_factor: float = BACKOFF_FACTOR,
     request_timeout: float = REQUEST_TIMEOUT,
+    page_concurrency: int = PAGE_CONCURRENCY,
 ) -> list[DltResource]:
     """The CRM API's five resources, each read completely and merged on `id`.
 
@@ -141,6 +143,7 @@ def crm(
         schema_contract: "evolve" (default: new fields become new columns) or "freeze" (a new
             column fails the run, naming the table and column).
         max_retries / backoff_factor / request_timeout: the HTTP retry policy (spec: 3 and 2).
+        page_concurrency: pages of one resource in flight at once (1 = strictly sequential).
     """
     overrides = dict(page_sizes or {})
     root = check_settings(base_url, api_key, overrides)
@@ -149,10 +152,16 @@ def crm(
             f"schema_contract must be 'evolve' or 'freeze', got {schema_contract!r}: "
             "set SOURCES__CRM__SCHEMA_CONTRACT"
         )
-    if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0:
-        raise CrmConfigurationError("max_retries and backoff_factor must be >= 0 and request_timeout > 0")
+    if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0 or not 1 <= page_concurrency <= 32:
+        raise CrmConfigurationError(
+            "max_retries and backoff_factor must be >= 0, request_timeout > 0 and "
+            "page_concurrency from 1 to 32"
+        )
     session = CrmSession(
-        max_retries=max_retries, backoff_factor=backoff_factor, request_timeout=request_timeout
+        max_retries=max_retries,
+        backoff_factor=backoff_factor,
+        request_timeout=request_timeout,
+        page_concurrency=page_concurrency,
     )
     config: dict[str, Any] = {
         "client": {

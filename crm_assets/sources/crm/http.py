@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from dlt.sources.helpers.rest_client.paginators import BasePaginator
@@ -25,6 +27,7 @@ from requests.exceptions import ChunkedEncodingError, ConnectionError, Timeout
 from .settings import (
     BACKOFF_FACTOR,
     CURSOR_FIELD,
+    PAGE_CONCURRENCY,
     ENDPOINTS,
     MAX_RETRIES,
     MAX_RETRY_DELAY,
@@ -104,8 +107,13 @@ def _retry_after(response: requests.Response) -> Optional[float]:
 class CrmSession(requests.Session):
     """A `requests.Session` with the contract's retry policy and response checks built in.
 
+    It also fetches pages ahead: a paginator that knows which pages come next (the API reports
+    `count`) asks `prefetch()` for them, and they are fetched on a small thread pool while dlt
+    processes the current page. The paginator's own request sequence is unchanged, so a wrong
+    guess (a page shorter than expected) only costs a wasted request, never a record.
+
     The policy lives in plain attributes listed in `__attrs__`, so the session survives the
-    pickling and deep copies that dlt and Dagster make of sources.
+    pickling and deep copies that dlt and Dagster make of sources; the pool is made on demand.
     """
 
     __attrs__ = requests.Session.__attrs__ + [
@@ -113,6 +121,7 @@ class CrmSession(requests.Session):
         "backoff_factor",
         "max_retry_delay",
         "request_timeout",
+        "page_concurrency",
     ]
 
     def __init__(
@@ -121,19 +130,73 @@ class CrmSession(requests.Session):
         backoff_factor: float = BACKOFF_FACTOR,
         max_retry_delay: float = MAX_RETRY_DELAY,
         request_timeout: float = REQUEST_TIMEOUT,
+        page_concurrency: int = PAGE_CONCURRENCY,
     ) -> None:
         super().__init__()
         self.max_retries = max_retries
         self.backoff_factor = backoff_factor
         self.max_retry_delay = max_retry_delay
         self.request_timeout = request_timeout
+        self.page_concurrency = page_concurrency
         self.headers["Accept"] = "application/json"
         self.headers["User-Agent"] = "crm_assets (dlt rest_api)"
+
+    # -- pages fetched ahead -------------------------------------------------------------------
+
+    def _prefetch_state(self) -> tuple[threading.Lock, dict[str, tuple[int, Future]]]:
+        state = self.__dict__.get("_prefetched")
+        if state is None:
+            state = self.__dict__.setdefault("_prefetched", (threading.Lock(), {}))
+        return state
+
+    def _pool(self) -> ThreadPoolExecutor:
+        lock, _ = self._prefetch_state()
+        with lock:
+            pool = self.__dict__.get("_prefetch_pool")
+            if pool is None:
+                workers = max(1, self.page_concurrency) * len(ENDPOINTS)
+                # one connection per worker, kept alive
+                adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=workers + 4)
+                self.mount("http://", adapter)
+                self.mount("https://", adapter)
+                pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crm-prefetch")
+                self.__dict__["_prefetch_pool"] = pool
+            return pool
+
+    def prefetch(self, owner: int, requests_ahead: list[requests.PreparedRequest], **kwargs: Any) -> None:
+        """Start fetching these requests (if not already under way) for paginator `owner`."""
+        if self.page_concurrency <= 1 or time.monotonic() < self.__dict__.get("_paused_until", 0.0):
+            return
+        lock, inflight = self._prefetch_state()
+        pool = self._pool()
+        for prepared in requests_ahead:
+            with lock:
+                if prepared.url in inflight:
+                    continue
+                inflight[prepared.url] = (owner, pool.submit(self._fetch, prepared, **kwargs))
+
+    def discard_prefetched(self, owner: int) -> None:
+        """Forget the pages fetched ahead for a paginator that is done (wrong guesses)."""
+        lock, inflight = self._prefetch_state()
+        with lock:
+            for url in [url for url, (who, _) in inflight.items() if who == owner]:
+                inflight.pop(url)[1].cancel()
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        lock, inflight = self._prefetch_state()
+        with lock:
+            ahead = inflight.pop(request.url or "", None)
+        if ahead is not None and not ahead[1].cancelled():
+            response = ahead[1].result()
+            response.crm_prefetched = True  # type: ignore[attr-defined]
+            return response
+        return self._fetch(request, **kwargs)
 
     def _backoff(self, retry_number: int) -> float:
         return min(self.max_retry_delay, self.backoff_factor * (2 ** (retry_number - 1)))
 
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def _fetch(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        """One request with the retry policy, then the response checks."""
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.request_timeout
         endpoint, path = _endpoint_for(request.url or "")
@@ -163,6 +226,9 @@ class CrmSession(requests.Session):
                 failure = f"HTTP {response.status_code}"
                 after = _retry_after(response)
                 wait = min(self.max_retry_delay, after) if after else self._backoff(retry + 1)
+                if response.status_code == 429:
+                    # rate limited: stop fetching ahead for a while, the API wants fewer requests
+                    self.__dict__["_paused_until"] = time.monotonic() + 2 * wait
             retry += 1
             logger.warning(
                 "%s: %s from GET %s, retry %d of %d in %.1fs",
@@ -225,6 +291,7 @@ class CrmSession(requests.Session):
                 )
         # Parse once: dlt and the paginator both call `response.json()`.
         response.json = lambda **_: payload  # type: ignore[method-assign]
+        response.crm_session = self  # type: ignore[attr-defined]  # lets the paginator prefetch
         return response
 
 
@@ -267,9 +334,16 @@ class WindowedOffsetPaginator(BasePaginator):
         self.windows = 1
         self.pages = 0
         self.records_received = 0
+        self.refetched = 0
         self.total: Optional[int] = None
+        self._count: Optional[int] = None  # the current window's count
+        self._stride = self.page_size  # records a page actually holds (a cap shows on page 1)
+        self._session: Optional[CrmSession] = None
+        self._sent: Optional[requests.PreparedRequest] = None
 
     def init_request(self, request: requests.Request) -> None:
+        if self._session is not None:
+            self._session.discard_prefetched(id(self))
         self._reset()
         params = request.params if isinstance(request.params, dict) else {}
         since = params.pop(UPDATED_SINCE_PARAM, None)
@@ -291,25 +365,57 @@ class WindowedOffsetPaginator(BasePaginator):
             request.params.pop("filter", None)
         request.params["from"] = self._offset
         request.params["size"] = min(self.page_size, self.result_window - self._offset)
+        self._fetch_ahead(request.params)
+
+    def _fetch_ahead(self, params: dict[str, Any]) -> None:
+        """Ask the session for the pages that will most likely be requested next."""
+        session, sent, count = self._session, self._sent, self._count
+        if session is None or sent is None or count is None or not self._has_next_page:
+            return
+        base = urlunsplit(urlsplit(sent.url or "")._replace(query=""))
+        ahead: list[requests.PreparedRequest] = []
+        offset = self._offset
+        while len(ahead) < session.page_concurrency and offset < min(count, self.result_window):
+            size = min(self.page_size, self.result_window - offset)
+            # same keys in the same order as the real request, so the URLs match exactly
+            guess = dict(params, **{"from": offset, "size": size})
+            prepared = sent.copy()
+            prepared.prepare_url(base, guess)
+            ahead.append(prepared)
+            offset += min(self._stride, size)
+        session.prefetch(id(self), ahead)
 
     def update_state(self, response: requests.Response, data: Optional[list[Any]] = None) -> None:
         count = response.json()["count"]
         received = len(data or [])
+        self._session = getattr(response, "crm_session", None)
+        self._sent = getattr(response, "request", None)
+        if getattr(response, "crm_prefetched", False) and self._count is not None and count < self._count:
+            # This page was fetched ahead, before the listing grew (records inserted, offset
+            # drift). Positions have shifted since, so a record could sit between the previous
+            # page and this one: read this page again, fresh, instead of moving on.
+            self.refetched += 1
+            self._session.discard_prefetched(id(self))  # type: ignore[union-attr]
+            logger.info("%s: listing changed while reading ahead; re-reading from=%d", self.resource, self._offset)
+            return
         self.pages += 1
         if self.total is None:
             self.total = count
+        self._count = count
+        if received:
+            self._stride = received
         if received == 0:
+            self._finish()
             if self._offset < count:
                 raise CrmIncompleteReadError(
                     f"{self.resource}: the API returned an empty page at from={self._offset} while "
                     f"its count says {count} records match; refusing to report a partial read"
                 )
-            self._has_next_page = False
             return
         self.records_received += received
         self._offset += received
         if self._offset >= count:
-            self._has_next_page = False
+            self._finish()
             return
         if self._offset >= self.result_window:
             self._next_window(data[-1])
@@ -318,6 +424,11 @@ class WindowedOffsetPaginator(BasePaginator):
                 "%s: %d records read in %d pages (%s matching, window %d)",
                 self.resource, self.records_received, self.pages, self.total, self.windows,
             )
+
+    def _finish(self) -> None:
+        self._has_next_page = False
+        if self._session is not None:
+            self._session.discard_prefetched(id(self))
 
     def _next_window(self, last_record: dict[str, Any]) -> None:
         last = last_record.get(WINDOW_FIELD)
@@ -333,6 +444,7 @@ class WindowedOffsetPaginator(BasePaginator):
             )
         self._window_start = last
         self._offset = 0
+        self._count = None  # unknown until the new window's first page
         self.windows += 1
         logger.info(
             "%s: result window reached after %d records; continuing from %s >= %d",
