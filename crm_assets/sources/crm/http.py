@@ -395,7 +395,8 @@ class WindowedOffsetPaginator(BasePaginator):
             # drift). Positions have shifted since, so a record could sit between the previous
             # page and this one: read this page again, fresh, instead of moving on.
             self.refetched += 1
-            self._session.discard_prefetched(id(self))  # type: ignore[union-attr]
+            if self._session is not None:
+                self._session.discard_prefetched(id(self))
             logger.info("%s: listing changed while reading ahead; re-reading from=%d", self.resource, self._offset)
             return
         self.pages += 1
