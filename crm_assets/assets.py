@@ -125,7 +125,7 @@ def crm_sync_assets(
 
     tables = [result.asset_key.path[-1] for result in results]
     counts = table_row_counts(pipeline, tables)
-    for result, table in zip(results, tables):
+    for result, table in zip(results, tables, strict=True):
         metadata = dict(result.metadata or {})
         metadata["dagster/row_count"] = counts.get(table)
         metadata["dagster/table_name"] = f"{DATASET_NAME}.{table}"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, Backoff, DagsterInstance, RetryPolicy, define_asset_job, materialize
+from dagster import Backoff, DagsterInstance, RetryPolicy, define_asset_job, materialize
 
 from crm_assets.assets import crm_sync_assets
 from crm_assets.resources import RESOURCES as DAGSTER_RESOURCES
