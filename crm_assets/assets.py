@@ -114,6 +114,10 @@ def crm_sync_assets(
                 results = list(
                     dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
                 )
+                # read back while no other run can be writing the warehouse
+                tables = [result.asset_key.path[-1] for result in results]
+                counts = table_row_counts(pipeline, tables)
+                changes = {table: schema_changes(pipeline, table) for table in tables}
         except Exception as exc:
             error = find_crm_error(exc)
             if error is not None:
@@ -123,23 +127,20 @@ def crm_sync_assets(
                 raise Failure(description=violation, allow_retries=False) from None
             raise
 
-    tables = [result.asset_key.path[-1] for result in results]
-    counts = table_row_counts(pipeline, tables)
     for result, table in zip(results, tables, strict=True):
         metadata = dict(result.metadata or {})
         metadata["dagster/row_count"] = counts.get(table)
         metadata["dagster/table_name"] = f"{DATASET_NAME}.{table}"
         metadata.setdefault("rows_loaded", 0)
-        changes = schema_changes(pipeline, table)
-        for kind, entries in changes.items():
+        for kind, entries in changes[table].items():
             metadata[f"crm/{kind}"] = MetadataValue.json(entries)
-        if changes["variant_columns"]:
+        variants, new_columns = changes[table]["variant_columns"], changes[table]["new_columns"]
+        if variants:
             context.log.warning(
-                f"{table}: a field changed type, dlt added variant column(s) "
-                f"{', '.join(changes['variant_columns'])}"
+                f"{table}: a field changed type, dlt added variant column(s) {', '.join(variants)}"
             )
-        elif changes["new_columns"] and not changes["new_tables"]:
-            context.log.info(f"{table}: new column(s) {', '.join(changes['new_columns'])}")
+        elif new_columns and not changes[table]["new_tables"]:
+            context.log.info(f"{table}: new column(s) {', '.join(new_columns)}")
         yield result._replace(metadata=metadata)
 
 

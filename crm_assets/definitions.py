@@ -1,13 +1,20 @@
 """The code location: composition only."""
 
-from dagster import Definitions
+from dagster import Definitions, map_asset_specs
 
 from .assets import crm_sync_assets
-from .jobs import crm_sync
+from .checks import crm_table_checks, with_crm_freshness_policy
+from .jobs import crm_checks, crm_sync
 from .resources import RESOURCES
+from .schedules import crm_sync_schedule
+from .sensors import crm_change_sensor, crm_sync_failure_sensor
 
 defs = Definitions(
-    assets=[crm_sync_assets],
-    jobs=[crm_sync],
+    # every crm/* asset carries the freshness policy (WARN after 75 min, FAIL after 2 h)
+    assets=map_asset_specs(with_crm_freshness_policy, [crm_sync_assets]),
+    asset_checks=[crm_table_checks],
+    jobs=[crm_sync, crm_checks],
+    schedules=[crm_sync_schedule],
+    sensors=[crm_change_sensor, crm_sync_failure_sensor],
     resources=RESOURCES,
 )

@@ -1,0 +1,201 @@
+"""Data checks on every `crm/*` table, run after each load and on their own (job `crm_checks`).
+
+Three checks per table, built from the endpoint table so a new resource gets them for free:
+
+* `id_is_unique`          blocking, ERROR: the merge on `id` must leave one row per id.
+* `id_is_not_null`        blocking, ERROR: every row has its primary key.
+* `row_count_matches_api` WARN: rows in the table vs the API's own `count` (one `size=0`
+                          request). Only a warning: records can be created between the load and
+                          the check, and deactivated records are removed when `hard_delete` is on.
+
+They are one `@multi_asset_check` (one step, one pool slot) rather than fifteen steps: the
+warehouse admits one user at a time (DuckDB: a single writer), so the checks take the same
+pool as the load and read the tables one after another anyway.
+
+Freshness is not a check here but Dagster's own `FreshnessPolicy` on the assets
+(`CRM_FRESHNESS_POLICY`, attached in definitions.py), evaluated continuously by the daemon.
+"""
+
+# No `from __future__ import annotations`: Dagster checks the context annotation at runtime.
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckKey,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
+    AssetSpec,
+    FreshnessPolicy,
+    MetadataValue,
+    apply_freshness_policy,
+    multi_asset_check,
+)
+
+from .assets import WAREHOUSE_POOL
+from .constants import ASSET_KEY_PREFIX, FRESHNESS_FAIL_AFTER_MINUTES, FRESHNESS_WARN_AFTER_MINUTES
+from .sources.crm import ENDPOINTS, CrmError, count_records
+from .sources.crm.settings import PRIMARY_KEY
+from .warehouse import DatabaseUndefinedRelation, query
+
+ID_IS_UNIQUE = "id_is_unique"
+ID_IS_NOT_NULL = "id_is_not_null"
+ROW_COUNT_MATCHES_API = "row_count_matches_api"
+DUPLICATE_SAMPLE_SIZE = 10
+
+CRM_FRESHNESS_POLICY = FreshnessPolicy.time_window(
+    fail_window=timedelta(minutes=FRESHNESS_FAIL_AFTER_MINUTES),
+    warn_window=timedelta(minutes=FRESHNESS_WARN_AFTER_MINUTES),
+)
+
+
+def with_crm_freshness_policy(spec: AssetSpec) -> AssetSpec:
+    return apply_freshness_policy(spec, CRM_FRESHNESS_POLICY)
+
+
+def _specs() -> list[AssetCheckSpec]:
+    specs = []
+    for endpoint in ENDPOINTS:
+        asset = AssetKey([ASSET_KEY_PREFIX, endpoint.name])
+        table = f"crm.{endpoint.name}"
+        specs += [
+            AssetCheckSpec(
+                ID_IS_UNIQUE,
+                asset=asset,
+                blocking=True,
+                description=(
+                    f"Every `{PRIMARY_KEY}` appears once in {table}: the merge must absorb the "
+                    "duplicates that offset drift and window boundaries produce. Fails the run."
+                ),
+            ),
+            AssetCheckSpec(
+                ID_IS_NOT_NULL,
+                asset=asset,
+                blocking=True,
+                description=f"No row of {table} lacks its primary key `{PRIMARY_KEY}`. Fails the run.",
+            ),
+            AssetCheckSpec(
+                ROW_COUNT_MATCHES_API,
+                asset=asset,
+                description=(
+                    f"Rows in {table} equal the count GET {endpoint.path} reports right now "
+                    "(warning only: the API can grow between the load and the check)."
+                ),
+            ),
+        ]
+    return specs
+
+
+_SQL_DUPLICATES = (
+    "SELECT COUNT(*), COALESCE(SUM(n - 1), 0) FROM "
+    f"(SELECT {PRIMARY_KEY}, COUNT(*) AS n FROM {{table}} WHERE {PRIMARY_KEY} IS NOT NULL "
+    f"GROUP BY {PRIMARY_KEY} HAVING COUNT(*) > 1) AS duplicated"
+)
+_SQL_DUPLICATE_SAMPLE = (
+    f"SELECT {PRIMARY_KEY} FROM {{table}} WHERE {PRIMARY_KEY} IS NOT NULL "
+    f"GROUP BY {PRIMARY_KEY} HAVING COUNT(*) > 1 ORDER BY {PRIMARY_KEY}"
+)
+_SQL_NULL_IDS = f"SELECT COUNT(*) FROM {{table}} WHERE {PRIMARY_KEY} IS NULL"
+_SQL_ROWS = "SELECT COUNT(*) FROM {table}"
+
+
+def _id_is_unique(key: AssetCheckKey, table: str) -> AssetCheckResult:
+    ((duplicate_ids, extra_rows),) = query(_SQL_DUPLICATES, table)
+    sample = (
+        [row[0] for row in query(_SQL_DUPLICATE_SAMPLE, table, max_rows=DUPLICATE_SAMPLE_SIZE)]
+        if duplicate_ids
+        else []
+    )
+    return AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=duplicate_ids == 0,
+        severity=AssetCheckSeverity.ERROR,
+        description=(
+            None if not duplicate_ids else f"{duplicate_ids} ids appear more than once in crm.{table}"
+        ),
+        metadata={
+            "duplicate_ids": int(duplicate_ids),
+            "extra_rows": int(extra_rows),
+            "duplicate_id_sample": MetadataValue.json(sample),
+        },
+    )
+
+
+def _id_is_not_null(key: AssetCheckKey, table: str) -> AssetCheckResult:
+    ((null_ids,),) = query(_SQL_NULL_IDS, table)
+    return AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=null_ids == 0,
+        severity=AssetCheckSeverity.ERROR,
+        description=None if not null_ids else f"{null_ids} rows of crm.{table} have no {PRIMARY_KEY}",
+        metadata={"null_id_rows": int(null_ids)},
+    )
+
+
+def _row_count_matches_api(key: AssetCheckKey, table: str) -> AssetCheckResult:
+    ((rows,),) = query(_SQL_ROWS, table)
+    try:
+        api_count = count_records(table)
+    except CrmError as exc:  # its message names the resource and path, never the key
+        return AssetCheckResult(
+            asset_key=key.asset_key,
+            check_name=key.name,
+            passed=False,
+            severity=AssetCheckSeverity.WARN,
+            description=f"Could not ask the API for its count: {exc}",
+            metadata={"table_rows": int(rows)},
+        )
+    difference = int(rows) - api_count
+    return AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=difference == 0,
+        severity=AssetCheckSeverity.WARN,
+        description=(
+            None
+            if difference == 0
+            else f"crm.{table} has {rows} rows, the API counts {api_count} ({difference:+d})"
+        ),
+        metadata={"table_rows": int(rows), "api_count": api_count, "difference": difference},
+    )
+
+
+_EVALUATORS = {
+    ID_IS_UNIQUE: _id_is_unique,
+    ID_IS_NOT_NULL: _id_is_not_null,
+    ROW_COUNT_MATCHES_API: _row_count_matches_api,
+}
+
+
+def _table_missing(key: AssetCheckKey, table: str) -> AssetCheckResult:
+    return AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=False,
+        severity=AssetCheckSeverity.WARN if key.name == ROW_COUNT_MATCHES_API else AssetCheckSeverity.ERROR,
+        description=f"Table crm.{table} does not exist in the warehouse: load it first.",
+    )
+
+
+@multi_asset_check(
+    name="crm_table_checks",
+    specs=_specs(),
+    can_subset=True,
+    pool=WAREHOUSE_POOL,
+    description="Primary-key and completeness checks on the crm.* tables, read from the warehouse.",
+)
+def crm_table_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheckResult]:
+    for key in sorted(context.selected_asset_check_keys, key=lambda k: k.to_user_string()):
+        table = key.asset_key.path[-1]
+        try:
+            result = _EVALUATORS[key.name](key, table)
+        except DatabaseUndefinedRelation:
+            result = _table_missing(key, table)
+        if not result.passed:
+            context.log.warning(f"{key.to_user_string()}: {result.description}")
+        yield result

@@ -1,0 +1,187 @@
+"""Sensors: sync what changed in the CRM between scheduled syncs, and report failed syncs."""
+
+import json
+import os
+import re
+import time
+from typing import Optional, Union
+
+import requests
+from dagster import (
+    AssetKey,
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunRequest,
+    SensorEvaluationContext,
+    SkipReason,
+    run_failure_sensor,
+    sensor,
+)
+
+from .constants import (
+    ALERT_WEBHOOK_ENV,
+    ASSET_KEY_PREFIX,
+    CHANGE_SENSOR_INTERVAL_SECONDS,
+    CHANGE_SENSOR_OVERLAP_SECONDS,
+)
+from .jobs import active_sync_runs, crm_sync
+from .sources.crm import ENDPOINTS, CrmError, connection_settings, count_records
+from .sources.crm.http import CrmSession
+
+# A sensor tick must finish within Dagster's sensor timeout (60 s by default): one quick retry
+# per request, short waits. A failed tick costs nothing, the next one asks again.
+_SENSOR_SESSION = dict(max_retries=1, backoff_factor=1.0, max_retry_delay=5.0, request_timeout=15.0)
+_ALERT_TIMEOUT_SECONDS = 10
+_MAX_ALERT_ERROR_CHARS = 2500
+
+
+def _readable(message: str) -> str:
+    """`dagster._core.definitions.events.Failure: text` -> `text`;
+    `dagster._core.errors.SomeError: text` -> `SomeError: text`."""
+    message = message.strip()
+    message = re.sub(r"^dagster\._core\.definitions\.events\.Failure: ", "", message)
+    return re.sub(r"^dagster\._core\.[\w.]+\.(\w+): ", r"\1: ", message)
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _load_cursor(raw: Optional[str]) -> dict[str, int]:
+    """{resource: epoch seconds}: changes with `date_updated` after it are not synced yet."""
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {k: int(v) for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@sensor(
+    name="crm_change_sensor",
+    job=crm_sync,
+    minimum_interval_seconds=CHANGE_SENSOR_INTERVAL_SECONDS,
+    default_status=DefaultSensorStatus.RUNNING,
+    description=(
+        "Asks the CRM API, with one size=0 request per resource, which resources have records "
+        "updated since the last evaluation, and runs crm_sync for only those assets. Never "
+        "requests a run while a crm_sync run is queued or in progress. Its first evaluation only "
+        "starts the clock (the hourly schedule does the first load)."
+    ),
+)
+def crm_change_sensor(context: SensorEvaluationContext) -> Union[RunRequest, SkipReason]:
+    active = active_sync_runs(context.instance)
+    if active:
+        # the cursor stays: whatever changes meanwhile is found once that run is over
+        return SkipReason(
+            f"crm_sync run {active[0].run_id} is {active[0].status.value.lower()}; "
+            "not requesting another until it is over"
+        )
+
+    cursor = _load_cursor(context.cursor)
+    # Our clock, taken before asking: anything stamped after it is found next time. The overlap
+    # covers edits stamped in this very second and a server clock slightly behind ours.
+    checked_until = int(_now()) - CHANGE_SENSOR_OVERLAP_SECONDS
+    new_cursor = {
+        endpoint.name: max(cursor.get(endpoint.name, checked_until), checked_until)
+        for endpoint in ENDPOINTS
+    }
+    watched = [endpoint.name for endpoint in ENDPOINTS if endpoint.name in cursor]
+
+    changed: dict[str, int] = {}
+    if watched:
+        session = CrmSession(**_SENSOR_SESSION)
+        try:
+            base_url, api_key = connection_settings()
+            for name in watched:
+                updated = count_records(
+                    name, updated_after=cursor[name], base_url=base_url, api_key=api_key, session=session
+                )
+                if updated:
+                    changed[name] = updated
+        except CrmError as exc:  # configuration or API errors name what failed, never the key
+            return SkipReason(f"Could not ask the CRM API for changes: {exc}")
+        finally:
+            session.close()
+
+    context.update_cursor(json.dumps(new_cursor, sort_keys=True))
+    if not watched:
+        return SkipReason(
+            "First evaluation: changes are watched from now on; earlier ones are the schedule's job."
+        )
+    new_names = sorted(set(new_cursor) - set(cursor))
+    if not changed:
+        return SkipReason(
+            "No CRM resource has changed since the last evaluation"
+            + (f" (now also watching {', '.join(new_names)})" if new_names else "")
+        )
+    summary = ", ".join(f"{name} ({count} updated)" for name, count in changed.items())
+    context.log.info(f"Changed since the last evaluation: {summary}")
+    return RunRequest(
+        asset_selection=[AssetKey([ASSET_KEY_PREFIX, name]) for name in changed],
+        tags={"crm_assets/changed": ",".join(changed)},
+    )
+
+
+def _secrets() -> list[str]:
+    """The API key wherever it may be configured, longest first."""
+    keys = {os.environ.get("SOURCES__CRM__API_KEY"), os.environ.get("API_KEY")}
+    try:
+        keys.add(connection_settings()[1])
+    except Exception:  # not configured: nothing more to hide
+        pass
+    return sorted((key for key in keys if key), key=len, reverse=True)
+
+
+def scrub(text: str) -> str:
+    """The text with the API key, and any bearer token, replaced by `[redacted]`."""
+    for secret in _secrets():
+        text = text.replace(secret, "[redacted]")
+    return re.sub(r"(?i)(bearer\s+)[^\s\"']+", r"\1[redacted]", text)
+
+
+def _error_text(context: RunFailureSensorContext) -> str:
+    parts = []
+    for event in context.get_step_failure_events():
+        error = event.step_failure_data.error
+        messages = []
+        while error is not None:
+            messages.append(_readable(error.message))
+            error = error.cause
+        parts.append(f"{event.step_key}: " + "\ncaused by: ".join(messages))
+    if not parts:  # the run failed outside any step (e.g. its worker crashed)
+        parts.append(context.failure_event.message or "no error message")
+    text = "\n".join(parts)
+    if len(text) > _MAX_ALERT_ERROR_CHARS:
+        text = text[:_MAX_ALERT_ERROR_CHARS] + " [...]"
+    return text
+
+
+@run_failure_sensor(
+    name="crm_sync_failure_sensor",
+    monitored_jobs=[crm_sync],
+    default_status=DefaultSensorStatus.RUNNING,
+    description=(
+        "When a crm_sync run fails: logs the error and, if the CRM_ALERT_WEBHOOK_URL environment "
+        'variable is set, posts a Slack-style {"text": ...} message with the job, run id and '
+        "error (API key scrubbed) to that URL."
+    ),
+)
+def crm_sync_failure_sensor(context: RunFailureSensorContext) -> None:
+    run = context.dagster_run
+    text = scrub(
+        f"Dagster job `{run.job_name}` failed (run `{run.run_id}`):\n{_error_text(context)}"
+    )
+    context.log.error(text)
+    url = os.environ.get(ALERT_WEBHOOK_ENV, "").strip()
+    if not url:
+        return
+    # The webhook URL is a secret too (Slack puts its token in the path): never in a message.
+    try:
+        response = requests.post(url, json={"text": text}, timeout=_ALERT_TIMEOUT_SECONDS)
+    except requests.RequestException as exc:
+        raise RuntimeError(f"Could not post the failure alert ({type(exc).__name__})") from None
+    if response.status_code >= 300:
+        raise RuntimeError(f"The alert webhook answered HTTP {response.status_code}")
+    context.log.info(f"Failure alert for run {run.run_id} posted")

@@ -1,0 +1,35 @@
+"""Reading the destination back: the one query helper the asset checks use.
+
+It goes through the dlt pipeline's own SQL client, so the checks work on whatever SQL
+destination the pipeline loads (DuckDB here, Postgres/Snowflake/... if the pipeline changes),
+with that destination's quoting and dataset qualification.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from dlt.destinations.exceptions import DatabaseUndefinedRelation
+
+from .sources.crm_pipeline import crm_pipeline
+from .sources.run_lock import exclusive_run
+
+__all__ = ["query", "DatabaseUndefinedRelation"]
+
+
+def query(sql_template: str, table: str, *, max_rows: Optional[int] = None) -> list[tuple[Any, ...]]:
+    """Rows of one SELECT on a table of the `crm` dataset.
+
+    `{table}` in the template becomes the destination's qualified, quoted name of `table`; write
+    portable SQL (no LIMIT: not every destination has it, use `max_rows`). Raises
+    `DatabaseUndefinedRelation` when the table does not exist (yet).
+
+    Waits while a load of the pipeline holds it on this machine: DuckDB lets no other process
+    open the file meanwhile, and a read between a load's steps would see half of it anyway.
+    """
+    pipeline = crm_pipeline()
+    with exclusive_run(pipeline), pipeline.sql_client() as client:
+        sql = sql_template.format(table=client.make_qualified_table_name(table))
+        with client.execute_query(sql) as cursor:
+            rows = cursor.fetchmany(max_rows) if max_rows is not None else cursor.fetchall()
+    return [tuple(row) for row in rows]
