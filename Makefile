@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml setup.cfg
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## make test: the whole suite (what CI runs)
+## make test: the whole suite (what CI runs). scripts/services.sh installs PostgreSQL and chromium
+## when missing (apt-get) and starts a private PostgreSQL on loopback; it is stopped afterwards,
+## whatever the outcome. Narrow it with e.g. make test PYTEST_ARGS="-k postgres".
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	trap 'bash scripts/services.sh down' EXIT; trap 'exit 130' INT TERM; \
+	bash scripts/services.sh up && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## make demo: simulator on loopback -> dagster asset materialize of all five assets -> row counts
 demo: $(STAMP)
@@ -28,6 +31,11 @@ demo: $(STAMP)
 ## make dev: simulator + dagster dev (webserver and daemon) with the five assets ready
 dev: $(STAMP)
 	$(BIN)/python scripts/dev.py
+
+## make bench: simulator -> HTTP floor, seed config, project (plain dlt and via Dagster): time, rows/s, peak RSS
+##   make bench BENCH_ARGS="--latency-ms 50"   or   BENCH_ARGS="--records 1000000 --only c2,c --json bench.json"
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .dagster_home .demo crm_warehouse.duckdb

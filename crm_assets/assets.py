@@ -100,10 +100,10 @@ def crm_sync_assets(
 ) -> Iterator[MaterializeResult]:
     try:
         source = crm()
+        pipeline = crm_pipeline()
+        options: dict[str, Any] = run_options(pipeline)
     except CrmConfigurationError as exc:
         raise Failure(description=str(exc), allow_retries=False) from None
-    pipeline = crm_pipeline()
-    options: dict[str, Any] = run_options(pipeline)
     if config.full_refresh:
         options["refresh"] = "drop_resources"
         context.log.info("Full refresh: dropping and reloading %s" % ", ".join(

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
-from .sources.crm_pipeline import crm_pipeline
+from .sources.crm_pipeline import crm_pipeline, selected_destination
 from .sources.run_lock import exclusive_run
 
 __all__ = ["query", "DatabaseUndefinedRelation"]
@@ -27,6 +27,7 @@ def query(sql_template: str, table: str, *, max_rows: Optional[int] = None) -> l
     Waits while a load of the pipeline holds it on this machine: DuckDB lets no other process
     open the file meanwhile, and a read between a load's steps would see half of it anyway.
     """
+    selected_destination()  # an unknown CRM_DESTINATION fails here, saying what to set
     pipeline = crm_pipeline()
     with exclusive_run(pipeline), pipeline.sql_client() as client:
         sql = sql_template.format(table=client.make_qualified_table_name(table))

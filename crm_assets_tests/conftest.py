@@ -21,7 +21,8 @@ RESOURCES = ("jobs", "contacts", "tasks", "activities", "files")
 def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own dlt state folder and no stray configuration from the machine."""
     for name in ("SOURCES__CRM__BASE_URL", "SOURCES__CRM__API_KEY", "API_KEY",
-                 "DESTINATION__DUCKDB__CREDENTIALS", "SOURCES__CRM__PAGE_SIZES"):
+                 "DESTINATION__DUCKDB__CREDENTIALS", "SOURCES__CRM__PAGE_SIZES", "CRM_DESTINATION",
+                 "DESTINATION__POSTGRES__CREDENTIALS", "CRM_ALERT_WEBHOOK_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt"))
     monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")

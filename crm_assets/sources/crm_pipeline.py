@@ -3,14 +3,21 @@
     SOURCES__CRM__BASE_URL=http://127.0.0.1:8765 SOURCES__CRM__API_KEY=demo-key \
         python -m crm_assets.sources.crm_pipeline
 
-Destination: DuckDB, in `crm_warehouse.duckdb` in the working directory unless
-`DESTINATION__DUCKDB__CREDENTIALS` names another file. The dataset (schema) is `crm`, so the
-tables are `crm.jobs`, `crm.contacts`, ... The file is deliberately not called `crm.duckdb`:
+Destination: `CRM_DESTINATION` names it, read each time the pipeline is created (so at run
+time): DuckDB when unset, in `crm_warehouse.duckdb` in the working directory unless
+`DESTINATION__DUCKDB__CREDENTIALS` names another file. `CRM_DESTINATION=postgres` loads into
+PostgreSQL with dlt's standard `DESTINATION__POSTGRES__CREDENTIALS=postgresql://user:password@
+host:5432/database`; the other SQL warehouses dlt ships (snowflake, bigquery, motherduck,
+databricks, ...) work the same way with their `dlt[<name>]` extra installed and their
+`DESTINATION__<NAME>__CREDENTIALS`. The dataset (schema) is `crm`, so the tables are
+`crm.jobs`, `crm.contacts`, ... The DuckDB file is deliberately not called `crm.duckdb`:
 DuckDB would then have a catalog and a schema both named `crm`, and loads fail as ambiguous.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -18,15 +25,68 @@ from typing import Any, Optional
 import dlt
 from dlt.pipeline.pipeline import Pipeline
 
+from .crm.http import CrmConfigurationError
+
 PIPELINE_NAME = "crm_warehouse"
 DATASET_NAME = "crm"
 
+DESTINATION_ENV = "CRM_DESTINATION"
+DEFAULT_DESTINATION = "duckdb"
+# dlt's SQL destinations: the merge (`delete-insert` on `id`) and the checks' SQL need one.
+# Only duckdb and postgres are tested here; the others are a configuration change plus
+# `pip install "dlt[<name>]"`.
+ACCEPTED_DESTINATIONS = (
+    "duckdb",
+    "postgres",
+    "motherduck",
+    "snowflake",
+    "bigquery",
+    "databricks",
+    "redshift",
+    "mssql",
+    "clickhouse",
+)
+# Destinations that load parquet files faster than dlt's default INSERT statements (run_options).
+_PARQUET_DESTINATIONS = ("duckdb", "postgres")
+
+logger = logging.getLogger(__name__)
+
+
+class CrmDestinationError(CrmConfigurationError):
+    """CRM_DESTINATION names no destination this pipeline can load."""
+
+
+def selected_destination() -> str:
+    """The destination `CRM_DESTINATION` names now (`duckdb` when unset); raises if unknown."""
+    raw = os.environ.get(DESTINATION_ENV, "")
+    name = raw.strip().lower() or DEFAULT_DESTINATION
+    if name not in ACCEPTED_DESTINATIONS:
+        raise CrmDestinationError(
+            f"{DESTINATION_ENV}={raw.strip()!r} is not a destination this pipeline can load. "
+            f"Accepted values: {', '.join(ACCEPTED_DESTINATIONS)} (unset means "
+            f"{DEFAULT_DESTINATION}). Credentials go in DESTINATION__<NAME>__CREDENTIALS, e.g. "
+            "DESTINATION__POSTGRES__CREDENTIALS=postgresql://user:password@host:5432/database."
+        )
+    return name
+
 
 def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
-    """A fresh handle on the pipeline; config (destination path, state dir) resolves when it runs."""
+    """A fresh handle on the pipeline; config (destination path, state dir) resolves when it runs.
+
+    The destination is the one `CRM_DESTINATION` names at the moment of the call. Dagster also
+    calls this when it loads the code location (to build the asset definitions): an unknown
+    name must not stop that, so it only logs here and the pipeline has no destination; the run
+    then fails in `run_options()` with the message naming the variable and the accepted values.
+    """
+    destination: Optional[str]
+    try:
+        destination = selected_destination()
+    except CrmDestinationError as exc:
+        logger.warning("%s", exc)
+        destination = None
     return dlt.pipeline(
         pipeline_name=PIPELINE_NAME,
-        destination="duckdb",
+        destination=destination,
         dataset_name=DATASET_NAME,
         pipelines_dir=pipelines_dir,
     )
@@ -35,9 +95,24 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
 def run_options(pipeline: Pipeline) -> dict[str, Any]:
     """Keyword arguments for `pipeline.run` that suit the destination.
 
+    Raises `CrmDestinationError` (naming `CRM_DESTINATION` and the accepted values) when the
+    pipeline has no destination because the variable names an unknown one.
+
     DuckDB loads parquet files several times faster than dlt's default INSERT statements.
+    PostgreSQL loads them with COPY through ADBC (`adbc-driver-postgresql`, a dependency; were it
+    missing, dlt would fall back to INSERT statements with a warning). Measured on 20,000 jobs
+    (68,826 rows with their child tables), full load: INSERT 4.4-4.8 s, CSV 3.5-4.0 s, parquet
+    3.1-3.6 s; on 100,000 records: 10.6 s, 8.9 s, 8.5 s. CSV (COPY too) is not used although as
+    fast: dlt's CSV writer counts fields rather than rows, so dagster-dlt's `rows_loaded` would
+    read ~16x too high (3841 for 240 jobs).
     """
-    if pipeline.destination and pipeline.destination.destination_name == "duckdb":
+    if pipeline.destination is None:
+        selected_destination()  # raises the readable error
+        raise CrmDestinationError(
+            f"The pipeline has no destination: set {DESTINATION_ENV} "
+            f"({', '.join(ACCEPTED_DESTINATIONS)})"
+        )
+    if pipeline.destination.destination_name in _PARQUET_DESTINATIONS:
         return {"loader_file_format": "parquet"}
     return {}
 
@@ -93,14 +168,19 @@ def _existed_before(pipeline: Pipeline, table_name: str, new_columns: dict[str, 
 
 
 def database_location(pipeline: Pipeline) -> str:
-    """Where the data is, for people: the DuckDB file path, or the destination's name."""
+    """Where the data is, for people: the DuckDB file path, or the destination and its address.
+
+    dlt's credentials print with the password masked (`postgresql://crm:***@host:5432/db`).
+    """
+    name = pipeline.destination.destination_name if pipeline.destination else "unknown"
     try:
         client = pipeline.destination_client()
         credentials = client.config.credentials  # type: ignore[attr-defined]
-        database = getattr(credentials, "database", None) or str(credentials)
-        return str(database)
+        if name == "duckdb":
+            return str(getattr(credentials, "database", None) or credentials)
+        return f"{name} {credentials}, dataset {DATASET_NAME}"
     except Exception:
-        return str(pipeline.destination.destination_name if pipeline.destination else "unknown")
+        return name
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The services the test suite needs beyond Python: a throwaway PostgreSQL server on loopback and
+# Debian's chromium for the browser test. `make test` runs `up` before pytest and `down` after.
+#
+#   scripts/services.sh up      install postgresql / chromium if missing (apt-get), start a
+#                               private PostgreSQL on 127.0.0.1:<free port>, write its address
+#                               to .tmp/services/postgres.env; a server already up is reused
+#   scripts/services.sh down    stop that server and delete its data directory
+#   scripts/services.sh env     print the address file (KEY=value lines), fail if not up
+#
+# The server is a cluster of its own (initdb into a temporary directory, fsync off: test data
+# only), never the machine's `main` cluster. PostgreSQL refuses to run as root, so as root it
+# runs as the `postgres` OS user. The superuser is `crm` with a random password over TCP
+# (scram-sha-256), so tests connect exactly as a deployment would: with dlt's
+# DESTINATION__POSTGRES__CREDENTIALS=postgresql://crm:<password>@127.0.0.1:<port>/<database>.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE_DIR="$ROOT/.tmp/services"
+PG_STATE="$STATE_DIR/postgres.env"
+PG_USER=crm
+
+log() { echo "services: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo -n "$@"
+    else die "need root (or sudo) to run: $*"
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install $* by hand"
+    if [ "$APT_UPDATED" = 0 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# Debian puts the server binaries in /usr/lib/postgresql/<major>/bin, off PATH; take the newest.
+pg_bindir() {
+    local dir
+    dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+    if [ -n "$dir" ] && [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] && [ -x "$dir/postgres" ]; then
+        echo "$dir"; return 0
+    fi
+    if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+        dirname "$(command -v initdb)"; return 0
+    fi
+    return 1
+}
+
+ensure_postgresql() {
+    if pg_bindir >/dev/null; then return 0; fi
+    apt_install postgresql postgresql-client
+    # Debian's package creates and may start its own `main` cluster; ours is separate, stop that one
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+        pg_lsclusters --no-header 2>/dev/null | awk '$4 == "online" {print $1, $2}' |
+            while read -r version cluster; do
+                as_root pg_ctlcluster "$version" "$cluster" stop || true
+            done
+    fi
+    pg_bindir >/dev/null || die "postgresql was installed but initdb/pg_ctl are still missing"
+}
+
+ensure_chromium() {
+    if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then return 0; fi
+    apt_install chromium fonts-dejavu-core
+    [ -x /usr/bin/chromium ] || die "chromium was installed but /usr/bin/chromium is missing"
+}
+
+# The OS user the server runs as: ourselves, or `postgres` when we are root.
+run_pg() {
+    if [ "$(id -u)" = 0 ]; then
+        id postgres >/dev/null 2>&1 || die "no 'postgres' OS user to run the server as"
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+pg_is_up() {
+    [ -f "$PG_STATE" ] || return 1
+    (
+        # shellcheck disable=SC1090
+        . "$PG_STATE"
+        [ -f "$CRM_TEST_PG_DATA/postmaster.pid" ] &&
+            "$CRM_TEST_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$CRM_TEST_PG_PORT" -t 5
+    )
+}
+
+postgres_up() {
+    if pg_is_up; then
+        log "PostgreSQL already running ($(grep '^CRM_TEST_PG_PORT=' "$PG_STATE"))"
+        return 0
+    fi
+    [ -f "$PG_STATE" ] && postgres_down  # a stale one (killed, or the machine restarted)
+
+    local bin data port password pwfile
+    bin="$(pg_bindir)"
+    data="$(mktemp -d /tmp/crm-test-pg.XXXXXX)"
+    password="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+    pwfile="$data.pw"
+    printf '%s\n' "$password" >"$pwfile"
+    if [ "$(id -u)" = 0 ]; then chown postgres: "$data" "$pwfile"; fi
+    chmod 700 "$data"; chmod 600 "$pwfile"
+
+    log "initdb $data ($("$bin/postgres" --version))"
+    run_pg "$bin/initdb" -D "$data" -U "$PG_USER" --pwfile="$pwfile" -E UTF8 --locale=C \
+        --auth-local=trust --auth-host=scram-sha-256 >"$data.initdb.log" 2>&1 ||
+        { cat "$data.initdb.log" >&2; die "initdb failed"; }
+    rm -f "$pwfile"
+
+    # A port another process grabs between our probe and the server's bind fails the start: retry.
+    local attempt
+    for attempt in 1 2 3; do
+        port="$(free_port)"
+        if run_pg "$bin/pg_ctl" start -D "$data" -w -t 60 -l "$data/server.log" -o \
+            "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$data \
+             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100" \
+            >/dev/null; then
+            break
+        fi
+        tail -n 20 "$data/server.log" >&2 || true
+        [ "$attempt" = 3 ] && die "PostgreSQL did not start (log above)"
+    done
+
+    mkdir -p "$STATE_DIR"
+    umask 077
+    cat >"$PG_STATE" <<EOF
+CRM_TEST_PG_HOST=127.0.0.1
+CRM_TEST_PG_PORT=$port
+CRM_TEST_PG_USER=$PG_USER
+CRM_TEST_PG_PASSWORD=$password
+CRM_TEST_PG_DATA=$data
+CRM_TEST_PG_BIN=$bin
+EOF
+    log "PostgreSQL up on 127.0.0.1:$port (data $data)"
+}
+
+postgres_down() {
+    [ -f "$PG_STATE" ] || { log "PostgreSQL: nothing to stop"; return 0; }
+    local data bin
+    data="$(sed -n 's/^CRM_TEST_PG_DATA=//p' "$PG_STATE")"
+    bin="$(sed -n 's/^CRM_TEST_PG_BIN=//p' "$PG_STATE")"
+    if [ -n "$data" ] && [ -d "$data" ]; then
+        run_pg "$bin/pg_ctl" stop -D "$data" -m fast -w -t 60 >/dev/null 2>&1 || true
+        case "$data" in /tmp/crm-test-pg.*) rm -rf "$data" "$data.initdb.log" ;; esac
+    fi
+    rm -f "$PG_STATE"
+    log "PostgreSQL stopped"
+}
+
+case "${1:-}" in
+    up)
+        ensure_postgresql
+        ensure_chromium
+        postgres_up
+        ;;
+    down)
+        postgres_down
+        ;;
+    env)
+        pg_is_up || die "PostgreSQL is not running: run scripts/services.sh up"
+        cat "$PG_STATE"
+        ;;
+    *)
+        echo "usage: $0 up|down|env" >&2
+        exit 2
+        ;;
+esac
