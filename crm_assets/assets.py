@@ -18,7 +18,9 @@ from .sources.crm.settings import RETRY_STATUSES
 from .sources.crm_pipeline import (
     DATASET_NAME,
     crm_pipeline,
+    definitions_pipelines_dir,
     run_options,
+    selected_destination,
     schema_changes,
     table_row_counts,
 )
@@ -90,7 +92,9 @@ def _is_transient(error: CrmError) -> bool:
 
 @dlt_assets(
     dlt_source=_DEFINITION_SOURCE,
-    dlt_pipeline=crm_pipeline(),
+    # a folder of its own: loading the code location must not touch the working folder that a
+    # running sync (possibly in another process) is resetting
+    dlt_pipeline=crm_pipeline(pipelines_dir=definitions_pipelines_dir()),
     name="crm_sync_assets",
     dagster_dlt_translator=CrmTranslator(),
     pool=WAREHOUSE_POOL,
@@ -100,17 +104,19 @@ def crm_sync_assets(
 ) -> Iterator[MaterializeResult]:
     try:
         source = crm()
-        pipeline = crm_pipeline()
-        options: dict[str, Any] = run_options(pipeline)
+        selected_destination()
     except CrmConfigurationError as exc:
         raise Failure(description=str(exc), allow_retries=False) from None
     if config.full_refresh:
-        options["refresh"] = "drop_resources"
         context.log.info("Full refresh: dropping and reloading %s" % ", ".join(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))
     with _source_logs_in(context):
         try:
-            with exclusive_run(pipeline):
+            with exclusive_run():
+                pipeline = crm_pipeline()
+                options: dict[str, Any] = run_options(pipeline)
+                if config.full_refresh:
+                    options["refresh"] = "drop_resources"
                 results = list(
                     dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
                 )

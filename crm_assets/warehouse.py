@@ -28,8 +28,7 @@ def query(sql_template: str, table: str, *, max_rows: Optional[int] = None) -> l
     open the file meanwhile, and a read between a load's steps would see half of it anyway.
     """
     selected_destination()  # an unknown CRM_DESTINATION fails here, saying what to set
-    pipeline = crm_pipeline()
-    with exclusive_run(pipeline), pipeline.sql_client() as client:
+    with exclusive_run(), crm_pipeline().sql_client() as client:
         sql = sql_template.format(table=client.make_qualified_table_name(table))
         with client.execute_query(sql) as cursor:
             rows = cursor.fetchmany(max_rows) if max_rows is not None else cursor.fetchall()

@@ -109,11 +109,10 @@ def test_two_syncs_started_at_once_both_succeed_and_the_result_is_exact(
 def test_a_sync_waits_for_the_run_holding_the_pipeline_and_says_so(
     start_simulator, warehouse, tmp_path
 ):
-    from crm_assets.sources.crm_pipeline import crm_pipeline
     from crm_assets.sources.run_lock import exclusive_run
 
     simulator = start_simulator()
-    with exclusive_run(crm_pipeline()):  # "another run" holds the pipeline
+    with exclusive_run():  # "another run" holds the pipeline
         waiting = subprocess.Popen(MATERIALIZE_ALL, cwd=tmp_path, env=_cli_env(simulator, warehouse),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = []

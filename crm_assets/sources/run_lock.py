@@ -15,9 +15,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dlt.pipeline.pipeline import Pipeline
+from typing import Optional
+
+from dlt.common.pipeline import get_dlt_pipelines_dir
 
 from .crm.http import CrmError
+from .crm_pipeline import PIPELINE_NAME
 
 logger = logging.getLogger("crm_assets.sources.run_lock")
 
@@ -28,13 +31,17 @@ class CrmRunLockTimeout(CrmError):
     """Another run kept the pipeline for longer than this run was willing to wait."""
 
 
-def lock_path(pipeline: Pipeline) -> str:
-    return os.path.join(pipeline.pipelines_dir, f"{pipeline.pipeline_name}.lock")
+def lock_path(pipelines_dir: Optional[str] = None) -> str:
+    return os.path.join(pipelines_dir or get_dlt_pipelines_dir(), f"{PIPELINE_NAME}.lock")
 
 
 @contextmanager
-def exclusive_run(pipeline: Pipeline, wait_seconds: float = DEFAULT_WAIT_SECONDS) -> Iterator[None]:
-    path = lock_path(pipeline)
+def exclusive_run(
+    pipelines_dir: Optional[str] = None, wait_seconds: float = DEFAULT_WAIT_SECONDS
+) -> Iterator[None]:
+    """Hold the pipeline for this block. Create the pipeline object inside the block: even
+    `dlt.pipeline()` reads a working folder that a running sync may be deleting."""
+    path = lock_path(pipelines_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a+") as handle:
         started = time.monotonic()
@@ -47,12 +54,12 @@ def exclusive_run(pipeline: Pipeline, wait_seconds: float = DEFAULT_WAIT_SECONDS
                 if not announced:
                     logger.warning(
                         "Another run of pipeline %s is in progress on this machine; waiting for it "
-                        "to finish (lock %s)", pipeline.pipeline_name, path,
+                        "to finish (lock %s)", PIPELINE_NAME, path,
                     )
                     announced = True
                 if time.monotonic() - started > wait_seconds:
                     raise CrmRunLockTimeout(
-                        f"Another run of pipeline {pipeline.pipeline_name} held {path} for more "
+                        f"Another run of pipeline {PIPELINE_NAME} held {path} for more "
                         f"than {wait_seconds:.0f}s; not starting a second writer"
                     ) from None
                 time.sleep(0.5)
