@@ -135,3 +135,8 @@ def all_event_text(result) -> str:
         if event.is_step_materialization:
             parts.append(repr(event.step_materialization_data.materialization.metadata))
     return "\n".join(parts)
+
+
+# The warehouse fixtures (PostgreSQL server, `pg_warehouse`, `any_warehouse`) live beside this
+# file; importing them here makes them available to every test module.
+from .warehouses import any_warehouse, pg_warehouse, postgres_server  # noqa: E402, F401

@@ -1,4 +1,5 @@
-"""The same guarantees with PostgreSQL as the warehouse, and a Dagster instance stored in PostgreSQL.
+"""PostgreSQL as the warehouse (beyond the tests parametrized with `any_warehouse`), and a
+Dagster instance stored in PostgreSQL.
 
 A real server on loopback: `scripts/services.sh up` installs PostgreSQL when it is missing and
 starts a private cluster (`make test` does that before pytest; run alone, the session fixture
@@ -16,12 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import psycopg2
 import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance
@@ -36,140 +35,16 @@ from crm_assets.sources.crm_pipeline import (
     run_options,
 )
 
-from .conftest import RESOURCES, SMALL_COUNTS, api_state, failure_message, run_sync
+from .conftest import RESOURCES, SMALL_COUNTS, failure_message, run_sync
+from .warehouses import PgDatabase, _create_database, _drop_database
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICES = REPO / "scripts" / "services.sh"
 DEPLOY_INSTANCE_YAML = REPO / "deploy" / "dagster.yaml"
 ALL_CHECKS = {
     f"crm/{resource}:{check}"
     for resource in RESOURCES
     for check in (ID_IS_UNIQUE, ID_IS_NOT_NULL, ROW_COUNT_MATCHES_API)
 }
-
-
-# --- the server and a database per test ------------------------------------------------------
-
-
-def _services(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(SERVICES), *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[dict[str, str]]:
-    """The loopback PostgreSQL of scripts/services.sh: reused if up, else started (and stopped)."""
-    already_up = _services("env", timeout=60).returncode == 0
-    if not already_up:
-        started = _services("up", timeout=1200)
-        if started.returncode != 0:
-            pytest.fail(
-                "scripts/services.sh up could not install or start PostgreSQL:\n"
-                + (started.stdout + started.stderr)[-4000:],
-                pytrace=False,
-            )
-    listed = _services("env", timeout=60)
-    if listed.returncode != 0:
-        pytest.fail(f"PostgreSQL is not answering: {listed.stderr[-2000:]}", pytrace=False)
-    server = dict(line.split("=", 1) for line in listed.stdout.splitlines() if "=" in line)
-    yield server
-    if not already_up:
-        _services("down", timeout=120)
-
-
-def _connect(server: dict[str, str], database: str):
-    return psycopg2.connect(
-        host=server["CRM_TEST_PG_HOST"],
-        port=int(server["CRM_TEST_PG_PORT"]),
-        user=server["CRM_TEST_PG_USER"],
-        password=server["CRM_TEST_PG_PASSWORD"],
-        dbname=database,
-        connect_timeout=15,
-    )
-
-
-class PgDatabase:
-    """One fresh database on the test server, read and written with psycopg2."""
-
-    def __init__(self, server: dict[str, str], name: str) -> None:
-        self.server = server
-        self.name = name
-
-    @property
-    def url(self) -> str:
-        s = self.server
-        return (
-            f"postgresql://{s['CRM_TEST_PG_USER']}:{s['CRM_TEST_PG_PASSWORD']}"
-            f"@{s['CRM_TEST_PG_HOST']}:{s['CRM_TEST_PG_PORT']}/{self.name}"
-        )
-
-    def query(self, sql: str, params: Optional[tuple] = None) -> list[tuple]:
-        with _connect(self.server, self.name) as connection, connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall()
-
-    def execute(self, *statements: str) -> None:
-        connection = _connect(self.server, self.name)
-        try:
-            with connection, connection.cursor() as cursor:
-                for statement in statements:
-                    cursor.execute(statement)
-        finally:
-            connection.close()
-
-    def tables(self, schema: str = "crm") -> set[str]:
-        rows = self.query(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
-        )
-        return {row[0] for row in rows}
-
-    def table_ids(self, table: str) -> list[str]:
-        return [row[0] for row in self.query(f"SELECT id FROM crm.{table} ORDER BY id")]
-
-    def table_state(self, table: str) -> dict[str, tuple]:
-        """id -> (name, date_updated, is_active), like conftest.table_state for DuckDB."""
-        rows = self.query(f"SELECT id, name, date_updated, is_active FROM crm.{table}")
-        return {row[0]: tuple(row[1:]) for row in rows}
-
-    def assert_exact(self, simulator, resources=RESOURCES) -> None:
-        """Every API record present exactly once, with the API's current values."""
-        for resource in resources:
-            ids = self.table_ids(resource)
-            assert len(ids) == len(set(ids)), f"{resource}: duplicate ids in the table"
-            assert self.table_state(resource) == api_state(simulator, resource), resource
-
-
-def _create_database(server: dict[str, str], prefix: str) -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    connection = _connect(server, "postgres")
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        connection.close()
-    return name
-
-
-def _drop_database(server: dict[str, str], name: str) -> None:
-    connection = _connect(server, "postgres")
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        connection.close()
-
-
-@pytest.fixture
-def pg_warehouse(postgres_server, monkeypatch: pytest.MonkeyPatch) -> Iterator[PgDatabase]:
-    """A fresh database, selected as the pipeline's destination the way a user selects it."""
-    database = PgDatabase(postgres_server, _create_database(postgres_server, "crm_test"))
-    monkeypatch.setenv("CRM_DESTINATION", "postgres")
-    monkeypatch.setenv("DESTINATION__POSTGRES__CREDENTIALS", database.url)
-    yield database
-    _drop_database(postgres_server, database.name)
 
 
 def _materializations(result) -> dict[str, dict]:
@@ -259,73 +134,6 @@ def test_every_record_lands_once_in_postgres_with_capped_pages_and_a_resource_ov
         "LEFT JOIN crm.jobs j ON t._dlt_root_id = j._dlt_id"
     )[0] == pg_warehouse.query("SELECT COUNT(*), COUNT(*) FROM crm.jobs__tags")[0]
     assert not warehouse.exists()  # nothing went to DuckDB
-
-
-def test_a_second_run_merges_edits_inserts_and_deactivations_in_place_in_postgres(
-    start_simulator, crm_env, pg_warehouse
-):
-    simulator = start_simulator(page_cap=64)
-    crm_env(simulator)
-    assert run_sync().success
-    before = pg_warehouse.table_state("jobs")
-
-    changed = simulator.mutate("jobs", edit=7, insert=4, deactivate=3)
-    simulator.mutate("contacts", edit=2, insert=1)
-    result = run_sync()
-
-    assert result.success
-    pg_warehouse.assert_exact(simulator)
-    after = pg_warehouse.table_state("jobs")
-    assert len(after) == len(before) + 4
-    for record_id in changed["deactivated"]:
-        assert after[record_id][2] is False
-    for record_id in changed["edited"]:
-        assert after[record_id] != before[record_id]
-        assert after[record_id] == api_state(simulator, "jobs")[record_id]
-
-
-def test_after_a_full_load_a_small_change_refetches_a_few_records_from_postgres_state(
-    start_simulator, crm_env, pg_warehouse
-):
-    simulator = start_simulator(page_cap=40)
-    crm_env(simulator)
-    assert run_sync().success
-    # the incremental cursors are committed to PostgreSQL with the data
-    assert pg_warehouse.query("SELECT COUNT(*) FROM crm._dlt_pipeline_state")[0][0] >= 1
-
-    simulator.reset_stats()
-    changed = simulator.mutate("jobs", edit=3, insert=2, deactivate=1)
-    result = run_sync()
-
-    assert result.success
-    pg_warehouse.assert_exact(simulator)
-    served = simulator.stats()["records_served"]
-    changed_ids = sum(len(ids) for ids in changed.values())
-    assert changed_ids <= served["jobs"] <= changed_ids + 5, served
-    for name in RESOURCES:
-        if name != "jobs":
-            assert served.get(name, 0) <= 5, served
-
-
-def test_hard_delete_removes_deactivated_records_and_their_child_rows_in_postgres(
-    start_simulator, crm_env, pg_warehouse, monkeypatch
-):
-    simulator = start_simulator()
-    crm_env(simulator)
-    monkeypatch.setenv("SOURCES__CRM__HARD_DELETE", "true")
-    assert run_sync(selection=[AssetKey(["crm", "jobs"])]).success
-
-    deactivated = simulator.mutate("jobs", deactivate=4)["deactivated"]
-    assert run_sync(selection=[AssetKey(["crm", "jobs"])]).success
-
-    remaining = set(pg_warehouse.table_ids("jobs"))
-    assert remaining == {r["id"] for r in simulator.records("jobs") if r["is_active"]}
-    assert not remaining & set(deactivated)
-    orphans = pg_warehouse.query(
-        "SELECT COUNT(*) FROM crm.jobs__tags t LEFT JOIN crm.jobs j ON t._dlt_root_id = j._dlt_id "
-        "WHERE j._dlt_id IS NULL"
-    )
-    assert orphans == [(0,)]
 
 
 # --- the checks read PostgreSQL through the pipeline's SQL client ------------------------------

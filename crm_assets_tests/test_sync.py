@@ -83,20 +83,20 @@ def test_retried_faults_and_offset_drift_lose_and_duplicate_nothing(
 
 
 def test_a_second_run_merges_edits_inserts_and_deactivations_in_place(
-    start_simulator, crm_env, warehouse
+    start_simulator, crm_env, any_warehouse
 ):
     simulator = start_simulator(page_cap=64)
     crm_env(simulator)
     assert run_sync().success
-    before = table_state(warehouse, "jobs")
+    before = any_warehouse.table_state("jobs")
 
     changed = simulator.mutate("jobs", edit=7, insert=4, deactivate=3)
     simulator.mutate("contacts", edit=2, insert=1)
     result = run_sync()
 
     assert result.success
-    assert_exact(warehouse, simulator)
-    after = table_state(warehouse, "jobs")
+    any_warehouse.assert_exact(simulator)
+    after = any_warehouse.table_state("jobs")
     assert len(after) == len(before) + 4
     for record_id in changed["deactivated"]:
         assert after[record_id][2] is False
