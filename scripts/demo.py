@@ -8,6 +8,7 @@ the simulator. Run it from the repository root (the Makefile does).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ def main() -> int:
     database = ROOT / "crm_warehouse.duckdb"
     # the simulator caps pages at 250 records, below the 1000 we ask for: the sync must not care
     simulator, url = start_simulator(workdir, "--page-cap", "250")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the simulator
     print(f"CRM simulator at {url}", flush=True)
     env = {
         **os.environ,

@@ -18,6 +18,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import API_KEY, ROOT, start_simulator  # noqa: E402
 
 
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop `dagster dev` and its webserver, daemon and code servers: gently, then firmly."""
+    for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            os.killpg(process.pid, signal.SIGTERM)  # children left behind by the leader
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        return
+
+
 def main() -> int:
     home = ROOT / ".dagster_home"
     home.mkdir(exist_ok=True)
@@ -40,13 +57,16 @@ def main() -> int:
         [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(ROOT / "workspace.yaml"),
          "-h", "127.0.0.1", "-p", port],
         cwd=ROOT, env=env,
+        start_new_session=True,  # its own process group: stopped as a whole below
     )
+    # a SIGTERM (e.g. from a process manager) stops everything as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return dagster.wait()
     except KeyboardInterrupt:
-        dagster.send_signal(signal.SIGINT)
-        return dagster.wait()
+        return 130
     finally:
+        _stop_group(dagster)
         simulator.terminate()
         simulator.wait(timeout=10)
 
