@@ -134,6 +134,9 @@ def all_event_text(result) -> str:
             parts.append(str(event.step_failure_data.error))
         if event.is_step_materialization:
             parts.append(repr(event.step_materialization_data.materialization.metadata))
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            parts.append(f"{evaluation.description} {evaluation.metadata!r}")
     return "\n".join(parts)
 
 

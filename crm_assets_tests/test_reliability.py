@@ -180,14 +180,28 @@ def test_the_api_key_appears_nowhere(start_simulator, crm_env, warehouse, tmp_pa
             results.append(result)
             return result
 
+        def checks():
+            from crm_assets.definitions import defs
+
+            result = defs.resolve_job_def("crm_checks").execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+            results.append(result)
+            return result
+
         crm_env(simulator, api_key=secret)
         assert sync().success  # a full sync
+        assert checks().success  # the checks, asking the API for its counts with the key
         simulator.mutate("jobs", edit=2)
         simulator.configure(fail_resources={"files": 503})
         assert not sync().success  # a failing sync, after retries
         crm_env(other, api_key=secret)
         assert not sync().success  # a rejected key
         assert "401" in failure_message(results[-1])
+        checks()  # the completeness check's API call is rejected too: a WARN, without the key
+        warned = [e for e in results[-1].all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+                  and not e.event_specific_data.passed]
+        assert warned and all("401" in str(e.event_specific_data.description) for e in warned)
 
     captured = capfd.readouterr()
     texts = [all_event_text(result) for result in results] + [captured.out, captured.err, caplog.text]
