@@ -19,6 +19,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE_DIR="$ROOT/.tmp/services"
 PG_STATE="$STATE_DIR/postgres.env"
 PG_USER=crm
+# the data directory must be reachable by the `postgres` OS user: a world-traversable temp root
+TMP_ROOT="${TMPDIR:-/tmp}"
 
 log() { echo "services: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -107,7 +109,7 @@ postgres_up() {
 
     local bin data port password pwfile
     bin="$(pg_bindir)"
-    data="$(mktemp -d /tmp/crm-test-pg.XXXXXX)"
+    data="$(mktemp -d "$TMP_ROOT/crm-test-pg.XXXXXX")"
     password="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
     pwfile="$data.pw"
     printf '%s\n' "$password" >"$pwfile"
@@ -154,7 +156,7 @@ postgres_down() {
     bin="$(sed -n 's/^CRM_TEST_PG_BIN=//p' "$PG_STATE")"
     if [ -n "$data" ] && [ -d "$data" ]; then
         run_pg "$bin/pg_ctl" stop -D "$data" -m fast -w -t 60 >/dev/null 2>&1 || true
-        case "$data" in /tmp/crm-test-pg.*) rm -rf "$data" "$data.initdb.log" ;; esac
+        case "$data" in */crm-test-pg.*) rm -rf "$data" "$data.initdb.log" ;; esac
     fi
     rm -f "$PG_STATE"
     log "PostgreSQL stopped"
