@@ -45,6 +45,14 @@ _DEFINITION_SOURCE = crm(
 )
 
 
+# The pipeline handle the definitions are built from has a folder of its own: loading the code
+# location must not touch the working folder that a running sync (possibly in another process)
+# is resetting. Its own short lock covers processes loading the code location at the same time
+# (dlt wipes and recreates a folder it finds without state).
+with exclusive_run(definitions_pipelines_dir()):
+    _DEFINITION_PIPELINE = crm_pipeline(pipelines_dir=definitions_pipelines_dir())
+
+
 class CrmSyncConfig(Config):
     full_refresh: bool = Field(
         default=False,
@@ -92,9 +100,7 @@ def _is_transient(error: CrmError) -> bool:
 
 @dlt_assets(
     dlt_source=_DEFINITION_SOURCE,
-    # a folder of its own: loading the code location must not touch the working folder that a
-    # running sync (possibly in another process) is resetting
-    dlt_pipeline=crm_pipeline(pipelines_dir=definitions_pipelines_dir()),
+    dlt_pipeline=_DEFINITION_PIPELINE,
     name="crm_sync_assets",
     dagster_dlt_translator=CrmTranslator(),
     pool=WAREHOUSE_POOL,
