@@ -52,14 +52,14 @@ def test_dagster_definitions_validate_passes_with_no_environment(tmp_path):
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
-def test_the_cli_materializes_everything_from_another_directory(start_simulator, warehouse, tmp_path):
+def test_the_cli_materializes_everything_from_another_directory(start_simulator, tmp_path):
+    """The README's command with only the API settings: the warehouse is the default DuckDB file."""
     simulator = start_simulator(page_cap=90)
     elsewhere = tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)
     env = _clean_env(
         SOURCES__CRM__BASE_URL=simulator.url,
         SOURCES__CRM__API_KEY=simulator.config.api_key,
-        DESTINATION__DUCKDB__CREDENTIALS=str(warehouse),
         DLT_DATA_DIR=str(tmp_path / "cli-dlt"),
     )
 
@@ -69,5 +69,5 @@ def test_the_cli_materializes_everything_from_another_directory(start_simulator,
     )
 
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    assert_exact(warehouse, simulator)
+    assert_exact(elsewhere / "crm_warehouse.duckdb", simulator)
     assert simulator.config.api_key not in completed.stdout + completed.stderr

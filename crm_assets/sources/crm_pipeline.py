@@ -86,7 +86,10 @@ PERFORMANCE_DEFAULTS: dict[str, Any] = {
 def apply_performance_defaults() -> None:
     for key, value in PERFORMANCE_DEFAULTS.items():
         if dlt.config.get(key) is None:
-            dlt.config[key] = value
+            # A value under `credentials` goes to the secrets provider: put in the config
+            # provider, it makes dlt refuse the DuckDB credentials ("config.toml cannot hold
+            # secret values") whenever DESTINATION__DUCKDB__CREDENTIALS is not set.
+            (dlt.secrets if ".credentials." in key else dlt.config)[key] = value
     _limit_malloc_arenas()
 
 
