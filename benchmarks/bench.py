@@ -948,7 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=7200, help="kill a variant running longer (seconds)")
     p.add_argument("--env", type=parse_env, action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the variants, for experiments (repeatable), e.g. "
-                        "--env 'SOURCES__CRM__PAGE_SIZES={\"tasks\": 1000}' --env NORMALIZE__WORKERS=2")
+                        "--env 'SOURCES__CRM__PAGE_SIZES={\"tasks\": 100}' --env NORMALIZE__WORKERS=2")
     p.add_argument("--no-dagster-yaml", action="store_true", help="(c) with an empty temporary DAGSTER_HOME "
                    "instead of one holding the repository's dagster.yaml (as `make dev` does)")
     p.add_argument("--keep-temp", action="store_true", help="keep the DuckDB files and logs (still under "

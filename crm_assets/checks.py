@@ -39,7 +39,7 @@ from .assets import WAREHOUSE_POOL
 from .constants import ASSET_KEY_PREFIX, FRESHNESS_FAIL_AFTER_MINUTES, FRESHNESS_WARN_AFTER_MINUTES
 from .sources.crm import ENDPOINTS, CrmError, count_records
 from .sources.crm.settings import PRIMARY_KEY
-from .warehouse import DatabaseUndefinedRelation, query
+from .warehouse import DatabaseUndefinedRelation, Query, reader
 
 ID_IS_UNIQUE = "id_is_unique"
 ID_IS_NOT_NULL = "id_is_not_null"
@@ -102,7 +102,7 @@ _SQL_NULL_IDS = f"SELECT COUNT(*) FROM {{table}} WHERE {PRIMARY_KEY} IS NULL"
 _SQL_ROWS = "SELECT COUNT(*) FROM {table}"
 
 
-def _id_is_unique(key: AssetCheckKey, table: str) -> AssetCheckResult:
+def _id_is_unique(query: Query, key: AssetCheckKey, table: str) -> AssetCheckResult:
     ((duplicate_ids, extra_rows),) = query(_SQL_DUPLICATES, table)
     sample = (
         [row[0] for row in query(_SQL_DUPLICATE_SAMPLE, table, max_rows=DUPLICATE_SAMPLE_SIZE)]
@@ -125,7 +125,7 @@ def _id_is_unique(key: AssetCheckKey, table: str) -> AssetCheckResult:
     )
 
 
-def _id_is_not_null(key: AssetCheckKey, table: str) -> AssetCheckResult:
+def _id_is_not_null(query: Query, key: AssetCheckKey, table: str) -> AssetCheckResult:
     ((null_ids,),) = query(_SQL_NULL_IDS, table)
     return AssetCheckResult(
         asset_key=key.asset_key,
@@ -137,7 +137,7 @@ def _id_is_not_null(key: AssetCheckKey, table: str) -> AssetCheckResult:
     )
 
 
-def _row_count_matches_api(key: AssetCheckKey, table: str) -> AssetCheckResult:
+def _row_count_matches_api(query: Query, key: AssetCheckKey, table: str) -> AssetCheckResult:
     ((rows,),) = query(_SQL_ROWS, table)
     try:
         api_count = count_records(table)
@@ -190,12 +190,13 @@ def _table_missing(key: AssetCheckKey, table: str) -> AssetCheckResult:
     description="Primary-key and completeness checks on the crm.* tables, read from the warehouse.",
 )
 def crm_table_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheckResult]:
-    for key in sorted(context.selected_asset_check_keys, key=lambda k: k.to_user_string()):
-        table = key.asset_key.path[-1]
-        try:
-            result = _EVALUATORS[key.name](key, table)
-        except DatabaseUndefinedRelation:
-            result = _table_missing(key, table)
-        if not result.passed:
-            context.log.warning(f"{key.to_user_string()}: {result.description}")
-        yield result
+    with reader() as query:  # one connection for all of them
+        for key in sorted(context.selected_asset_check_keys, key=lambda k: k.to_user_string()):
+            table = key.asset_key.path[-1]
+            try:
+                result = _EVALUATORS[key.name](query, key, table)
+            except DatabaseUndefinedRelation:
+                result = _table_missing(key, table)
+            if not result.passed:
+                context.log.warning(f"{key.to_user_string()}: {result.description}")
+            yield result

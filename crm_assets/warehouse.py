@@ -7,29 +7,51 @@ with that destination's quoting and dataset qualification.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional, Protocol
 
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
 from .sources.crm_pipeline import crm_pipeline, selected_destination
 from .sources.run_lock import exclusive_run
 
-__all__ = ["query", "DatabaseUndefinedRelation"]
+__all__ = ["query", "reader", "Query", "DatabaseUndefinedRelation"]
 
 
-def query(sql_template: str, table: str, *, max_rows: Optional[int] = None) -> list[tuple[Any, ...]]:
-    """Rows of one SELECT on a table of the `crm` dataset.
+class Query(Protocol):
+    def __call__(
+        self, sql_template: str, table: str, *, max_rows: Optional[int] = None
+    ) -> list[tuple[Any, ...]]: ...
 
-    `{table}` in the template becomes the destination's qualified, quoted name of `table`; write
-    portable SQL (no LIMIT: not every destination has it, use `max_rows`). Raises
-    `DatabaseUndefinedRelation` when the table does not exist (yet).
 
-    Waits while a load of the pipeline holds it on this machine: DuckDB lets no other process
-    open the file meanwhile, and a read between a load's steps would see half of it anyway.
+@contextmanager
+def reader() -> Iterator[Query]:
+    """One connection to the warehouse for several queries (the checks run fifteen).
+
+    The function it yields runs one SELECT on a table of the `crm` dataset: `{table}` in the
+    template becomes the destination's qualified, quoted name of `table`; write portable SQL (no
+    LIMIT: not every destination has it, use `max_rows`). It raises `DatabaseUndefinedRelation`
+    when the table does not exist (yet); the connection stays usable.
+
+    Waits while a load of the pipeline holds it on this machine, and holds it until the block
+    ends: DuckDB lets no other process open the file meanwhile, and a read between a load's
+    steps would see half of it anyway.
     """
     selected_destination()  # an unknown CRM_DESTINATION fails here, saying what to set
     with exclusive_run(), crm_pipeline().sql_client() as client:
-        sql = sql_template.format(table=client.make_qualified_table_name(table))
-        with client.execute_query(sql) as cursor:
-            rows = cursor.fetchmany(max_rows) if max_rows is not None else cursor.fetchall()
-    return [tuple(row) for row in rows]
+
+        def run(sql_template: str, table: str, *, max_rows: Optional[int] = None) -> list[tuple[Any, ...]]:
+            sql = sql_template.format(table=client.make_qualified_table_name(table))
+            with client.execute_query(sql) as cursor:
+                rows = cursor.fetchmany(max_rows) if max_rows is not None else cursor.fetchall()
+            return [tuple(row) for row in rows]
+
+        yield run
+
+
+def query(sql_template: str, table: str, *, max_rows: Optional[int] = None) -> list[tuple[Any, ...]]:
+    """Rows of one SELECT on a table of the `crm` dataset, on a connection of its own (see
+    `reader`)."""
+    with reader() as run:
+        return run(sql_template, table, max_rows=max_rows)
