@@ -746,6 +746,14 @@ def compute_ratios(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
     if ok("c") and ok("c2"):
         fixed = variants["c"]["wall_seconds"] - variants["c2"]["wall_seconds"]
         ratios["Dagster's cost: wall (c) − wall (c')"] = f"{fixed:+.2f} s"
+    # the issue's targets that one run can show (the latency one needs two: see the README)
+    if ok("c") and ok("b"):
+        rate = variants["c"]["records_per_s"] / variants["b"]["records_per_s"]
+        ratios["target: (c) at least 4x (b)'s records/s (b reads only part of the data)"] = (
+            f"{rate:.2f}x: {'met' if rate >= 4 else 'NOT met'}")
+    if ok("c") and ok("a"):
+        wall = variants["c"]["wall_seconds"] / variants["a"]["wall_seconds"]
+        ratios["target: (c) within 3x (a)'s wall time"] = f"{wall:.2f}x: {'met' if wall <= 3 else 'NOT met'}"
     for v in variants:
         if ok(v):
             ratios[f"completeness {TITLES[v]}"] = f"{variants[v]['completeness_total']:.2%}"

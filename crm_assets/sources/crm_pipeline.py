@@ -83,6 +83,19 @@ PERFORMANCE_DEFAULTS: dict[str, Any] = {
 }
 
 
+# DuckDB has one writer: dlt's default of up to 20 load jobs at once buys no speed there, and each
+# job's parquet reader takes memory outside DuckDB's `memory_limit` (1,000,000 records through
+# Dagster, peak RSS: 20 jobs 506 MB, 2 jobs 470 MB, 1 job 456 MB; 109,000 records, load step:
+# 0.76 s, 0.87 s, 1.30 s). Two is the compromise.
+DUCKDB_PARALLEL_LOAD_JOBS = 2
+
+
+def _destination(name: str) -> Any:
+    if name == "duckdb":
+        return dlt.destinations.duckdb(max_parallel_load_jobs=DUCKDB_PARALLEL_LOAD_JOBS)
+    return name
+
+
 def apply_performance_defaults() -> None:
     for key, value in PERFORMANCE_DEFAULTS.items():
         if dlt.config.get(key) is None:
@@ -138,9 +151,9 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
     then fails in `run_options()` with the message naming the variable and the accepted values.
     """
     apply_performance_defaults()
-    destination: Optional[str]
+    destination: Any
     try:
-        destination = selected_destination()
+        destination = _destination(selected_destination())
     except CrmDestinationError as exc:
         logger.warning("%s", exc)
         destination = None
