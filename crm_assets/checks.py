@@ -19,6 +19,7 @@ Freshness is not a check here but Dagster's own `FreshnessPolicy` on the assets
 # No `from __future__ import annotations`: Dagster checks the context annotation at runtime.
 
 from collections.abc import Iterator
+from typing import Union
 from datetime import timedelta
 
 from dagster import (
@@ -137,17 +138,24 @@ def _id_is_not_null(query: Query, key: AssetCheckKey, table: str) -> AssetCheckR
     )
 
 
-def _row_count_matches_api(query: Query, key: AssetCheckKey, table: str) -> AssetCheckResult:
-    ((rows,),) = query(_SQL_ROWS, table)
+def _api_count(table: str) -> Union[int, CrmError]:
     try:
-        api_count = count_records(table)
+        return count_records(table)
     except CrmError as exc:  # its message names the resource and path, never the key
+        return exc
+
+
+def _row_count_matches_api(
+    query: Query, key: AssetCheckKey, table: str, api_count: Union[int, CrmError]
+) -> AssetCheckResult:
+    ((rows,),) = query(_SQL_ROWS, table)
+    if isinstance(api_count, CrmError):
         return AssetCheckResult(
             asset_key=key.asset_key,
             check_name=key.name,
             passed=False,
             severity=AssetCheckSeverity.WARN,
-            description=f"Could not ask the API for its count: {exc}",
+            description=f"Could not ask the API for its count: {api_count}",
             metadata={"table_rows": int(rows)},
         )
     difference = int(rows) - api_count
@@ -165,10 +173,9 @@ def _row_count_matches_api(query: Query, key: AssetCheckKey, table: str) -> Asse
     )
 
 
-_EVALUATORS = {
+_SQL_EVALUATORS = {
     ID_IS_UNIQUE: _id_is_unique,
     ID_IS_NOT_NULL: _id_is_not_null,
-    ROW_COUNT_MATCHES_API: _row_count_matches_api,
 }
 
 
@@ -190,11 +197,22 @@ def _table_missing(key: AssetCheckKey, table: str) -> AssetCheckResult:
     description="Primary-key and completeness checks on the crm.* tables, read from the warehouse.",
 )
 def crm_table_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheckResult]:
+    keys = sorted(context.selected_asset_check_keys, key=lambda k: k.to_user_string())
+    # The API's counts first: its retries can take seconds, and the warehouse (locked against
+    # loads while the checks read it) need not wait for them.
+    api_counts = {
+        key.asset_key.path[-1]: _api_count(key.asset_key.path[-1])
+        for key in keys
+        if key.name == ROW_COUNT_MATCHES_API
+    }
     with reader() as query:  # one connection for all of them
-        for key in sorted(context.selected_asset_check_keys, key=lambda k: k.to_user_string()):
+        for key in keys:
             table = key.asset_key.path[-1]
             try:
-                result = _EVALUATORS[key.name](query, key, table)
+                if key.name == ROW_COUNT_MATCHES_API:
+                    result = _row_count_matches_api(query, key, table, api_counts[table])
+                else:
+                    result = _SQL_EVALUATORS[key.name](query, key, table)
             except DatabaseUndefinedRelation:
                 result = _table_missing(key, table)
             if not result.passed:
