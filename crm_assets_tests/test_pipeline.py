@@ -51,3 +51,16 @@ def test_a_failing_step_gives_the_gc_thresholds_back(start_simulator, crm_env):
         pipeline.run(_jobs_recording_gc_thresholds([]), **run_options(pipeline))
 
     assert gc.get_threshold() == before
+
+
+def test_overlapping_steps_of_two_pipelines_restore_the_thresholds_once_both_end(tmp_path):
+    before = gc.get_threshold()
+    first = crm_pipeline(pipelines_dir=str(tmp_path / "a")).collector
+    second = crm_pipeline(pipelines_dir=str(tmp_path / "b")).collector
+
+    first("Extract crm").__enter__()
+    second("Normalize crm").__enter__()
+    first.__exit__(None, None, None)  # the first pipeline's step ends while the second's runs
+    assert gc.get_threshold() == STEP_GC_THRESHOLDS
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before

@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -132,30 +133,57 @@ def _libc() -> Any:
 STEP_GC_THRESHOLDS = (50_000, 20, 100)
 
 
+class _FewerGcPasses:
+    """STEP_GC_THRESHOLDS while at least one step runs in this process. Steps of two pipelines
+    may overlap (two syncs in one process): the first to start saves the thresholds, the last to
+    stop restores them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved: tuple[int, ...] = ()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._saved = gc.get_threshold()
+                gc.set_threshold(*STEP_GC_THRESHOLDS)
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                gc.set_threshold(*self._saved)
+
+
+_FEWER_GC_PASSES = _FewerGcPasses()
+
+
 class _StepCollector(LogCollector):
     """dlt's progress log (to the `crm_assets.sources.progress` logger, which Dagster runs show)
     that also, around each step: hands freed heap back to the OS (the extract's parsed pages would
     otherwise still count in the process's memory while DuckDB loads), and runs the garbage
     collector less often (STEP_GC_THRESHOLDS)."""
 
-    _saved_gc_thresholds: Optional[tuple[int, ...]] = None
+    _in_step = False
 
     def _start(self, step: str) -> None:
         libc = _libc()
         if libc is not None and hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
-        if self._saved_gc_thresholds is None:
-            self._saved_gc_thresholds = gc.get_threshold()
-            gc.set_threshold(*STEP_GC_THRESHOLDS)
+        if not self._in_step:
+            _FEWER_GC_PASSES.enter()
+            self._in_step = True
         super()._start(step)
 
     def _stop(self) -> None:
         try:
             super()._stop()
         finally:
-            if self._saved_gc_thresholds is not None:
-                gc.set_threshold(*self._saved_gc_thresholds)
-                self._saved_gc_thresholds = None
+            if self._in_step:
+                self._in_step = False
+                _FEWER_GC_PASSES.leave()
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
