@@ -2,14 +2,24 @@
 
 import gc
 
-from dagster import Definitions, in_process_executor, map_asset_specs
+# Loading the code location imports dlt and dagster-dlt and builds the definitions: a few hundred
+# thousand objects that live as long as the process. The garbage collector is off while they are
+# built (measured: this import 0.43 s -> 0.29 s) and, once they are, frozen out of its sight (the
+# end of this module).
+_GC_WAS_ENABLED = gc.isenabled()
+gc.disable()
+try:
+    from dagster import Definitions, in_process_executor, map_asset_specs
 
-from .assets import crm_sync_assets
-from .checks import crm_table_checks, with_crm_freshness_policy
-from .jobs import crm_checks, crm_sync
-from .resources import RESOURCES
-from .schedules import crm_sync_schedule
-from .sensors import crm_change_sensor, crm_sync_failure_sensor
+    from .assets import crm_sync_assets
+    from .checks import crm_table_checks, with_crm_freshness_policy
+    from .jobs import crm_checks, crm_sync
+    from .resources import RESOURCES
+    from .schedules import crm_sync_schedule
+    from .sensors import crm_change_sensor, crm_sync_failure_sensor
+finally:
+    if _GC_WAS_ENABLED:
+        gc.enable()
 
 defs = Definitions(
     # every crm/* asset carries the freshness policy (WARN after 75 min, FAIL after 2 h)
