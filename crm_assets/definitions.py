@@ -2,8 +2,8 @@
 
 import gc
 
-# Loading the code location imports dlt and dagster-dlt and builds the definitions: a few hundred
-# thousand objects that live as long as the process. The garbage collector is off while they are
+# Loading the code location imports Dagster, dlt and dagster-dlt and builds the definitions: about
+# 180,000 objects (gc.get_freeze_count() afterwards) that live as long as the process. The garbage collector is off while they are
 # built (measured: this import 0.43 s -> 0.29 s) and, once they are, frozen out of its sight (the
 # end of this module).
 _GC_WAS_ENABLED = gc.isenabled()

@@ -124,7 +124,7 @@ def _libc() -> Any:
 
 # Python's cyclic garbage collector during each dlt step (extract, normalize, load). Its default
 # (700, 10, 10) starts a collection every 700 net allocations and a full one, walking every object
-# of the process (Dagster and dlt bring a few hundred thousand), every ~70,000 while the heap
+# of the process (Dagster and dlt bring about 180,000), every ~70,000 while the heap
 # grows: a sync allocates millions of short-lived dicts (parsed pages, normalized rows) that
 # reference counting frees anyway. With these thresholds a step sees next to no full collections.
 # Measured with plain dlt on 109,000 records (`make bench BENCH_ARGS="--only c2"`, 3 runs each):
