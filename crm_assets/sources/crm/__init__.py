@@ -17,6 +17,7 @@ import dlt
 from dlt.sources import DltResource
 from dlt.sources.rest_api import rest_api_resources
 
+from .arrow_pages import ROOT_COLUMNS, ArrowPages, allow_nested_tables_from_extract
 from .config import check_settings, connection_settings
 from .counts import count_records
 from .http import (
@@ -132,6 +133,7 @@ def crm(
     backoff_factor: float = BACKOFF_FACTOR,
     request_timeout: float = REQUEST_TIMEOUT,
     page_concurrency: int = PAGE_CONCURRENCY,
+    arrow_pages: bool = True,
 ) -> list[DltResource]:
     """The CRM API's five resources, each read completely and merged on `id`.
 
@@ -144,6 +146,8 @@ def crm(
             column fails the run, naming the table and column).
         max_retries / backoff_factor / request_timeout: the HTTP retry policy (spec: 3 and 2).
         page_concurrency: pages of one resource in flight at once (1 = strictly sequential).
+        arrow_pages: build each page's tables with pyarrow (arrow_pages.py); False leaves every
+            record to dlt's row-by-row normalizer.
     """
     overrides = dict(page_sizes or {})
     root = check_settings(base_url, api_key, overrides)
@@ -176,4 +180,9 @@ def crm(
             for endpoint in ENDPOINTS
         ],
     }
-    return rest_api_resources(config)  # type: ignore[arg-type]
+    resources: list[DltResource] = rest_api_resources(config)  # type: ignore[arg-type]
+    if arrow_pages and allow_nested_tables_from_extract():
+        for resource in resources:
+            resource.apply_hints(columns=ROOT_COLUMNS)
+            resource.add_step(ArrowPages(resource))
+    return resources

@@ -1,0 +1,216 @@
+"""Pages built as Arrow tables (crm/arrow_pages.py) land exactly what dlt's own normalizer lands.
+
+Each test loads the same records twice, once with the Arrow step and once with every record left
+to dlt's normalizer, and compares the two warehouses: the same tables, columns, types and
+nullability, and the same rows, child rows linked to the same parents at the same list positions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dlt
+import duckdb
+import pytest
+
+from crm_assets.sources.crm import crm
+from crm_assets.sources.crm.arrow_pages import ROOT_COLUMNS, ArrowPages, allow_nested_tables_from_extract
+from crm_assets.sources.crm_pipeline import crm_pipeline, run_options
+
+from .conftest import SMALL_COUNTS, assert_exact
+
+RESOURCES = ("jobs", "contacts", "tasks", "activities", "files")
+
+
+def _columns(connection: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], tuple[str, str]]:
+    rows = connection.execute(
+        "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
+        "WHERE table_schema = 'crm' AND table_name NOT LIKE '\\_dlt%' ESCAPE '\\'"
+    ).fetchall()
+    return {(table, column): (data_type, nullable) for table, column, data_type, nullable in rows}
+
+
+def warehouse_content(path: Path) -> tuple[dict, dict[str, list]]:
+    """(columns with their types, rows of each table). A row is keyed by where it sits, not by
+    dlt's random row keys: a root row by its id, a child row by its parent's key and its list
+    position, so two loads of the same records compare equal however the keys were drawn."""
+    with duckdb.connect(str(path), read_only=True) as connection:
+        columns = _columns(connection)
+        tables = sorted({table for table, _ in columns}, key=lambda name: name.count("__"))
+        keys: dict[str, Any] = {}
+        content: dict[str, list] = {}
+        for table in tables:
+            names = sorted(c for (t, c) in columns if t == table)
+            data_names = [c for c in names if not c.startswith("_dlt")]
+            quoted = ", ".join(f'"{c}"' for c in names)
+            rows = []
+            for values in connection.execute(f'SELECT {quoted} FROM crm."{table}"').fetchall():
+                row = dict(zip(names, values))
+                if "__" in table:
+                    assert row["_dlt_root_id"] is not None
+                    key = (keys[row["_dlt_parent_id"]], row["_dlt_list_idx"])
+                else:
+                    key = (row["id"],)
+                keys[row["_dlt_id"]] = key
+                rows.append((repr(key), tuple(repr(row[c]) for c in data_names)))
+            content[table] = sorted(rows)
+    return columns, content
+
+
+def assert_same_warehouse(arrow: Path, dlt_only: Path) -> None:
+    arrow_columns, arrow_rows = warehouse_content(arrow)
+    dlt_columns, dlt_rows = warehouse_content(dlt_only)
+    assert arrow_columns == dlt_columns
+    assert arrow_rows.keys() == dlt_rows.keys()
+    for table in dlt_rows:
+        assert arrow_rows[table] == dlt_rows[table], table
+
+
+def _arrow_metrics(pipeline: Any) -> dict[str, dict[str, int]]:
+    info = pipeline.last_trace.last_extract_info
+    metrics = info.metrics[info.loads_ids[0]][0]["resource_metrics"]
+    return {name: dict(m.custom_metrics) for name, m in metrics.items()}
+
+
+def _sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, label: str, arrow_pages: bool, **source_args: Any):
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(tmp_path / f"{label}.duckdb"))
+    pipeline = crm_pipeline(pipelines_dir=str(tmp_path / f"pipelines-{label}"))
+    pipeline.run(crm(arrow_pages=arrow_pages, **source_args), **run_options(pipeline))
+    return pipeline
+
+
+@pytest.mark.parametrize("hard_delete", [False, True])
+def test_a_full_then_an_incremental_sync_land_the_same_tables_as_dlts_normalizer(
+    start_simulator, crm_env, tmp_path, monkeypatch, hard_delete
+):
+    simulator = start_simulator(page_cap=40)  # many pages, several per table
+    crm_env(simulator)
+    arrow = _sync(tmp_path, monkeypatch, "arrow", True, hard_delete=hard_delete)
+    _sync(tmp_path, monkeypatch, "dlt", False, hard_delete=hard_delete)
+    assert_same_warehouse(tmp_path / "arrow.duckdb", tmp_path / "dlt.duckdb")
+
+    metrics = _arrow_metrics(arrow)
+    for name in RESOURCES:
+        # every resource's pages went through the Arrow step...
+        assert metrics[name]["records_built_with_arrow"] > 0, (name, metrics)
+    # ...and the jobs whose budget is not a number were left to dlt (variant column budget__v_text)
+    assert 0 < metrics["jobs"]["records_left_to_dlt_normalizer"] < SMALL_COUNTS["jobs"]
+
+    simulator.mutate("jobs", edit=7, insert=5, deactivate=3)
+    simulator.mutate("files", edit=4, deactivate=2)
+    simulator.mutate("contacts", add_field={"name": "loyalty_tier", "value": "gold"}, edit=3)
+    _sync(tmp_path, monkeypatch, "arrow", True, hard_delete=hard_delete)
+    _sync(tmp_path, monkeypatch, "dlt", False, hard_delete=hard_delete)
+    assert_same_warehouse(tmp_path / "arrow.duckdb", tmp_path / "dlt.duckdb")
+    if not hard_delete:
+        monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(tmp_path / "arrow.duckdb"))
+        assert_exact(tmp_path / "arrow.duckdb", simulator)
+
+
+# Records dlt's normalizer has opinions about, one matter per page (every other record of a page is
+# plain, so the rule under test alone decides): each must land as it would without the Arrow step.
+AWKWARD_PAGES = [
+    [  # plain: nested objects, lists of objects and of scalars, nulls and empty lists
+        {"id": "a1", "n": 1, "ok": True,
+         "where": {"city": "Oslo", "geo": {"lat": 59.9, "lng": 10.7}, "aliases": ["Christiania"]},
+         "tags": ["x", None, "y"], "links": [{"kind": "job", "ref": "j1", "notes": ["n1", "n2"]}]},
+        {"id": "a2", "n": 2, "ok": False, "where": None, "tags": [], "links": None},
+        {"id": "a3", "n": None, "where": {"city": None, "geo": None}, "tags": None,
+         "links": [{"kind": "contact", "ref": None, "notes": []}, {"kind": "job", "ref": "j9"}]},
+    ],
+    [  # a field whose type varies between records: the odd ones go to dlt's variant columns
+        {"id": "b1", "n": 5, "score": 1.5, "note": "text", "payload": {"a": 2}},
+        {"id": "b2", "n": "12k", "score": 2, "note": 7},
+        {"id": "b3", "n": 6, "score": True, "note": None},
+    ],
+    [  # a new column of ISO timestamps: dlt detects a timestamp column
+        {"id": "c1", "seen_at": "2024-05-01T10:00:00+00:00"},
+        {"id": "c2", "seen_at": "2024-05-02T10:00:00+00:00"},
+    ],
+    [{"id": "c3", "seen_at": "not a date"}],  # ...so this one is a variant
+    [  # a new column of ints and floats, an int first: dlt makes it bigint, the float a variant
+        {"id": "d1", "ratio": 1},
+        {"id": "d2", "ratio": 0.5},
+    ],
+    [  # keys dlt renames or reserves, and a list of lists (a child table of a child table)
+        {"id": "e1", "Due Date": 3},
+        {"id": "e2", "__odd": 1, "_dlt_own": "x"},
+        {"id": "e3", "grid": [[1, 2], [3]]},
+    ],
+    [  # new columns first seen in a record left to dlt (its list of lists): dlt types them by
+       # those first values, so later values of another type must not be taken
+        {"id": "g1", "grid": [[1]], "code": "x1", "when": "2024-01-01T00:00:00+00:00", "Odd Key": 1},
+        {"id": "g2", "code": 5, "when": "soon", "odd_key": "one"},
+        {"id": "g3", "code": "x3", "when": "later", "odd_key": 2},
+    ],
+    [{"id": "h1", "payload": {"a": 1, "b": [1, 2]}}],  # a JSON column keeps objects whole
+    [  # known columns again: typed by the schema the earlier pages built
+        {"id": "i1", "n": 9, "score": 3.25, "where": {"city": "Rome", "geo": {"lat": 41.9, "lng": 12.5}},
+         "tags": ["z"]},
+        {"id": "i2", "n": 10, "where": {"geo": {"lat": 1.5, "lng": 12}}},  # an int in a double column
+        # a1 again, newer: the merge keeps this one (dedup_sort on `updated`, as the CRM source)
+        {"id": "a1", "n": 10, "ok": None, "tags": ["replaced"], "links": [], "updated": 2},
+    ],
+]
+
+
+def _awkward_resource(arrow_pages: bool) -> Any:
+    @dlt.resource(name="things", primary_key="id",
+                  write_disposition={"disposition": "merge", "strategy": "delete-insert"},
+                  columns={"updated": {"data_type": "bigint", "dedup_sort": "desc"},
+                           "payload": {"data_type": "json"}})
+    def things():
+        for page in AWKWARD_PAGES:
+            yield [{"updated": 1, **record} for record in page]
+
+    resource = things()
+    if arrow_pages:
+        assert allow_nested_tables_from_extract()
+        resource.apply_hints(columns=ROOT_COLUMNS)
+        resource.add_step(ArrowPages(resource))
+    return resource
+
+
+def test_awkward_records_land_as_dlts_normalizer_lands_them(tmp_path):
+    for label, arrow_pages in (("arrow", True), ("dlt", False)):
+        pipeline = dlt.pipeline(
+            pipeline_name=f"awkward_{label}", pipelines_dir=str(tmp_path / label), dataset_name="crm",
+            destination=dlt.destinations.duckdb(str(tmp_path / f"{label}.duckdb")),
+        )
+        pipeline.run(_awkward_resource(arrow_pages), loader_file_format="parquet")
+        if arrow_pages:
+            metrics = _arrow_metrics(pipeline)["things"]
+            assert metrics["records_built_with_arrow"] >= 4, metrics
+            assert metrics["records_left_to_dlt_normalizer"] >= 4, metrics
+
+    assert_same_warehouse(tmp_path / "arrow.duckdb", tmp_path / "dlt.duckdb")
+    with duckdb.connect(str(tmp_path / "arrow.duckdb"), read_only=True) as connection:
+        columns = _columns(connection)
+    # what the records above are about, as dlt decided it
+    assert columns[("things", "n__v_text")][0] == "VARCHAR"
+    assert columns[("things", "seen_at")][0].startswith("TIMESTAMP")
+    assert ("things", "seen_at__v_text") in columns
+    assert columns[("things", "ratio")][0] == "BIGINT"
+    assert ("things", "ratio__v_double") in columns
+    assert ("things", "due_date") in columns
+    assert ("things__grid__list", "value") in columns
+    assert ("things__where__aliases", "value") in columns  # a child of `things`, not of an object
+    assert columns[("things", "code")][0] == "VARCHAR"
+    assert columns[("things", "when")][0].startswith("TIMESTAMP")
+    assert ("things", "when__v_text") in columns
+    assert columns[("things", "payload")][0] == "JSON"
+
+
+def test_with_the_step_off_every_record_takes_dlts_normalizer(start_simulator, crm_env, tmp_path, monkeypatch):
+    simulator = start_simulator()
+    crm_env(simulator)
+    monkeypatch.setenv("SOURCES__CRM__ARROW_PAGES", "false")
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(tmp_path / "off.duckdb"))
+    pipeline = crm_pipeline()
+    pipeline.run(crm(), **run_options(pipeline))
+
+    metrics = _arrow_metrics(pipeline)
+    assert set(metrics) == set(RESOURCES)
+    assert not any("records_built_with_arrow" in m for m in metrics.values()), metrics
+    assert_exact(tmp_path / "off.duckdb", simulator)
