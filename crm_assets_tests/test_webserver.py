@@ -127,6 +127,11 @@ def dagster_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUi]:
     }
     processes: list[subprocess.Popen] = []
     try:
+        # The instance's SQLite storage is created before either process starts: on a new
+        # DAGSTER_HOME the webserver and the daemon would otherwise race through the same
+        # migration, and the loser exits ("table alembic_version already exists").
+        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=root, env=env, check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name, command in commands.items():
             with open(root / f"{name}.log", "wb") as log:
                 processes.append(subprocess.Popen(
