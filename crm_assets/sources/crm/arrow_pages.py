@@ -103,7 +103,7 @@ class ColumnTypes:
         self.not_null: dict[str, set[str]] = {
             resource: {name for name, spec in hinted.items() if spec.get("nullable") is False}
         }
-        self._plain: dict[str, bool] = {}
+        self.plain_names: dict[str, bool] = {}  # plain_name()'s answers
         # the resource's own column hints (the schema may not hold its table yet: the first page)
         self.tables[resource] = {
             column: _PY_TYPES.get(spec["data_type"], _NOT_TAKEN)
@@ -124,7 +124,7 @@ class ColumnTypes:
 
     def plain_name(self, name: str) -> bool:
         """dlt keeps `name` as it is, and cannot confuse it with a flattened or dlt column."""
-        plain = self._plain.get(name)
+        plain = self.plain_names.get(name)
         if plain is None:
             plain = (
                 len(name) <= _MAX_NAME
@@ -132,7 +132,7 @@ class ColumnTypes:
                 and not name.startswith("_dlt")
                 and self.schema.naming.normalize_identifier(name) == name
             )
-            self._plain[name] = plain
+            self.plain_names[name] = plain
         return plain
 
     def plain_new_column(self, name: str, value: Any) -> bool:
@@ -182,13 +182,19 @@ class _RecordCheck:
     def _record(self, table: str, record: dict, prefix: str, new: dict[str, dict[str, type]],
                 added: list[tuple[str, str, type]]) -> None:
         known = self.types.tables.get(table, {})
+        plain_names = self.types.plain_names
         for key, value in record.items():
             if value is None:
                 continue
-            if not self.types.plain_name(key):
+            plain = plain_names.get(key)
+            if not (plain or (plain is None and self.types.plain_name(key))):
                 raise _Rejected
             name = prefix + key
             kind = type(value)
+            if known.get(name) is kind:  # the usual case: a known column, a value of its type
+                if kind is int and not _INT64[0] <= value <= _INT64[1]:
+                    raise _Rejected
+                continue
             if kind is dict or kind is list:
                 if name in known:  # dlt would store it in that column (as JSON), not flatten it
                     raise _Rejected
@@ -196,15 +202,17 @@ class _RecordCheck:
                     self._record(table, value, name + "__", new, added)
                     continue
                 child = f"{table}__{name}"
+                known_value = self.types.tables.get(child, {}).get("value")
                 for element in value:
-                    if element is None:
+                    element_kind = type(element)
+                    if element is None or (element_kind is known_value and element_kind is not int):
                         continue
-                    if type(element) is dict:
+                    if element_kind is dict:
                         self._record(child, element, "", new, added)
-                    elif type(element) is list:
+                    elif element_kind is list:
                         raise _Rejected
                     else:
-                        self._value(child, "value", element, type(element), new, added)
+                        self._value(child, "value", element, element_kind, new, added)
                 continue
             self._value(table, name, value, kind, new, added)
 
@@ -410,6 +418,7 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
         self._types: Optional[ColumnTypes] = None
         self._children: set[str] = set()
         self._parents: dict[str, str] = {}
+        self._last_page_mixed = False
         self._lock = threading.Lock()
         # dlt reports these with the resource's extract metrics (custom_metrics)
         self.custom_metrics["records_built_with_arrow"] = 0
@@ -440,10 +449,14 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
             load_id = load_package_state()["load_id"]
         except Exception:  # no load package (not extracting in a pipeline)
             return [], records
-        try:  # the whole page, typed by pyarrow in one go
-            array = pa.array(records)
-        except _ARROW_ERRORS:
-            array = None
+        # The whole page, typed by pyarrow in one go; after a mixed page (a resource whose field
+        # types vary is likely to have more) straight to the record-by-record check.
+        array = None
+        if not self._last_page_mixed:
+            try:
+                array = pa.array(records)
+            except _ARROW_ERRORS:
+                pass
         if array is not None and pa.types.is_struct(array.type):
             page = _PageTypes(types)
             if page.match(self.name, array.type):
@@ -453,6 +466,7 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
                     return tables, []
         # a mixed page: record by record
         taken, left = _RecordCheck(self.name, types).split(records)
+        self._last_page_mixed = bool(left)
         if not taken:
             return [], records
         try:
