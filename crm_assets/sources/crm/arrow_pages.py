@@ -20,6 +20,10 @@ type vary between records (a budget of 480379 in one, "12k" or null in the next)
 are dlt's, so coercion and variant columns (`budget__v_text`) stay exactly dlt's. Records of both
 kinds land in the same tables in the same load.
 
+dlt 1.31 does not expect nested tables to be written while extracting (its extract metrics look
+up a `resource` that only root tables carry): `allow_nested_tables_from_extract()` wraps that one
+lookup, and the source uses this step only when the wrapper is in place.
+
 Row keys: `_dlt_id` is random on every row (dlt hashes a child row's parent key and position
 instead; neither is stable from one load to the next, and the merge needs them only unique and
 linked). Switch the step off with the source's `arrow_pages=False`
