@@ -79,6 +79,12 @@ class _NotTaken:
 
 _NOT_TAKEN = _NotTaken
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+def _takeable(kind: type, value: Any) -> bool:
+    """A value of a type this step builds, within its Arrow type's range."""
+    return kind in _TAKEN_KINDS and (kind is not int or _INT64[0] <= value <= _INT64[1])
+
 # dlt shortens longer identifiers on some destinations (PostgreSQL: 63): left to dlt.
 _MAX_NAME = 63
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError, TypeError)
@@ -196,7 +202,7 @@ class _RecordCheck:
             name = prefix + key
             kind = type(value)
             if known.get(name) is kind:  # the usual case: a known column, a value of its type
-                if kind is int and not _INT64[0] <= value <= _INT64[1]:
+                if not _takeable(kind, value):
                     raise _Rejected
                 continue
             if kind is dict or kind is list:
@@ -246,19 +252,12 @@ class _RecordCheck:
         if name in self.types.tables.get(table, {}) or name in new.get(table, {}):
             return
         kind = type(value)
-        takes = (
-            plain
-            and kind in _TAKEN_KINDS
-            and not (kind is int and not _INT64[0] <= value <= _INT64[1])
-            and self.types.plain_new_column(name, value)
-        )
+        takes = plain and _takeable(kind, value) and self.types.plain_new_column(name, value)
         new.setdefault(table, {})[name] = kind if takes else _NOT_TAKEN
 
     def _value(self, table: str, name: str, value: Any, kind: type, new: dict[str, dict[str, type]],
                added: list[tuple[str, str, type]]) -> None:
-        if kind not in _TAKEN_KINDS or len(table) > _MAX_NAME:
-            raise _Rejected
-        if kind is int and not _INT64[0] <= value <= _INT64[1]:
+        if not _takeable(kind, value) or len(table) > _MAX_NAME:
             raise _Rejected
         expected = self.types.tables.get(table, {}).get(name) or new.get(table, {}).get(name)
         if expected is None:
