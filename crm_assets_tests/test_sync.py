@@ -184,22 +184,3 @@ def test_the_api_key_can_be_given_in_the_seed_specs_spelling_too(
 
     assert run_sync(selection=[AssetKey(["crm", "files"])]).success
     assert_exact(warehouse, simulator, resources=["files"])
-
-
-@pytest.mark.parametrize("page_concurrency", [1, 4, 8])
-def test_offset_drift_while_pages_are_fetched_ahead_loses_nothing(
-    start_simulator, crm_env, warehouse, monkeypatch, page_concurrency
-):
-    # pages fetched ahead see the listing before later drift; the reader must notice and re-read
-    simulator = start_simulator(
-        {**SMALL_COUNTS, "contacts": 3000}, page_cap=60, drift_every=3, latency_ms=2
-    )
-    crm_env(simulator)
-    monkeypatch.setenv("SOURCES__CRM__PAGE_CONCURRENCY", str(page_concurrency))
-
-    result = run_sync(selection=[AssetKey(["crm", "contacts"])])
-
-    assert result.success
-    assert_exact(warehouse, simulator, resources=["contacts"])
-    served = simulator.stats()["records_served"]["contacts"]
-    assert served > 3000  # drift made the reader see some records twice

@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list cycling through {','.join(FAULT_KINDS)}")
     p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
     p.add_argument("--drift-every", type=int, default=None, help="every N-th page (from > 0) drifts by one")
+    p.add_argument("--repeat-every", type=int, default=None,
+                   help="every N-th page starts with the previous page's last record again")
+    p.add_argument("--insert-every", type=int, default=None,
+                   help="before every N-th page, a new record at a random position")
+    p.add_argument("--delete-every", type=int, default=None,
+                   help="before every N-th page, a hard delete (alternately before and after 'from')")
+    p.add_argument("--count-capped", action="store_true", help="'count' stops at the result window")
     p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
     p.add_argument("--ready-file", default=None, help="write the URL here once listening")
     return p
@@ -62,6 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         host=args.host, port=args.port, api_key=args.api_key, seed=args.seed, counts=args.records,
         page_cap=args.page_cap, latency_ms=args.latency_ms, fault_every=args.fault_every,
         fault_kinds=args.fault_kinds, retry_after=args.retry_after, drift_every=args.drift_every,
+        repeat_every=args.repeat_every, insert_every=args.insert_every, delete_every=args.delete_every,
+        count_capped=args.count_capped,
         verbose=args.verbose,
     )
     try:

@@ -4,11 +4,12 @@ Record ``i`` of a resource is a pure function of ``(seed, resource, i)``: nothin
 records that were never mutated, so a resource can hold a million records at no memory cost.
 Mutated and inserted records live in a per-resource ``overlay`` dict keyed by index.
 
-Ordering invariant the query engine relies on: for every record, index order == (date_created, id)
-order.  Generated records have ``date_created = BASE + (i // 3) * 7`` (non-decreasing, with ties)
-and zero-padded ids; inserted records get indices after all generated ones and a
-``date_created`` from a strictly increasing "now" clock that lies above every generated date;
-edits never change ``date_created``.
+Ordering invariant the fast query path relies on: while ``ordered`` holds, index order ==
+(date_created, id) order.  Generated records have ``date_created = BASE + (i // 3) * 7``
+(non-decreasing, with ties) and zero-padded ids (so id order == index order); inserted records get
+indices after all generated ones and a ``date_created`` from a strictly increasing "now" clock that
+lies above every generated date; edits never change ``date_created``.  The adversary's changes
+(``insert_anywhere``, ``delete``) end that invariant for the dataset, and queries then sort.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ class Dataset:
         self.overlay: dict[int, dict[str, Any]] = {}
         self.version = 0  # bumped on every mutation; part of the query cache key
         self.query_cache: dict[Any, list[int]] = {}
+        self.deleted: set[int] = set()  # hard-deleted indices: gone from every listing
+        self.ordered = True  # index order == (date_created, id) order, deleted records aside
+        self._orders: dict[str, tuple[int, list[int], list[int]]] = {}  # field -> (version, keys, indices)
         self._extra = getattr(self, "_fields_" + resource)
 
     # -- ids ---------------------------------------------------------------------------------------
@@ -142,6 +146,44 @@ class Dataset:
             return rec["date_updated"]
         # Same formula as generate(), without building the record (used by full scans).
         return generated_date_created(i) + (_mix(self.salt + i) >> 24) % MAX_UPDATE_OFFSET
+
+    def live(self) -> list[int]:
+        """Indices of the records that exist, in index order."""
+        return [i for i in range(self.total) if i not in self.deleted]
+
+    def order_by(self, field: str) -> tuple[list[int], list[int]]:
+        """(values, indices) of the live records sorted on (field, id), built once per version."""
+        cached = self._orders.get(field)
+        if cached is None or cached[0] != self.version:
+            if field == "date_created" and self.ordered:  # index order already
+                indices = self.live()
+                cached = (self.version, [self.date_created(i) for i in indices], indices)
+            else:
+                value = self.date_updated if field == "date_updated" else self.date_created
+                pairs = sorted((value(i), i) for i in self.live())
+                cached = (self.version, [v for v, _ in pairs], [i for _, i in pairs])
+            self._orders[field] = cached
+        return cached[1], cached[2]
+
+    def changed(self) -> None:
+        self.version += 1
+        self.query_cache.clear()
+
+    def delete(self, i: int) -> None:
+        """Hard delete: the record disappears from every listing."""
+        self.deleted.add(i)
+        self.changed()
+
+    def insert_anywhere(self, date_created: int, date_updated: int) -> dict[str, Any]:
+        """A new record at any position of both orders (an import with its own dates)."""
+        idx = self.total
+        rec = self.generate(idx)
+        rec["date_created"], rec["date_updated"], rec["is_active"] = date_created, date_updated, True
+        self.overlay[idx] = rec
+        self.total += 1
+        self.ordered = False
+        self.changed()
+        return rec
 
     def max_generated_date_updated(self) -> int:
         return generated_date_created(max(self.count - 1, 0)) + MAX_UPDATE_OFFSET
@@ -241,6 +283,8 @@ class Store:
             off = _mix(salt + k) % width
             for j in range(width):  # walk the bucket (wrapping) for an active record if asked
                 idx = start + (off + j) % width
+                if idx in ds.deleted:
+                    continue
                 if not want_active or ds.get(idx)["is_active"]:
                     picked.append(idx)
                     break
@@ -292,6 +336,5 @@ class Store:
             ds.overlay[idx] = rec
             deactivated.append(rec["id"])
 
-        ds.version += 1
-        ds.query_cache.clear()
+        ds.changed()
         return {"edited": edited, "inserted": inserted, "deactivated": deactivated}

@@ -1,9 +1,10 @@
 """Filter parsing, query planning and the offset-drift model.
 
 A query is reduced to integer half-open bounds ``[lo, hi)`` per date field plus a sort.  The common
-case (date_created bounds only, sorted on date_created) becomes an index range found by binary
-search, because index order == (date_created, id) order (see data.py).  Anything involving
-date_updated is answered by a scan whose result is cached per (dataset version, query).
+case (date_created bounds only, sorted on date_created, in an ``ordered`` dataset) becomes an index
+range found by binary search, because index order == (date_created, id) order (see data.py).
+Otherwise the dataset's order on the sort field (built once per dataset version) is cut by binary
+search on that field's bounds and filtered on the other's; the result is cached per query.
 """
 
 from __future__ import annotations
@@ -109,33 +110,48 @@ class IndexList:
         return self.indices[pos]
 
 
+class OrderSlice:
+    """Positions lo..hi-1 of a sorted index list (or reversed), without copying it."""
+
+    def __init__(self, indices: list[int], lo: int, hi: int, desc: bool):
+        self.indices, self.lo, self.hi, self.desc = indices, lo, max(lo, hi), desc
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def at(self, pos: int) -> int:
+        return self.indices[self.hi - 1 - pos if self.desc else self.lo + pos]
+
+
 def plan(ds: Dataset, bounds: Bounds, sort_field: str, desc: bool):
     """The ordered listing of record indices matching a query."""
     (dc_lo, dc_hi), (du_lo, du_hi) = bounds
-    positions = range(ds.total)
-    # date_created is non-decreasing in the index, so its bounds are two binary searches.
-    lo = 0 if dc_lo is None else bisect_left(positions, dc_lo, key=ds.date_created)
-    hi = ds.total if dc_hi is None else bisect_left(positions, dc_hi, key=ds.date_created)
-    if du_lo is None and du_hi is None and sort_field == "date_created":
+    if ds.ordered and not ds.deleted and du_lo is None and du_hi is None and sort_field == "date_created":
+        # date_created is non-decreasing in the index, so its bounds are two binary searches.
+        positions = range(ds.total)
+        lo = 0 if dc_lo is None else bisect_left(positions, dc_lo, key=ds.date_created)
+        hi = ds.total if dc_hi is None else bisect_left(positions, dc_hi, key=ds.date_created)
         return IndexRange(lo, hi, desc)
 
-    key = (ds.version, ds.total, bounds, sort_field, desc)
+    values, indices = ds.order_by(sort_field)
+    own, other = ((dc_lo, dc_hi), (du_lo, du_hi)) if sort_field == "date_created" else ((du_lo, du_hi), (dc_lo, dc_hi))
+    lo = 0 if own[0] is None else bisect_left(values, own[0])
+    hi = len(values) if own[1] is None else bisect_left(values, own[1])
+    if other == (None, None):
+        return OrderSlice(indices, lo, hi, desc)
+
+    key = (ds.version, bounds, sort_field, desc)
     cached = ds.query_cache.get(key)
     if cached is None:
-        idx: Sequence[int] = range(lo, max(lo, hi))
-        if du_lo is not None or du_hi is not None:
-            du = ds.date_updated
-            lo2 = -math.inf if du_lo is None else du_lo
-            hi2 = math.inf if du_hi is None else du_hi
-            idx = [i for i in idx if lo2 <= du(i) < hi2]
-        idx = list(idx)
-        if sort_field == "date_updated":
-            idx.sort(key=ds.date_updated)  # stable: ties stay in index (= id) order
+        value = ds.date_created if sort_field == "date_updated" else ds.date_updated
+        olo = -math.inf if other[0] is None else other[0]
+        ohi = math.inf if other[1] is None else other[1]
+        cached = [i for i in indices[lo:hi] if olo <= value(i) < ohi]
         if desc:
-            idx.reverse()  # reversing an ascending (key, id) order gives descending on both
+            cached.reverse()  # reversing an ascending (key, id) order gives descending on both
         if len(ds.query_cache) >= _CACHE_SIZE:
             ds.query_cache.pop(next(iter(ds.query_cache)))
-        ds.query_cache[key] = cached = idx
+        ds.query_cache[key] = cached
     return IndexList(cached)
 
 

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hmac
 import json
+import random
 import socket
 import sys
 import threading
@@ -61,6 +62,12 @@ class SimulatorConfig:
     retry_after: int = 1  # seconds, sent with 429
     latency_ms: float = 0
     drift_every: Optional[int] = None  # every N-th page (from > 0) of a listing drifts by one
+    # The adversary (docs/api-contract.md, "Listings change while they are read"): before every
+    # N-th page of a resource, a change; each opt-in, seeded, deterministic.
+    repeat_every: Optional[int] = None  # the page starts with the previous page's last record
+    insert_every: Optional[int] = None  # a new record at a random position of every order
+    delete_every: Optional[int] = None  # a hard delete, alternately before and after `from`
+    count_capped: bool = False  # `count` stops at the result window, as search backends do
     fail_resources: dict[str, int] = field(default_factory=dict)  # resource -> status, always
     corrupt: dict[str, str] = field(default_factory=dict)  # resource -> html | no_key | truncated
     forbidden: list[str] = field(default_factory=list)  # resources answering 403
@@ -68,7 +75,7 @@ class SimulatorConfig:
 
 
 LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "latency_ms",
-               "drift_every", "fail_resources", "corrupt", "forbidden", "verbose",
+               "drift_every", "repeat_every", "insert_every", "delete_every", "count_capped", "fail_resources", "corrupt", "forbidden", "verbose",
                "result_window", "max_size", "default_size")
 
 
@@ -100,6 +107,10 @@ def _check_config(c: SimulatorConfig) -> None:
     if not isinstance(c.latency_ms, (int, float)) or c.latency_ms < 0:
         raise ValueError(f"latency_ms must be a number >= 0, got {c.latency_ms!r}")
     pos_int("drift_every", c.drift_every)
+    for name in ("repeat_every", "insert_every", "delete_every"):
+        pos_int(name, getattr(c, name))
+    if not isinstance(c.count_capped, bool):
+        raise ValueError(f"count_capped must be true or false, got {c.count_capped!r}")
     resources("fail_resources", c.fail_resources)
     for r, v in c.fail_resources.items():
         pos_int(f"fail_resources[{r}]", v, minimum=400, optional=False)
@@ -221,6 +232,8 @@ class CrmSimulator:
                 self._fault_counters = {r: 0 for r in RESOURCES}  # restart the cycle predictably
             if "drift_every" in kw:
                 self._drift = {}
+            if {"repeat_every", "insert_every", "delete_every"} & set(kw):
+                self._pages = {r: 0 for r in RESOURCES}
             return self._live_config()
 
     def mutate(self, resource: str, edit: int = 0, insert: int = 0, deactivate: int = 0,
@@ -248,19 +261,29 @@ class CrmSimulator:
         """All current ids of a resource, in (date_created, id) order."""
         ds = self._dataset(resource)
         with self._lock:
-            return [ds.record_id(i) for i in range(ds.total)]
+            return [ds.record_id(i) for i in ds.order_by("date_created")[1]]
+
+    def ids_ever(self, resource: str) -> set[str]:
+        """Every id the resource has had, hard-deleted ones included."""
+        ds = self._dataset(resource)
+        with self._lock:
+            return {ds.record_id(i) for i in range(ds.total)}
 
     def records(self, resource: str) -> list[dict[str, Any]]:
         """All current records of a resource (copies), in (date_created, id) order."""
         ds = self._dataset(resource)
         with self._lock:
-            return [copy.deepcopy(ds.get(i)) for i in range(ds.total)]
+            return [copy.deepcopy(ds.get(i)) for i in ds.order_by("date_created")[1]]
 
     # ------------------------------------------------------------------ internals
     def _reset_runtime(self) -> None:
         self._stats = _empty_stats()
         self._fault_counters = {r: 0 for r in RESOURCES}
         self._drift: dict[tuple, Drift] = {}
+        self._pages = {r: 0 for r in RESOURCES}  # data pages served, for the adversary's cadence
+        self._deletes = {r: 0 for r in RESOURCES}
+        self._last_served: dict[str, dict] = {}
+        self._random = random.Random(self.config.seed)
 
     def _dataset(self, resource: str):
         if resource not in RESOURCES:
@@ -323,9 +346,15 @@ class CrmSimulator:
                     return self._fault_reply(kind, cfg)
 
             ds = self._store.datasets[resource]
-            listing = plan(ds, bounds, sort_field, direction == "desc")
             cap = cfg.page_caps.get(resource, cfg.page_cap)
             take = min(size, cfg.max_size, cap if cap is not None else size)
+            repeat = False
+            if size > 0:
+                n = self._pages[resource] = self._pages[resource] + 1
+                self._change_listing(resource, ds, cfg, n, bounds, sort_field, direction == "desc", start)
+                repeat = bool(cfg.repeat_every and n % cfg.repeat_every == 0 and take >= 2
+                              and resource in self._last_served)
+            listing = plan(ds, bounds, sort_field, direction == "desc")
             lkey = (resource, bounds, sort_field, direction)
             drift = self._drift.get(lkey)
             if size > 0 and start == 0:  # a listing (re)starts: forget its shift
@@ -340,10 +369,16 @@ class CrmSimulator:
                     drift.events.append(start)
             count = len(listing) + (len(drift.events) if drift else 0)
             records = []
-            for v in range(start, min(start + take, count)):
+            for v in range(start, min(start + take - repeat, count)):
                 real = drift.to_real(v) if drift else v
                 if 0 <= real < len(listing):
                     records.append(ds.get(listing.at(real)))
+            if repeat:  # the previous page's last record again at the head; nothing shifted
+                records.insert(0, self._last_served[resource])
+            if records:
+                self._last_served[resource] = records[-1]
+            if cfg.count_capped:
+                count = min(count, cfg.result_window)
 
         corrupt = cfg.corrupt.get(resource) if size > 0 else None
         if corrupt == "html":
@@ -355,6 +390,32 @@ class CrmSimulator:
             return _Reply(200, body[: max(1, len(body) // 2)])
         h.records_in_reply = len(records)
         return _Reply(200, body)
+
+    def _change_listing(self, resource: str, ds, cfg: SimulatorConfig, n: int, bounds, sort_field: str,
+                        desc: bool, start: int) -> None:
+        """The adversary's change before the n-th page of a resource, if one is due."""
+        rng = self._random
+        live = ds.total - len(ds.deleted)
+        if cfg.insert_every and n % cfg.insert_every == 0 and live:
+            a, b = self._random_live(ds), self._random_live(ds)
+            ds.insert_anywhere(ds.date_created(a), ds.date_updated(b))
+        if cfg.delete_every and n % cfg.delete_every == 0 and live > 1:
+            self._deletes[resource] += 1
+            listing = plan(ds, bounds, sort_field, desc)
+            before = self._deletes[resource] % 2 == 1
+            if before and 0 < start <= len(listing):
+                victim = listing.at(rng.randrange(start))
+            elif not before and start < len(listing):
+                victim = listing.at(rng.randrange(start, len(listing)))
+            else:  # nothing on that side of `from` in this listing: anywhere in the resource
+                victim = self._random_live(ds)
+            ds.delete(victim)
+
+    def _random_live(self, ds) -> int:
+        while True:
+            i = self._random.randrange(ds.total)
+            if i not in ds.deleted:
+                return i
 
     def _fault_reply(self, kind: str, cfg: SimulatorConfig) -> Optional[_Reply]:
         if kind == "drop":
@@ -396,7 +457,7 @@ class CrmSimulator:
             resource = params.get("resource", "")
             ds = self._dataset(resource)
             with self._lock:
-                recs = [ds.get(i) for i in range(ds.total)]
+                recs = [ds.get(i) for i in ds.order_by("date_created")[1]]
                 return _Reply(200, _dumps({"ids": [r["id"] for r in recs],
                                            "active": {r["id"]: r["is_active"] for r in recs}}))
         if route == ("GET", "/_admin/records"):
@@ -404,7 +465,7 @@ class CrmSimulator:
             self._dataset(resource)
             with self._lock:
                 ds = self._store.datasets[resource]
-                recs = [ds.get(i) for i in range(ds.total)]
+                recs = [ds.get(i) for i in ds.order_by("date_created")[1]]
                 body_bytes = _dumps({"count": len(recs), "records": recs})
             return _Reply(200, body_bytes)
         return _error(404, f"no admin route {method} {path}")

@@ -28,7 +28,7 @@ import dlt
 from dlt.common.runtime.collector import LogCollector
 from dlt.pipeline.pipeline import Pipeline
 
-from .crm.http import CrmConfigurationError
+from .crm.errors import CrmConfigurationError
 
 PIPELINE_NAME = "crm_warehouse"
 DATASET_NAME = "crm"

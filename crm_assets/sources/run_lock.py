@@ -19,7 +19,7 @@ from typing import Optional
 
 from dlt.common.pipeline import get_dlt_pipelines_dir
 
-from .crm.http import CrmError
+from .crm.errors import CrmError
 from .crm_pipeline import PIPELINE_NAME
 
 logger = logging.getLogger("crm_assets.sources.run_lock")

@@ -20,23 +20,21 @@ from dlt.sources.rest_api import rest_api_resources
 from .arrow_pages import ROOT_COLUMNS, ArrowPages, allow_nested_tables_from_extract
 from .config import check_settings, connection_settings
 from .counts import count_records
-from .http import (
-    UPDATED_SINCE_PARAM,
+from .errors import (
     CrmApiError,
     CrmConfigurationError,
     CrmError,
     CrmIncompleteReadError,
-    CrmSession,
-    WindowedOffsetPaginator,
     find_crm_error,
 )
+from .http import CrmSession
+from .paginator import UPDATED_SINCE_PARAM, KeysetPaginator
 from .settings import (
     BACKOFF_FACTOR,
     CURSOR_FIELD,
     ENDPOINTS,
     ENDPOINTS_BY_NAME,
     MAX_RETRIES,
-    PAGE_CONCURRENCY,
     PRIMARY_KEY,
     REQUEST_TIMEOUT,
     Endpoint,
@@ -69,7 +67,7 @@ CORE_COLUMNS: dict[str, dict[str, Any]] = {
     "name": {"data_type": "text"},
     "created_by": {"data_type": "text"},
     "date_created": {"data_type": "bigint"},
-    # several copies of a record in one load (offset drift, window boundaries): keep the newest
+    # several copies of a record in one load (pages overlap, a record edited mid-read): keep the newest
     CURSOR_FIELD: {"data_type": "bigint", "dedup_sort": "desc"},
     "is_active": {"data_type": "bool"},
 }
@@ -99,7 +97,7 @@ def _resource_config(
         "endpoint": {
             "path": endpoint.path,
             "data_selector": endpoint.data_selector,
-            "paginator": WindowedOffsetPaginator(endpoint.name, page_size),
+            "paginator": KeysetPaginator(endpoint.name, page_size),
             "params": {},
             # The cursor is kept in dlt state, committed with the data. The paginator turns it into
             # an inclusive `date_updated >= cursor` filter. `primary_key: []` switches off dlt's
@@ -132,7 +130,6 @@ def crm(
     max_retries: int = MAX_RETRIES,
     backoff_factor: float = BACKOFF_FACTOR,
     request_timeout: float = REQUEST_TIMEOUT,
-    page_concurrency: int = PAGE_CONCURRENCY,
     arrow_pages: bool = True,
 ) -> list[DltResource]:
     """The CRM API's five resources, each read completely and merged on `id`.
@@ -145,7 +142,6 @@ def crm(
         schema_contract: "evolve" (default: new fields become new columns) or "freeze" (a new
             column fails the run, naming the table and column).
         max_retries / backoff_factor / request_timeout: the HTTP retry policy (spec: 3 and 2).
-        page_concurrency: pages of one resource in flight at once (1 = strictly sequential).
         arrow_pages: build each page's tables with pyarrow (arrow_pages.py); False leaves every
             record to dlt's row-by-row normalizer.
     """
@@ -156,16 +152,12 @@ def crm(
             f"schema_contract must be 'evolve' or 'freeze', got {schema_contract!r}: "
             "set SOURCES__CRM__SCHEMA_CONTRACT"
         )
-    if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0 or not 1 <= page_concurrency <= 32:
-        raise CrmConfigurationError(
-            "max_retries and backoff_factor must be >= 0, request_timeout > 0 and "
-            "page_concurrency from 1 to 32"
-        )
+    if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0:
+        raise CrmConfigurationError("max_retries and backoff_factor must be >= 0 and request_timeout > 0")
     session = CrmSession(
         max_retries=max_retries,
         backoff_factor=backoff_factor,
         request_timeout=request_timeout,
-        page_concurrency=page_concurrency,
     )
     config: dict[str, Any] = {
         "client": {

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import dlt
 from dlt.common.configuration.inject import with_config
 
-from .http import CrmConfigurationError
+from .errors import CrmConfigurationError
 from .settings import ENDPOINTS_BY_NAME, MAX_PAGE_SIZE
 
 _BASE_URL_HELP = "set SOURCES__CRM__BASE_URL (or base_url under [sources.crm] in .dlt/config.toml)"

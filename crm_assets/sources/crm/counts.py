@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from .config import connection_settings
-from .http import CrmSession, encode_filter, range_clause
+from .http import CrmSession
+from .paginator import encode_filter, range_clause
 from .settings import CURSOR_FIELD, ENDPOINTS_BY_NAME
 
 

@@ -23,7 +23,7 @@ class Endpoint:
 # for 100 on tasks; that is a choice, not a limit of the API, and it triples the requests of a
 # full sync (109,000 records: 383 requests instead of 113, which at 50 ms per request is most
 # of the latency a sync pays). An account whose cap is lower still reads completely: the
-# paginator advances by what it received. Each size can be overridden with the source's
+# read never trusts a page's length. Each size can be overridden with the source's
 # `page_sizes` argument (`SOURCES__CRM__PAGE_SIZES='{"tasks": 100}'` for the spec's value).
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("jobs", "/v1/jobs", "results", 1000, "Jobs (projects) with their location, budget and related records."),
@@ -35,11 +35,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 ENDPOINTS_BY_NAME = {endpoint.name: endpoint for endpoint in ENDPOINTS}
 
 PRIMARY_KEY = "id"
-# Records are read in `date_created` order: an edit never moves a record in that order, so a
-# listing cannot skip a record that changes while it is read. It is also the field the
-# 10,000-record result window is split on.
-WINDOW_FIELD = "date_created"
-# The incremental cursor: every edit moves `date_updated` forward.
+# The incremental cursor and the order every listing is read in (keyset.py): every edit moves
+# `date_updated` forward, so an edit moves a record ahead of the read, never behind it.
 CURSOR_FIELD = "date_updated"
 
 # The API's hard limits (api-contract.md).
@@ -53,6 +50,3 @@ MAX_RETRIES = 3
 BACKOFF_FACTOR = 2.0
 MAX_RETRY_DELAY = 60.0
 REQUEST_TIMEOUT = 60.0
-# Pages of one resource in flight at once (the API reports `count`, so the next pages are
-# known). Real APIs answer in 50-300 ms; fetching ahead hides that latency.
-PAGE_CONCURRENCY = 4

@@ -1,0 +1,287 @@
+"""A read of one listing that proves its own completeness while the listing changes under it.
+
+No HTTP and no dlt here: `KeysetRead` says which page to ask for next (`request()`) and learns from
+each answer (`take()`), so the whole algorithm is tested against an adversarial in-memory listing
+(crm_assets_tests/test_keyset_read.py) and driven over HTTP by `KeysetPaginator` (paginator.py).
+
+Records are read in the order of their cursor field (`date_updated`), ties broken on the primary
+key, which the API sorts on. A record's key is `(cursor, id)`. The read keeps one fact proved,
+`newest`: every record that was in the listing for the whole read and whose key is <= `newest` has
+been read. It moves `newest` only over a page that connects to it:
+
+* a page at `from=0` of `cursor >= T` (with `T` <= the cursor of `newest`) is the head of what is
+  left, so it holds every record up to its own largest key;
+* a page at `from > 0` is a contiguous run of the listing; if it holds a key <= `newest`, nothing
+  between `newest` and its largest key can be missing from it. A page that does not connect
+  (records removed before it shifted the listing back) is asked for again further back.
+
+The read ends only on a page that holds at least as many distinct matching records as the API's
+`count` for that same answer: the page then holds all that is left. A `count` at the result window
+is only a lower bound and never ends a read.
+
+Every page normally starts at `from=0` of `cursor >= <cursor of newest>`, so no offset is trusted
+and the 10,000-record result window does not matter. A second of `date_updated` that fills a page
+(a bulk edit) is read as a listing of its own, `date_updated = T` in `date_created` order; a second
+of `date_created` inside it that fills a page is walked by offset, overlapping by one record, and
+its end shown by its last position holding nothing newer than `newest`.
+
+Reading in `date_updated` order also keeps the incremental cursor safe: an edit moves a record to
+the end of the listing, ahead of the read, so the largest cursor read never passes a record that
+was left behind.
+
+The read gives up, naming the resource, the range and the counts, once it has used more requests
+than three times an undisturbed read of what it has read, plus a constant.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from .errors import CrmIncompleteReadError
+
+logger = logging.getLogger("crm_assets.sources.crm")
+
+Key = tuple[int, str]
+_HEAD, _WALK, _TAIL, _NESTED = "head", "walk", "tail", "nested"
+
+# Requests a read may spend beyond 3x an undisturbed read of what it has read: two per second read
+# on its own (its first page and its end check) and this constant (the first and last pages).
+SPARE_REQUESTS = 10
+# A walked page overlaps the last two records read, and a repeated record may take one more place.
+MIN_PAGE_SIZE = 3
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """One page to ask for: bounds on `field` (inclusive), the order, an offset and a size."""
+
+    field: str  # sorted on (ascending, ties on the key) and bounded by lowest/highest
+    lowest: Optional[int]
+    highest: Optional[int]
+    offset: int
+    size: int
+    within: Optional[tuple[str, int]] = None  # another field held at one value
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        value = record.get(self.field)
+        if not isinstance(value, int):
+            return False
+        if self.within is not None and record.get(self.within[0]) != self.within[1]:
+            return False
+        return (self.lowest is None or value >= self.lowest) and (self.highest is None or value <= self.highest)
+
+
+class KeysetRead:
+    """The state of one read of one resource's listing; see the module docstring."""
+
+    def __init__(
+        self,
+        resource: str,
+        page_size: int,
+        *,
+        since: Optional[int] = None,
+        result_window: int = 10_000,
+        cursor_field: str = "date_updated",
+        tie_field: Optional[str] = "date_created",
+        key_field: str = "id",
+        within: Optional[tuple[str, int]] = None,
+    ) -> None:
+        if not MIN_PAGE_SIZE <= page_size <= result_window:
+            raise ValueError(
+                f"{resource}: page size must be between {MIN_PAGE_SIZE} and {result_window}, got {page_size}"
+            )
+        self.resource = resource
+        self.page_size = page_size
+        self.result_window = result_window
+        self.cursor_field = cursor_field
+        self.tie_field = tie_field
+        self.key_field = key_field
+        self.within = within
+        self.newest: Optional[Key] = None
+        self.done = False
+        self.requests = 0
+        self.records_read = 0  # distinct records beyond `newest` when read
+        self.stride = 0  # the longest page seen: the API may cap pages below `page_size`
+        self.seconds_apart = 0  # seconds read on their own (nested or walked)
+        self.count: Optional[int] = None  # the last `count` the API gave
+        self._mode = _HEAD
+        self._next = self._page(since, None, 0)
+        self._walk_resume = 0  # in a walked second: where the walk goes on if its end check fails
+        self._nested: Optional[KeysetRead] = None
+        self._last_served: Any = None  # the key field of the previous answer's last record
+
+    def request(self) -> PageRequest:
+        """The page to ask for next."""
+        return self._nested.request() if self._nested is not None else self._next
+
+    def describe(self, page: Optional[PageRequest] = None) -> str:
+        page = page or self.request()
+        parts = [f"{page.within[0]} = {page.within[1]}"] if page.within else []
+        if page.highest is not None:
+            parts.append(f"{page.field} = {page.lowest}")
+        elif page.lowest is not None:
+            parts.append(f"{page.field} >= {page.lowest}")
+        return f"{' and '.join(parts) or 'the whole listing'}, from={page.offset}"
+
+    def take(self, records: Sequence[dict[str, Any]], count: int, head_repeated: Optional[bool] = None) -> None:
+        """Learn from the answer to `request()`: the page's records and the API's `count`."""
+        asked = self.request()
+        self.requests += 1
+        self.count = count
+        self.stride = max(self.stride, len(records))
+        if head_repeated is None:
+            # The API may serve the previous answer's last record again at a page's head. Such a
+            # record belongs to no run of this page: it must neither connect a page nor move
+            # `newest`, so it is set aside wherever it could do either.
+            head_repeated = bool(records) and records[0].get(self.key_field) == self._last_served
+            if records:
+                self._last_served = records[-1].get(self.key_field)
+        if self._nested is not None:
+            self._nested.take(records, count, head_repeated)
+            self._after_nested()
+        else:
+            keys_of = list(zip(map(self._key, records), records))
+            if head_repeated and self._could_mislead(keys_of):
+                keys_of = keys_of[1:]
+            keys = sorted({key for key, record in keys_of if asked.matches(record)})
+            if self._mode is _HEAD:
+                self._take_head(asked, keys, count)
+            elif self._mode is _WALK:
+                self._take_walk(asked, keys, count)
+            else:
+                self._take_tail(asked, keys, count)
+        if self.within is None:  # the outermost read keeps the budget, nested reads included
+            self._check_budget(asked)
+
+    # -- the three ways of reading ---------------------------------------------------------
+
+    def _take_head(self, asked: PageRequest, keys: list[Key], count: int) -> None:
+        # from=0 of `cursor >= lowest`: the head of what is left, connected by construction.
+        self._advance(keys)
+        if len(keys) >= count and count < self.result_window:
+            self.done = True
+            return
+        if not keys:
+            return  # `count` says more match but none came back: ask again (the budget counts it)
+        last_second = keys[-1][0]
+        if asked.lowest is None or last_second > asked.lowest:
+            self._head(last_second)
+            return
+        # The whole page is one second: read it on its own.
+        self.seconds_apart += 1
+        if self.tie_field is not None:
+            self.records_read -= len(keys)  # the nested read counts them again
+            logger.info("%s: more than a page of records share %s=%d; reading them by %s",
+                        self.resource, self.cursor_field, last_second, self.tie_field)
+            self._nested = KeysetRead(
+                self.resource, self.page_size, result_window=self.result_window,
+                cursor_field=self.tie_field, tie_field=None, key_field=self.key_field,
+                within=(self.cursor_field, last_second),
+            )
+            self._mode = _NESTED
+        else:
+            self._walk(last_second, max(0, len(keys) - 2))
+
+    def _could_mislead(self, keys_of: list[tuple[Key, dict[str, Any]]]) -> bool:
+        """Whether a repeated head record could connect a page or move `newest` wrongly."""
+        if self._mode is _HEAD:  # connected anyway; only a record beyond `newest` misleads
+            return self.newest is None or keys_of[0][0] > self.newest
+        if self._mode is _TAIL:  # a repeat comes with the fresh record: alone, it is the last one
+            return len(keys_of) >= 2
+        return True
+
+    def _after_nested(self) -> None:
+        nested = self._nested
+        assert nested is not None
+        if nested.done:
+            second = nested.within[1]  # type: ignore[index]
+            self.records_read += nested.records_read
+            self.newest = (second, "\U0010ffff")  # all of that second is read
+            self._nested = None
+            self._head(second + 1)
+
+    def _take_walk(self, asked: PageRequest, keys: list[Key], count: int) -> None:
+        second = asked.lowest
+        assert second is not None
+        connected = asked.offset == 0 or (bool(keys) and self.newest is not None and keys[0] <= self.newest)
+        if not connected:
+            # Records before this offset went away: step back and connect again.
+            self._walk(second, max(0, asked.offset - max(1, self.page_size - 1)))
+            return
+        # The next page starts one before the newest record read, so that it overlaps by two: one
+        # of them still connects it if the other comes back as a repeat.
+        resume = max(0, asked.offset + len(keys) - 2)
+        if self._advance(keys):
+            self._walk(second, resume)
+            return
+        # Nothing newer on a connected page: the second may be read. Its last position says.
+        self._walk_resume = resume
+        self._tail(second, count)
+
+    def _take_tail(self, asked: PageRequest, keys: list[Key], count: int) -> None:
+        second = asked.lowest
+        assert second is not None
+        if asked.offset != self._tail_offset(count):
+            self._tail(second, count)  # the second grew or shrank since its count was taken
+        elif count == 0 or (keys and self.newest is not None and keys[-1] <= self.newest):
+            self.newest = (second, "\U0010ffff")  # its last record is one already read
+            self._head(second + 1)
+        else:
+            self._walk(second, self._walk_resume)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _key(self, record: dict[str, Any]) -> Key:
+        cursor, key = record.get(self.cursor_field), record.get(self.key_field)
+        if not isinstance(cursor, int) or isinstance(cursor, bool) or not isinstance(key, str):
+            raise CrmIncompleteReadError(
+                f"{self.resource}: a record without an integer '{self.cursor_field}' and a string "
+                f"'{self.key_field}' ({self.key_field}={key!r}): the listing cannot be read in order"
+            )
+        return cursor, key
+
+    def _advance(self, keys: list[Key]) -> int:
+        """Move `newest` over a connected page; returns how many of its keys were new."""
+        new = [k for k in keys if self.newest is None or k > self.newest]
+        if new:
+            self.newest = new[-1]
+            self.records_read += len(new)
+        return len(new)
+
+    def _page(self, lowest: Optional[int], highest: Optional[int], offset: int) -> PageRequest:
+        size = min(self.page_size, self.result_window - offset)
+        return PageRequest(self.cursor_field, lowest, highest, offset, size, self.within)
+
+    def _head(self, lowest: int) -> None:
+        self._mode = _HEAD
+        self._next = self._page(lowest, None, 0)
+
+    def _walk(self, second: int, offset: int) -> None:
+        if offset + MIN_PAGE_SIZE > self.result_window:
+            where = f"{self.within[0]}={self.within[1]} and " if self.within else ""
+            raise CrmIncompleteReadError(
+                f"{self.resource}: more than {self.result_window} records share {where}"
+                f"{self.cursor_field}={second}; the API's result window makes reading them all impossible"
+            )
+        self._mode = _WALK
+        self._next = self._page(second, second, offset)
+
+    def _tail(self, second: int, count: int) -> None:
+        self._mode = _TAIL
+        self._next = self._page(second, second, self._tail_offset(count))
+
+    def _tail_offset(self, count: int) -> int:
+        return max(0, min(count, self.result_window) - 1)
+
+    def _check_budget(self, asked: PageRequest) -> None:
+        read = self.records_read + (self._nested.records_read if self._nested is not None else 0)
+        undisturbed = -(-read // max(1, self.stride - 1)) + 1
+        allowed = 3 * undisturbed + 2 * self.seconds_apart + SPARE_REQUESTS
+        if not self.done and self.requests >= allowed:
+            raise CrmIncompleteReadError(
+                f"{self.resource}: could not show a complete read within {self.requests} requests: "
+                f"{read} records read, stuck at {self.describe(asked)} where the API "
+                f"counts {self.count}; the listing kept changing faster than it could be read"
+            )
