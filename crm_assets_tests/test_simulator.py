@@ -194,6 +194,40 @@ def test_offset_drift_duplicates_but_never_skips(sim, api):
     assert [r["id"] for r in api("jobs", size=60).json()["results"]] == sim.ids("jobs")
 
 
+def test_the_adversary_repeats_a_record_at_a_page_head_without_shifting(sim, api):
+    sim.configure(repeat_every=2)
+    first = api("jobs", size=10).json()["results"]
+    second = api("jobs", **{"from": 10, "size": 10}).json()["results"]
+    assert second[0] == first[-1]  # the previous page's last record again
+    assert [r["id"] for r in second[1:]] == sim.ids("jobs")[10:19]  # nothing moved; one fewer fresh
+
+
+def test_the_adversary_inserts_anywhere_and_hard_deletes(sim, api):
+    before = set(sim.ids("tasks"))
+    sim.configure(insert_every=1)
+    api("tasks", size=5)
+    inserted = set(sim.ids("tasks")) - before
+    assert len(inserted) == 1
+    record = next(r for r in sim.records("tasks") if r["id"] in inserted)
+    dates = sorted(r["date_created"] for r in sim.records("tasks"))
+    assert dates[0] <= record["date_created"] < dates[-1]  # not appended: somewhere inside
+    ordered = [(r["date_created"], r["id"]) for r in api("tasks", size=1000).json()["results"]]
+    assert ordered == sorted(ordered)  # the listing is still sorted with the stranger in it
+
+    sim.configure(insert_every=None, delete_every=1)
+    count = api("tasks", size=0).json()["count"]
+    api("tasks", **{"from": 20, "size": 5})  # a delete before `from` ...
+    api("tasks", **{"from": 20, "size": 5})  # ... then one after it
+    assert api("tasks", size=0).json()["count"] == count - 2
+    assert len(sim.ids_ever("tasks") - set(sim.ids("tasks"))) == 2
+
+
+def test_the_adversary_caps_count_at_the_result_window(sim, api):
+    sim.configure(count_capped=True, result_window=50)
+    body = api("jobs", size=5).json()
+    assert body["count"] == 50 < COUNTS["jobs"]
+
+
 def test_faults_cycle_deterministically_and_a_retry_succeeds(sim, api):
     sim.configure(fault_every=2, fault_kinds=["429", "500", "502", "503", "504", "drop"], retry_after=0)
     seen = []

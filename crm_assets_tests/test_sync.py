@@ -184,3 +184,15 @@ def test_the_api_key_can_be_given_in_the_seed_specs_spelling_too(
 
     assert run_sync(selection=[AssetKey(["crm", "files"])]).success
     assert_exact(warehouse, simulator, resources=["files"])
+
+
+def test_the_five_resources_are_read_at_once(start_simulator, crm_env, warehouse):
+    # dlt's rest_api `parallelized` flag is lost for independent resources in dlt 1.31; the
+    # source parallelizes them itself. With 20 ms a request, reads overlap if they are parallel.
+    simulator = start_simulator(latency_ms=20)
+    crm_env(simulator)
+
+    assert run_sync().success
+
+    assert simulator.stats()["peak_in_flight"] >= 3
+    assert_exact(warehouse, simulator)

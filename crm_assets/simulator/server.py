@@ -132,6 +132,7 @@ def _empty_stats() -> dict[str, dict]:
         "records_served": {r: 0 for r in RESOURCES},  # records in well-formed 200 pages
         "count_requests": {r: 0 for r in RESOURCES},  # size=0 requests
         "statuses": {r: {} for r in RESOURCES},  # resource -> {"200": n, "429": n, "drop": n, ...}
+        "peak_in_flight": 0,  # the most /v1 requests being answered at once
     }
 
 
@@ -180,6 +181,7 @@ class CrmSimulator:
     def start(self) -> "CrmSimulator":
         if self._server is not None:
             return self
+        self._index_for_reads()
         server_cls = _Server6 if ":" in self.config.host else _Server
         self._server = server_cls((self.config.host, self.config.port), _Handler)
         self._server.sim = self  # type: ignore[attr-defined]
@@ -248,6 +250,7 @@ class CrmSimulator:
             self.config = copy.deepcopy(self._initial)
             self._store.reset()
             self._reset_runtime()
+            self._index_for_reads()
 
     def stats(self) -> dict[str, dict]:
         with self._lock:
@@ -276,8 +279,16 @@ class CrmSimulator:
             return [copy.deepcopy(ds.get(i)) for i in ds.order_by("date_created")[1]]
 
     # ------------------------------------------------------------------ internals
+    def _index_for_reads(self) -> None:
+        """Sort every resource on date_updated now, not on the first request (clients read in
+        that order; at a million records the sort takes seconds)."""
+        with self._lock:
+            for ds in self._store.datasets.values():
+                ds.order_by("date_updated")
+
     def _reset_runtime(self) -> None:
         self._stats = _empty_stats()
+        self._in_flight = 0
         self._fault_counters = {r: 0 for r in RESOURCES}
         self._drift: dict[tuple, Drift] = {}
         self._pages = {r: 0 for r in RESOURCES}  # data pages served, for the adversary's cadence
@@ -300,6 +311,16 @@ class CrmSimulator:
             self._stats["records_served"][resource] += records
 
     # -- the API proper ------------------------------------------------------
+    def _serve_counted(self, h: "_Handler", resource: str, key: str, params: dict[str, str]) -> Optional[_Reply]:
+        with self._lock:
+            self._in_flight += 1
+            self._stats["peak_in_flight"] = max(self._stats["peak_in_flight"], self._in_flight)
+        try:
+            return self._serve_data(h, resource, key, params)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
     def _serve_data(self, h: "_Handler", resource: str, key: str, params: dict[str, str]) -> Optional[_Reply]:
         """Answer a /v1 listing; returns None when the connection must be dropped."""
         cfg = self.config  # one consistent snapshot for the whole request
@@ -512,7 +533,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if method != "GET":
                     reply: Optional[_Reply] = _error(405, "method not allowed")
                 else:
-                    reply = self.sim._serve_data(self, resource, key, params)
+                    reply = self.sim._serve_counted(self, resource, key, params)
             elif path.startswith("/_admin/"):
                 try:
                     body = json.loads(raw) if raw.strip() else {}

@@ -93,7 +93,6 @@ def _resource_config(
         # delete-insert keeps one row per id even when a load holds the same id twice
         # (upsert on DuckDB would keep both)
         "write_disposition": {"disposition": "merge", "strategy": "delete-insert"},
-        "parallelized": True,
         "endpoint": {
             "path": endpoint.path,
             "data_selector": endpoint.data_selector,
@@ -173,6 +172,11 @@ def crm(
         ],
     }
     resources: list[DltResource] = rest_api_resources(config)  # type: ignore[arg-type]
+    for resource in resources:
+        # The five resources are read at once, each page on dlt's extract thread pool. Set here,
+        # not with rest_api's `parallelized: True`: dlt 1.31 loses that flag for resources that
+        # depend on no other one, and reads them one after the other (test_sync.py checks this).
+        resource.parallelize()
     if arrow_pages and allow_nested_tables_from_extract():
         for resource in resources:
             resource.apply_hints(columns=ROOT_COLUMNS)

@@ -22,8 +22,12 @@ is only a lower bound and never ends a read.
 Every page normally starts at `from=0` of `cursor >= <cursor of newest>`, so no offset is trusted
 and the 10,000-record result window does not matter. A second of `date_updated` that fills a page
 (a bulk edit) is read as a listing of its own, `date_updated = T` in `date_created` order; a second
-of `date_created` inside it that fills a page is walked by offset, overlapping by one record, and
+of `date_created` inside it that fills a page is walked by offset, overlapping by two records, and
 its end shown by its last position holding nothing newer than `newest`.
+
+The API may serve the previous answer's last record again at the head of a page. Such a record
+belongs to no run of the page, so it is set aside wherever it could connect a page, move `newest`
+or count towards the end (it may have been deleted since).
 
 Reading in `date_updated` order also keeps the incremental cursor safe: an edit moves a record to
 the end of the listing, ahead of the read, so the largest cursor read never passes a record that
@@ -142,12 +146,16 @@ class KeysetRead:
             self._nested.take(records, count, head_repeated)
             self._after_nested()
         else:
-            keys_of = list(zip(map(self._key, records), records))
-            if head_repeated and self._could_mislead(keys_of):
-                keys_of = keys_of[1:]
-            keys = sorted({key for key, record in keys_of if asked.matches(record)})
+            if head_repeated and self._could_mislead(records, asked, count):
+                records = records[1:]
+                head_repeated = False
+            keys = self._keys(records, asked)
             if self._mode is _HEAD:
-                self._take_head(asked, keys, count)
+                # A repeated record may since have gone, so it does not count towards the end,
+                # unless the page came back shorter than pages can be: then it holds all there is.
+                truncated = len(records) >= max(2, self.stride)
+                run = self._keys(records[1:], asked) if head_repeated and truncated else keys
+                self._take_head(asked, keys, count, len(run))
             elif self._mode is _WALK:
                 self._take_walk(asked, keys, count)
             else:
@@ -157,10 +165,10 @@ class KeysetRead:
 
     # -- the three ways of reading ---------------------------------------------------------
 
-    def _take_head(self, asked: PageRequest, keys: list[Key], count: int) -> None:
+    def _take_head(self, asked: PageRequest, keys: list[Key], count: int, in_run: int) -> None:
         # from=0 of `cursor >= lowest`: the head of what is left, connected by construction.
         self._advance(keys)
-        if len(keys) >= count and count < self.result_window:
+        if in_run >= count and count < self.result_window:
             self.done = True
             return
         if not keys:
@@ -184,13 +192,35 @@ class KeysetRead:
         else:
             self._walk(last_second, max(0, len(keys) - 2))
 
-    def _could_mislead(self, keys_of: list[tuple[Key, dict[str, Any]]]) -> bool:
-        """Whether a repeated head record could connect a page or move `newest` wrongly."""
+    def _could_mislead(self, records: Sequence[dict[str, Any]], asked: PageRequest, count: int) -> bool:
+        """Whether a head record that repeats the previous answer's last one could connect a page
+        or move `newest` wrongly."""
+        if len(records) < 2:
+            # a repeat comes with the record at `from` when there is one: alone, it is that record
+            return asked.offset >= count
         if self._mode is _HEAD:  # connected anyway; only a record beyond `newest` misleads
-            return self.newest is None or keys_of[0][0] > self.newest
-        if self._mode is _TAIL:  # a repeat comes with the fresh record: alone, it is the last one
-            return len(keys_of) >= 2
+            return self.newest is None or self._key(records[0]) > self.newest
         return True
+
+    def _keys(self, records: Sequence[dict[str, Any]], asked: PageRequest) -> list[Key]:
+        """The distinct keys of the records that match the request, sorted. Every page of a sync
+        passes here, so it works on whole columns rather than record by record."""
+        cursors = [record.get(self.cursor_field) for record in records]
+        ids = [record.get(self.key_field) for record in records]
+        # `type(...) is int` on purpose: a bool is no cursor
+        if not all(type(c) is int for c in cursors) or not all(type(i) is str for i in ids):
+            for record in records:
+                self._key(record)  # raises, naming the record
+        pairs: Any = zip(cursors, ids)
+        if asked.within is not None:
+            field, value = asked.within
+            pairs = (p for p, r in zip(pairs, records) if r.get(field) == value)
+        low, high = asked.lowest, asked.highest
+        if low is not None:
+            pairs = (p for p in pairs if p[0] >= low)
+        if high is not None:
+            pairs = (p for p in pairs if p[0] <= high)
+        return sorted(set(pairs))
 
     def _after_nested(self) -> None:
         nested = self._nested
