@@ -9,6 +9,7 @@ import dlt
 from dlt.common.configuration.inject import with_config
 
 from .errors import CrmConfigurationError
+from .keyset import MIN_PAGE_SIZE
 from .settings import ENDPOINTS_BY_NAME, MAX_PAGE_SIZE
 
 _BASE_URL_HELP = "set SOURCES__CRM__BASE_URL (or base_url under [sources.crm] in .dlt/config.toml)"
@@ -31,9 +32,10 @@ def check_settings(base_url: Optional[str], api_key: Optional[str], page_sizes: 
             raise CrmConfigurationError(
                 f"page_sizes names an unknown resource {name!r}; known: {', '.join(ENDPOINTS_BY_NAME)}"
             )
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_PAGE_SIZE:
+        if isinstance(size, bool) or not isinstance(size, int) or not MIN_PAGE_SIZE <= size <= MAX_PAGE_SIZE:
             raise CrmConfigurationError(
-                f"page size for {name} must be a whole number from 1 to {MAX_PAGE_SIZE}, got {size!r}"
+                f"page size for {name} must be a whole number from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, "
+                f"got {size!r}: set SOURCES__CRM__PAGE_SIZES"
             )
     return str(base_url).strip().rstrip("/")
 

@@ -15,7 +15,7 @@ import requests
 from dlt.sources.helpers.rest_client.paginators import BasePaginator
 
 from .errors import CrmConfigurationError
-from .keyset import KeysetRead, PageRequest
+from .keyset import MIN_PAGE_SIZE, KeysetRead, PageRequest
 from .settings import CURSOR_FIELD, PRIMARY_KEY, RESULT_WINDOW
 
 logger = logging.getLogger("crm_assets.sources.crm")
@@ -59,9 +59,9 @@ class KeysetPaginator(BasePaginator):
 
     def __init__(self, resource: str, page_size: int, result_window: int = RESULT_WINDOW) -> None:
         super().__init__()
-        if not 0 < page_size <= result_window:
+        if not MIN_PAGE_SIZE <= page_size <= result_window:
             raise CrmConfigurationError(
-                f"{resource}: page size must be between 1 and {result_window}, got {page_size}"
+                f"{resource}: page size must be between {MIN_PAGE_SIZE} and {result_window}, got {page_size}"
             )
         self.resource = resource
         self.page_size = page_size
