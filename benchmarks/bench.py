@@ -12,7 +12,8 @@ each in its own subprocess, measuring wall time, peak memory of the whole proces
        parallel too (`parallelized: True`).
   b    the seed integration spec's config (benchmarks/seed_config.py) with plain dlt
        `rest_api_source` into a fresh DuckDB with dlt's default loader (insert_values).
-  c2   the project's `crm` source with plain dlt: `crm_pipeline()` + `run_options()`.
+  c2   the project's `crm` source with plain dlt: `crm_pipeline()` + `run_options()`, run inside
+       `sync_tuning()` as a Dagster run is.
   c    the project through Dagster: `dagster asset materialize -m crm_assets.definitions
        --select '*'` with a temporary DAGSTER_HOME (holding a copy of the repository's
        dagster.yaml, if there is one, as `make dev` does; --no-dagster-yaml for none).
@@ -260,10 +261,13 @@ def worker_project(args: argparse.Namespace) -> dict[str, Any]:
     from crm_assets.sources.crm import crm
     from crm_assets.sources.crm_pipeline import crm_pipeline, run_options
 
+    from crm_assets.sources.tuning import sync_tuning
+
     pipeline = crm_pipeline()
     options = run_options(pipeline)
     started = time.perf_counter()
-    info = pipeline.run(crm(), **options)
+    with sync_tuning():
+        info = pipeline.run(crm(), **options)
     elapsed = time.perf_counter() - started
     return {
         "sync_seconds": elapsed,

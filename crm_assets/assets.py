@@ -25,6 +25,7 @@ from .sources.crm_pipeline import (
     table_row_counts,
 )
 from .sources.run_lock import exclusive_run
+from .sources.tuning import sync_tuning
 from .translator import CrmTranslator
 
 # Only one run may write the warehouse at a time (DuckDB allows a single writer; dlt state
@@ -118,7 +119,7 @@ def crm_sync_assets(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))
     with _source_logs_in(context):
         try:
-            with exclusive_run():
+            with exclusive_run(), sync_tuning():
                 pipeline = crm_pipeline()
                 options: dict[str, Any] = run_options(pipeline)
                 if config.full_refresh:
@@ -153,7 +154,7 @@ def crm_sync_assets(
             )
         elif new_columns and not changes[table]["new_tables"]:
             context.log.info(f"{table}: new column(s) {', '.join(new_columns)}")
-        yield result._replace(metadata=metadata)
+        yield MaterializeResult(asset_key=result.asset_key, metadata=metadata)
 
 
 def _contract_violation(exc: BaseException) -> Optional[str]:

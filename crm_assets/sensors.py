@@ -4,7 +4,7 @@ import json
 import os
 import re
 import time
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import requests
 from dagster import (
@@ -35,12 +35,14 @@ _ALERT_TIMEOUT_SECONDS = 10
 _MAX_ALERT_ERROR_CHARS = 2500
 
 
-def _readable(message: str) -> str:
-    """`dagster._core.definitions.events.Failure: text` -> `text`;
-    `dagster._core.errors.SomeError: text` -> `SomeError: text`."""
-    message = message.strip()
-    message = re.sub(r"^dagster\._core\.definitions\.events\.Failure: ", "", message)
-    return re.sub(r"^dagster\._core\.[\w.]+\.(\w+): ", r"\1: ", message)
+def _readable(error: Any) -> str:
+    """An error's message without its class's module path (`SomeError: text`), and without any
+    class name for a `Failure`, whose description is already written for people."""
+    message = error.message.strip()
+    head, separator, text = message.partition(": ")
+    if separator and error.cls_name and head.rsplit(".", 1)[-1] == error.cls_name:
+        return text if error.cls_name == "Failure" else f"{error.cls_name}: {text}"
+    return message
 
 
 def _now() -> float:
@@ -147,7 +149,7 @@ def _error_text(context: RunFailureSensorContext) -> str:
         error = event.step_failure_data.error
         messages = []
         while error is not None:
-            messages.append(_readable(error.message))
+            messages.append(_readable(error))
             error = error.cause
         parts.append(f"{event.step_key}: " + "\ncaused by: ".join(messages))
     if not parts:  # the run failed outside any step (e.g. its worker crashed)

@@ -29,6 +29,7 @@ from dlt.common.runtime.collector import LogCollector
 from dlt.pipeline.pipeline import Pipeline
 
 from .crm.errors import CrmConfigurationError
+from .tuning import release_freed_memory, sync_tuning
 
 PIPELINE_NAME = "crm_warehouse"
 DATASET_NAME = "crm"
@@ -73,22 +74,6 @@ def selected_destination() -> str:
     return name
 
 
-# dlt settings this pipeline runs best with, applied only where the user configured nothing
-# (environment variables and .dlt/*.toml still win). Measured with `make bench`:
-# - dlt gzips its intermediate files by default; on one local disk that costs CPU and buys
-#   nothing (1,000,000 records: 62 s -> 48 s);
-# - DuckDB takes up to 80% of RAM by default; a cap keeps the load step's memory flat (it
-#   spills to disk instead), so a sync of 1,000,000 records stays under 500 MB;
-# - one DuckDB thread per query: under that cap, two merge jobs at once with a thread per core
-#   each ran out of memory now and then (dlt retries such a job, up to 5 times). 1,000,000
-#   records, plain dlt: merge jobs retried 3 times in 3 runs -> 2 times in 6 runs, load step
-#   6.0-7.0 s -> 5.2-5.8 s, same peak memory; 109,000 records: load 0.89 s -> 0.84 s.
-PERFORMANCE_DEFAULTS: dict[str, Any] = {
-    "data_writer.disable_compression": True,
-    "destination.duckdb.credentials.global_config": {"memory_limit": "128MB", "threads": 1},
-}
-
-
 # DuckDB has one writer: dlt's default of up to 20 load jobs at once buys no speed there, and each
 # job's parquet reader takes memory outside DuckDB's `memory_limit` (1,000,000 records through
 # Dagster, peak RSS: 20 jobs 506 MB, 2 jobs 470 MB, 1 job 456 MB; 109,000 records, load step:
@@ -100,30 +85,6 @@ def _destination(name: str) -> Any:
     if name == "duckdb":
         return dlt.destinations.duckdb(max_parallel_load_jobs=DUCKDB_PARALLEL_LOAD_JOBS)
     return name
-
-
-def apply_performance_defaults() -> None:
-    for key, value in PERFORMANCE_DEFAULTS.items():
-        if dlt.config.get(key) is None:
-            # A value under `credentials` goes to the secrets provider: put in the config
-            # provider, it makes dlt refuse the DuckDB credentials ("config.toml cannot hold
-            # secret values") whenever DESTINATION__DUCKDB__CREDENTIALS is not set.
-            (dlt.secrets if ".credentials." in key else dlt.config)[key] = value
-    _limit_malloc_arenas()
-
-
-_M_ARENA_MAX = -8  # glibc's mallopt() parameter number
-
-
-def _libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 # Python's cyclic garbage collector during each dlt step (extract, normalize, load). Its default
@@ -173,9 +134,7 @@ class _StepCollector(LogCollector):
     _in_step = False
 
     def _start(self, step: str) -> None:
-        libc = _libc()
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+        release_freed_memory()
         if not self._in_step:
             _FEWER_GC_PASSES.enter()
             self._in_step = True
@@ -190,16 +149,6 @@ class _StepCollector(LogCollector):
                 _FEWER_GC_PASSES.leave()
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Fewer glibc malloc arenas: the pages parsed on the prefetch and dlt worker threads
-    otherwise leave memory behind in one arena per thread (measured: -40 MB peak at 1,000,000
-    records, no measurable cost). Equivalent to MALLOC_ARENA_MAX=2; a no-op off glibc or when
-    the variable is set."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt") and not os.environ.get("MALLOC_ARENA_MAX"):
-        libc.mallopt(_M_ARENA_MAX, arenas)
-
-
 def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
     """A fresh handle on the pipeline; config (destination path, state dir) resolves when it runs.
 
@@ -208,7 +157,6 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
     name must not stop that, so it only logs here and the pipeline has no destination; the run
     then fails in `run_options()` with the message naming the variable and the accepted values.
     """
-    apply_performance_defaults()
     destination: Any
     try:
         destination = _destination(selected_destination())
@@ -337,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from crm_assets.sources.crm import ENDPOINTS, crm, find_crm_error
     from crm_assets.sources.run_lock import exclusive_run
 
-    with exclusive_run():
+    with exclusive_run(), sync_tuning():
         pipeline = crm_pipeline()
         try:
             load_info = pipeline.run(crm(), **run_options(pipeline))

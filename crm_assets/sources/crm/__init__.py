@@ -17,7 +17,7 @@ import dlt
 from dlt.sources import DltResource
 from dlt.sources.rest_api import rest_api_resources
 
-from .arrow_pages import ROOT_COLUMNS, ArrowPages, allow_nested_tables_from_extract
+from .arrow_pages import ROOT_COLUMNS, ArrowPages, can_write_nested_tables
 from .config import check_settings, connection_settings
 from .counts import count_records
 from .errors import (
@@ -177,7 +177,7 @@ def crm(
         # not with rest_api's `parallelized: True`: dlt 1.31 loses that flag for resources that
         # depend on no other one, and reads them one after the other (test_sync.py checks this).
         resource.parallelize()
-    if arrow_pages and allow_nested_tables_from_extract():
+    if arrow_pages and can_write_nested_tables():
         for resource in resources:
             resource.apply_hints(columns=ROOT_COLUMNS)
             resource.add_step(ArrowPages(resource))

@@ -21,8 +21,8 @@ are dlt's, so coercion and variant columns (`budget__v_text`) stay exactly dlt's
 kinds land in the same tables in the same load.
 
 dlt 1.31 does not expect nested tables to be written while extracting (its extract metrics look
-up a `resource` that only root tables carry): `allow_nested_tables_from_extract()` wraps that one
-lookup, and the source uses this step only when the wrapper is in place.
+up a `resource` that only root tables carry): `nested_tables_from_extract()` wraps that one lookup
+for the duration of a sync (sources/tuning.py), and outside it this step leaves every page to dlt.
 
 Row keys: `_dlt_id` is random on every row (dlt hashes a child row's parent key and position
 instead; neither is stable from one load to the next, and the merge needs them only unique and
@@ -36,22 +36,16 @@ import base64
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import dlt
 
-# pyarrow allocates through the C library's malloc, not its bundled mimalloc: mimalloc keeps the
-# memory of every page's tables once they are freed, and the process keeps that size into the
-# load step (1,000,000 records, plain dlt, peak RSS per step extract/normalize/load: mimalloc
-# 242/267/418 MB, malloc 230/217/375 MB, same speed). Read when pyarrow first allocates, so it is
-# set before pyarrow is imported; a value set by the user wins.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-from dlt.common.schema.utils import autodetect_sc_type  # noqa: E402
-from dlt.common.storages.load_package import load_package_state  # noqa: E402
-from dlt.extract.items_transform import ItemTransform  # noqa: E402
+import pyarrow as pa
+import pyarrow.compute as pc
+from dlt.common.schema.utils import autodetect_sc_type
+from dlt.common.storages.load_package import load_package_state
+from dlt.extract.items_transform import ItemTransform
 
 # dlt's own columns, with the hints its normalizer gives them.
 _ROW_KEY = {"data_type": "text", "nullable": False, "unique": True, "row_key": True}
@@ -145,13 +139,19 @@ class ColumnTypes:
             self.plain_names[name] = plain
         return plain
 
+    @property
+    def _detections(self) -> Any:
+        # the schema's type detections, as dlt's normalizer applies them (its settings always
+        # hold them: dlt writes its standard detections there when it creates a schema)
+        return self.schema.settings.get("detections") or []
+
     def plain_new_column(self, name: str, value: Any) -> bool:
         """dlt would type a new column `name` whose first value is `value` by its Python type
         alone (no detection such as ISO timestamps in strings, no preferred type for the name)."""
         return (
             len(name) <= _MAX_NAME
             and self.schema.get_preferred_type(name) is None
-            and autodetect_sc_type(self.schema._type_detections, type(value), value) is None
+            and autodetect_sc_type(self._detections, type(value), value) is None
         )
 
     def learn(self, new: dict[str, dict[str, type]]) -> None:
@@ -428,7 +428,7 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
         self.custom_metrics["records_left_to_dlt_normalizer"] = 0
 
     def __call__(self, item: Any, meta: Any = None) -> Iterator[Any]:
-        if not isinstance(item, list) or not item or not isinstance(item[0], dict):
+        if not isinstance(item, list) or not item or not isinstance(item[0], dict) or not _nested_tables_allowed():
             yield item
             return
         tables, left = self._page(item)
@@ -510,23 +510,57 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
         return self._types
 
 
-def allow_nested_tables_from_extract() -> bool:
-    """Lets dlt's extract step write child tables, as this step does. True when in place.
+def can_write_nested_tables() -> bool:
+    """Whether `nested_tables_from_extract()` can make dlt's extract accept child tables."""
+    import dlt.extract.extract as extract_module
+
+    return callable(getattr(extract_module, "aggregate_job_metrics", None))
+
+
+_nested = {"depth": 0, "original": None}
+_nested_lock = threading.Lock()
+
+
+def _nested_tables_allowed() -> bool:
+    return _nested["depth"] > 0
+
+
+@contextmanager
+def nested_tables_from_extract() -> Iterator[None]:
+    """Lets dlt's extract step write child tables, as this step does, for the block's duration.
 
     dlt sums each extracted table's metrics per resource by looking up the table's `resource`,
     which only root tables carry: a nested table written while extracting raises KeyError there
-    (dlt 1.31, `Extract._compute_metrics`). This wraps that aggregation so such a table counts
-    for its root table's resource; for every other table nothing changes. Should a later dlt move
-    the function, this returns False and every record takes dlt's normalizer.
+    (dlt 1.31, `Extract._compute_metrics`). Inside the block that aggregation is wrapped so such a
+    table counts for its root table's resource; for every other table nothing changes. The
+    original comes back when the last block ends. Should a later dlt move the function, nothing
+    is wrapped and every page goes to dlt's normalizer.
     """
     import dlt.extract.extract as extract_module
 
-    original = getattr(extract_module, "aggregate_job_metrics", None)
-    if original is None or not callable(original):
-        return False
-    if getattr(original, "crm_nested_tables", False):
-        return True
+    with _nested_lock:
+        if _nested["depth"] == 0:
+            original = getattr(extract_module, "aggregate_job_metrics", None)
+            if callable(original):
+                extract_module.aggregate_job_metrics = _counting_nested_tables_for_their_root(original)
+                _nested["original"] = original
+        if _nested["depth"] > 0 or _nested["original"] is not None:
+            _nested["depth"] += 1
+            entered = True
+        else:
+            entered = False
+    try:
+        yield
+    finally:
+        if entered:
+            with _nested_lock:
+                _nested["depth"] -= 1
+                if _nested["depth"] == 0:
+                    extract_module.aggregate_job_metrics = _nested["original"]
+                    _nested["original"] = None
 
+
+def _counting_nested_tables_for_their_root(original: Any) -> Any:
     def aggregate_job_metrics(job_metrics: Any, key: Any) -> Any:
         def key_or_root_key(name: Any) -> Any:
             try:
@@ -538,6 +572,4 @@ def allow_nested_tables_from_extract() -> bool:
 
         return original(job_metrics, key_or_root_key)
 
-    aggregate_job_metrics.crm_nested_tables = True  # type: ignore[attr-defined]
-    extract_module.aggregate_job_metrics = aggregate_job_metrics
-    return True
+    return aggregate_job_metrics

@@ -1,0 +1,125 @@
+"""Process tuning for the duration of one sync, undone when it ends.
+
+Importing the project changes nothing in the process: other code locations, tests and dlt
+pipelines may share it. A sync (`with sync_tuning(): pipeline.run(...)`) applies what measurably
+pays (figures in benchmarks/README.md), each only where the
+user has not configured it, and puts everything back when the block ends, also on failure:
+
+- the garbage collector: what is alive when the sync starts (Dagster, dlt, the definitions) is
+  frozen out of its sight, so its collections during the sync walk only the sync's own objects;
+- dlt settings: no gzip of dlt's intermediate files, and DuckDB capped at 128 MB and one thread
+  per query (a sync of 1,000,000 records stays under 500 MB), through dlt's own environment
+  variables, set only while unset and removed afterwards;
+- pyarrow allocates through the C library's malloc, whose freed page memory goes back to the
+  system before the load step (mimalloc, its default, keeps it);
+- glibc keeps at most two malloc arenas (as MALLOC_ARENA_MAX=2 would);
+- dlt's extract may write the Arrow pages' child tables (`arrow_pages.nested_tables_from_extract`).
+
+Syncs overlapping in one process share one application: the first to start applies, the last to
+end restores.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Optional
+
+import dlt
+
+from .crm.arrow_pages import nested_tables_from_extract
+
+# dlt setting -> the environment variable dlt reads it from, and its value during a sync
+DLT_SETTINGS: dict[str, tuple[str, str]] = {
+    "data_writer.disable_compression": ("DATA_WRITER__DISABLE_COMPRESSION", "true"),
+    "destination.duckdb.credentials.global_config": (
+        "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG",
+        '{"memory_limit": "128MB", "threads": 1}',
+    ),
+}
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc's mallopt() parameter number; 0 restores glibc's own default
+
+_lock = threading.Lock()
+_active = 0
+_undo: Optional[ExitStack] = None
+
+
+@contextmanager
+def sync_tuning() -> Iterator[None]:
+    """The tuning above for the duration of the block."""
+    global _active, _undo
+    with _lock:
+        if _active == 0:
+            _undo = ExitStack()
+            try:
+                _apply(_undo)
+            except BaseException:
+                _undo.close()
+                raise
+        _active += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active -= 1
+            if _active == 0 and _undo is not None:
+                undo, _undo = _undo, None
+                undo.close()
+
+
+def _apply(undo: ExitStack) -> None:
+    if gc.get_freeze_count() == 0:  # someone else's freeze is theirs to manage
+        gc.freeze()
+        undo.callback(gc.unfreeze)
+    for key, (variable, value) in DLT_SETTINGS.items():
+        if variable not in os.environ and _configured(key) is None:
+            os.environ[variable] = value
+            undo.callback(os.environ.pop, variable, None)
+    _use_system_allocator_for_arrow(undo)
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt") and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+        undo.callback(libc.mallopt, _M_ARENA_MAX, 0)
+    undo.enter_context(nested_tables_from_extract())
+
+
+def _configured(key: str) -> Any:
+    """The value the user configured for a dlt setting (config or secrets), or None."""
+    provider = dlt.secrets if ".credentials." in key else dlt.config
+    try:
+        return provider.get(key)
+    except Exception:  # a value dlt cannot parse: leave it to dlt to complain about
+        return True
+
+
+def _use_system_allocator_for_arrow(undo: ExitStack) -> None:
+    if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:  # the user's choice wins
+        return
+    import pyarrow as pa
+
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    undo.callback(pa.set_memory_pool, previous)
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's freed memory back to the OS (glibc's malloc_trim); a no-op elsewhere."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

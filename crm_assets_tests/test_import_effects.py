@@ -1,0 +1,86 @@
+"""Importing the code location changes nothing in the process, and a sync puts back what it tunes.
+
+Each check runs in a fresh interpreter: what this test process has already imported proves
+nothing about an import.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from .conftest import assert_exact, run_sync
+
+SNAPSHOT = textwrap.dedent(
+    """
+    import gc, json, os, sys
+    import dlt
+    import dlt.extract.extract as extract_module
+    import pyarrow as pa
+
+    DLT_KEYS = ("data_writer.disable_compression",)
+    SECRET_KEYS = ("destination.duckdb.credentials.global_config",)
+
+    def snapshot():
+        return {
+            "gc_enabled": gc.isenabled(),
+            "gc_threshold": list(gc.get_threshold()),
+            "gc_frozen": gc.get_freeze_count(),
+            "environ": dict(os.environ),
+            "dlt_config": {k: repr(dlt.config.get(k)) for k in DLT_KEYS},
+            "dlt_secrets": {k: repr(dlt.secrets.get(k)) for k in SECRET_KEYS},
+            "aggregate_job_metrics": repr(extract_module.aggregate_job_metrics),
+            "arrow_pool": pa.default_memory_pool().backend_name,
+        }
+    """
+)
+
+
+def _run(body: str) -> dict:
+    code = SNAPSHOT + textwrap.dedent(body)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _differences(before: dict, after: dict) -> dict:
+    return {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+
+
+def test_importing_the_code_location_leaves_gc_environment_dlt_config_and_dlt_functions_alone():
+    result = _run(
+        """
+        before = snapshot()
+        import crm_assets.definitions  # noqa: F401
+        print(json.dumps({"before": before, "after": snapshot()}))
+        """
+    )
+    assert _differences(result["before"], result["after"]) == {}
+
+
+def test_a_sync_puts_back_everything_it_tunes(start_simulator, crm_env, warehouse, monkeypatch):
+    simulator = start_simulator()
+    crm_env(simulator)
+    result = _run(
+        """
+        import crm_assets.definitions  # noqa: F401
+        from crm_assets.sources.tuning import sync_tuning
+        before = snapshot()
+        with sync_tuning():
+            during = snapshot()
+        print(json.dumps({"before": before, "during": during, "after": snapshot()}))
+        """
+    )
+    assert _differences(result["before"], result["after"]) == {}
+    tuned = _differences(result["before"], result["during"])
+    assert {"gc_frozen", "environ", "aggregate_job_metrics", "arrow_pool"} <= set(tuned), tuned
+
+    # and a real sync in this process: the tuning is undone whether or not it was applied
+    import gc
+
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert run_sync().success
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (threshold, frozen)
+    assert_exact(warehouse, simulator)
