@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 export DAGSTER_DISABLE_TELEMETRY ?= true
 
-.PHONY: install test demo dev bench clean
+.PHONY: install test test-fast demo dev bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml setup.cfg
 test: $(STAMP)
 	trap 'bash scripts/services.sh down' EXIT; trap 'exit 130' INT TERM; \
 	bash scripts/services.sh up && $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make test-fast: the layer that needs no service and no root (the read, the paginator, the
+## definitions), in seconds
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not postgres and not browser" crm_assets_tests/test_keyset_read.py \
+		crm_assets_tests/test_paginator.py crm_assets_tests/test_definitions.py $(PYTEST_ARGS)
 
 ## make demo: simulator on loopback -> dagster asset materialize of all five assets -> row counts
 demo: $(STAMP)

@@ -38,6 +38,8 @@ from crm_assets.sources.crm_pipeline import (
 from .conftest import RESOURCES, SMALL_COUNTS, failure_message, run_sync
 from .warehouses import PgDatabase, _create_database, _drop_database
 
+pytestmark = pytest.mark.postgres
+
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY_INSTANCE_YAML = REPO / "deploy" / "dagster.yaml"
 ALL_CHECKS = {

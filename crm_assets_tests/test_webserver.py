@@ -38,6 +38,8 @@ from crm_assets.simulator import CrmSimulator, SimulatorConfig
 
 from .conftest import API_KEY, RESOURCES, SMALL_COUNTS
 
+pytestmark = pytest.mark.browser
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -166,7 +166,7 @@ def pg_warehouse(postgres_server, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     _drop_database(postgres_server, database.name)
 
 
-@pytest.fixture(params=["duckdb", "postgres"])
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
 def any_warehouse(request, warehouse: Path):
     """Run the test once with the default DuckDB warehouse and once with PostgreSQL."""
     if request.param == "postgres":
