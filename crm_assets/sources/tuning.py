@@ -11,7 +11,8 @@ user has not configured it, and puts everything back when the block ends, also o
   per query (a sync of 1,000,000 records stays under 500 MB), through dlt's own environment
   variables, set only while unset and removed afterwards;
 - pyarrow allocates through the C library's malloc, whose freed page memory goes back to the
-  system before the load step (mimalloc, its default, keeps it);
+  system before the load step (mimalloc, its default, keeps it); Arrow's C++ side picks its pool
+  once, at its first allocation, so in a process whose first sync comes first it stays malloc;
 - glibc keeps at most two malloc arenas (as MALLOC_ARENA_MAX=2 would);
 - dlt's extract may write the Arrow pages' child tables (`arrow_pages.nested_tables_from_extract`).
 
@@ -100,6 +101,11 @@ def _configured(key: str) -> Any:
 def _use_system_allocator_for_arrow(undo: ExitStack) -> None:
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:  # the user's choice wins
         return
+    # Arrow's C++ code (the parquet writer and reader among it) reads this variable once, when it
+    # first allocates: in a process whose first Arrow allocation is a sync's, that pool stays
+    # malloc. pyarrow's own default pool is set, and put back, here.
+    os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
+    undo.callback(os.environ.pop, "ARROW_DEFAULT_MEMORY_POOL", None)
     import pyarrow as pa
 
     previous = pa.default_memory_pool()

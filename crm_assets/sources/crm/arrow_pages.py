@@ -32,18 +32,13 @@ linked). Switch the step off with the source's `arrow_pages=False`
 
 from __future__ import annotations
 
-import base64
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 import dlt
 
-import pyarrow as pa
-import pyarrow.compute as pc
-from dlt.common.schema.utils import autodetect_sc_type
 from dlt.common.storages.load_package import load_package_state
 from dlt.extract.items_transform import ItemTransform
 
@@ -60,354 +55,6 @@ CHILD_COLUMNS: dict[str, dict[str, Any]] = {
     "_dlt_root_id": {"data_type": "text", "nullable": False, "root_key": True},
 }
 
-# The Python type of a column's values, by the column's dlt type. A column of any other dlt type
-# (timestamp, decimal, json, ...) takes no value here: its records go through dlt's normalizer.
-_PY_TYPES = {"text": str, "bigint": int, "double": float, "bool": bool}
-_TAKEN_KINDS = frozenset(_PY_TYPES.values())
-_ARROW_TYPES = {pa.string(): str, pa.int64(): int, pa.float64(): float, pa.bool_(): bool}
-
-
-class _NotTaken:
-    """The type of a column whose values are always left to dlt's normalizer."""
-
-
-_NOT_TAKEN = _NotTaken
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def _takeable(kind: type, value: Any) -> bool:
-    """A value of a type this step builds, within its Arrow type's range."""
-    return kind in _TAKEN_KINDS and (kind is not int or _INT64[0] <= value <= _INT64[1])
-
-# dlt shortens longer identifiers on some destinations (PostgreSQL: 63): left to dlt.
-_MAX_NAME = 63
-_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError, TypeError)
-
-Tables = list[tuple[str, pa.Table]]
-
-
-def random_row_keys(n: int) -> pa.Array:
-    """n random 16-character row keys: 12 random bytes each, base64 (no padding), in one buffer."""
-    raw = base64.b64encode(os.urandom(12 * n))
-    offsets = pa.array(range(0, 16 * n + 1, 16), pa.int32()).buffers()[1]
-    return pa.StringArray.from_buffers(n, offsets, pa.py_buffer(raw))
-
-
-class _Rejected(Exception):
-    """A record this step cannot build exactly as dlt's normalizer would."""
-
-
-class ColumnTypes:
-    """What a resource's tables hold: the Python type of each column (from the schema, then from
-    the first value taken), and which names dlt leaves alone."""
-
-    def __init__(self, schema: Any, resource: str, hinted: dict[str, Any]) -> None:
-        self.schema = schema
-        self.tables: dict[str, dict[str, type]] = {}
-        self.not_null: dict[str, set[str]] = {
-            resource: {name for name, spec in hinted.items() if spec.get("nullable") is False}
-        }
-        self.plain_names: dict[str, bool] = {}  # plain_name()'s answers
-        # the resource's own column hints (the schema may not hold its table yet: the first page)
-        self.tables[resource] = {
-            column: _PY_TYPES.get(spec["data_type"], _NOT_TAKEN)
-            for column, spec in hinted.items()
-            if spec.get("data_type")
-        }
-        for name, table in schema.tables.items():
-            if name == resource or name.startswith(f"{resource}__"):
-                columns = table.get("columns", {})
-                self.tables.setdefault(name, {}).update(
-                    (column, _PY_TYPES.get(spec["data_type"], _NOT_TAKEN))
-                    for column, spec in columns.items()
-                    if spec.get("data_type")
-                )
-                self.not_null.setdefault(name, set()).update(
-                    column for column, spec in columns.items() if spec.get("nullable") is False
-                )
-
-    def plain_name(self, name: str) -> bool:
-        """dlt keeps `name` as it is, and cannot confuse it with a flattened or dlt column."""
-        plain = self.plain_names.get(name)
-        if plain is None:
-            plain = (
-                len(name) <= _MAX_NAME
-                and "__" not in name
-                and not name.startswith("_dlt")
-                and self.schema.naming.normalize_identifier(name) == name
-            )
-            self.plain_names[name] = plain
-        return plain
-
-    @property
-    def _detections(self) -> Any:
-        # the schema's type detections, as dlt's normalizer applies them (its settings always
-        # hold them: dlt writes its standard detections there when it creates a schema)
-        return self.schema.settings.get("detections") or []
-
-    def plain_new_column(self, name: str, value: Any) -> bool:
-        """dlt would type a new column `name` whose first value is `value` by its Python type
-        alone (no detection such as ISO timestamps in strings, no preferred type for the name)."""
-        return (
-            len(name) <= _MAX_NAME
-            and self.schema.get_preferred_type(name) is None
-            and autodetect_sc_type(self._detections, type(value), value) is None
-        )
-
-    def learn(self, new: dict[str, dict[str, type]]) -> None:
-        for table, columns in new.items():
-            self.tables.setdefault(table, {}).update(columns)
-
-
-class _RecordCheck:
-    """Which records of a page can be taken (the page-by-page check found a mixed page)."""
-
-    def __init__(self, resource: str, types: ColumnTypes) -> None:
-        self.resource = resource
-        self.types = types
-
-    def split(self, records: list[dict]) -> tuple[list[dict], list[dict]]:
-        """(records taken, records left to dlt). A new column's type is the first taken value's."""
-        taken: list[dict] = []
-        left: list[dict] = []
-        new: dict[str, dict[str, type]] = {}
-        for record in records:
-            if not isinstance(record, dict):
-                left.append(record)
-                continue
-            added: list[tuple[str, str, type]] = []
-            try:
-                self._record(self.resource, record, "", new, added)
-            except _Rejected:
-                for table, name, _ in added:
-                    del new[table][name]
-                # dlt will type this record's new columns by its values: later records must agree
-                self._first_seen(self.resource, record, "", new)
-                left.append(record)
-                continue
-            taken.append(record)
-        self.types.learn(new)
-        return taken, left
-
-    def _record(self, table: str, record: dict, prefix: str, new: dict[str, dict[str, type]],
-                added: list[tuple[str, str, type]]) -> None:
-        known = self.types.tables.get(table, {})
-        plain_names = self.types.plain_names
-        for key, value in record.items():
-            if value is None:
-                continue
-            plain = plain_names.get(key)
-            if not (plain or (plain is None and self.types.plain_name(key))):
-                raise _Rejected
-            name = prefix + key
-            kind = type(value)
-            if known.get(name) is kind:  # the usual case: a known column, a value of its type
-                if not _takeable(kind, value):
-                    raise _Rejected
-                continue
-            if kind is dict or kind is list:
-                if name in known:  # dlt would store it in that column (as JSON), not flatten it
-                    raise _Rejected
-                if kind is dict:
-                    self._record(table, value, name + "__", new, added)
-                    continue
-                child = f"{table}__{name}"
-                known_value = self.types.tables.get(child, {}).get("value")
-                for element in value:
-                    element_kind = type(element)
-                    if element is None or (element_kind is known_value and element_kind is not int):
-                        continue
-                    if element_kind is dict:
-                        self._record(child, element, "", new, added)
-                    elif element_kind is list:
-                        raise _Rejected
-                    else:
-                        self._value(child, "value", element, element_kind, new, added)
-                continue
-            self._value(table, name, value, kind, new, added)
-
-    def _first_seen(self, table: str, record: dict, prefix: str, new: dict[str, dict[str, type]]) -> None:
-        """Registers the new columns of a record left to dlt, as dlt will type them: by this first
-        value when it is plain (later values must have its type), else as columns never taken."""
-        naming = self.types.schema.naming
-        for key, value in record.items():
-            if value is None:
-                continue
-            plain = self.types.plain_name(key)
-            name = prefix + (key if plain else naming.normalize_identifier(key))
-            kind = type(value)
-            if kind is dict:
-                self._first_seen(table, value, name + "__", new)
-            elif kind is list:
-                child = f"{table}__{name}"
-                for element in value:
-                    if type(element) is dict:
-                        self._first_seen(child, element, "", new)
-                    elif element is not None and type(element) is not list:
-                        self._register(child, "value", element, plain, new)
-            else:
-                self._register(table, name, value, plain, new)
-
-    def _register(self, table: str, name: str, value: Any, plain: bool, new: dict[str, dict[str, type]]) -> None:
-        if name in self.types.tables.get(table, {}) or name in new.get(table, {}):
-            return
-        kind = type(value)
-        takes = plain and _takeable(kind, value) and self.types.plain_new_column(name, value)
-        new.setdefault(table, {})[name] = kind if takes else _NOT_TAKEN
-
-    def _value(self, table: str, name: str, value: Any, kind: type, new: dict[str, dict[str, type]],
-               added: list[tuple[str, str, type]]) -> None:
-        if not _takeable(kind, value) or len(table) > _MAX_NAME:
-            raise _Rejected
-        expected = self.types.tables.get(table, {}).get(name) or new.get(table, {}).get(name)
-        if expected is None:
-            if not self.types.plain_new_column(name, value):
-                raise _Rejected
-            new.setdefault(table, {})[name] = kind
-            added.append((table, name, kind))
-        elif expected is not kind:
-            raise _Rejected
-
-
-class _PageTypes:
-    """Whether pyarrow's types for a whole page are the columns' types (the usual case)."""
-
-    def __init__(self, types: ColumnTypes) -> None:
-        self.types = types
-        self.new: dict[str, dict[str, type]] = {}
-
-    def match(self, table: str, struct: pa.StructType, prefix: str = "") -> bool:
-        known = self.types.tables.get(table, {})
-        for field in struct:
-            name = prefix + field.name
-            arrow_type = field.type
-            if not self.types.plain_name(field.name):
-                return False
-            if pa.types.is_null(arrow_type):
-                continue
-            if pa.types.is_struct(arrow_type) or pa.types.is_list(arrow_type):
-                if name in known:
-                    return False
-                if pa.types.is_struct(arrow_type):
-                    if not self.match(table, arrow_type, name + "__"):
-                        return False
-                    continue
-                child = f"{table}__{name}"
-                element = arrow_type.value_type
-                if pa.types.is_struct(element):
-                    if not self.match(child, element):
-                        return False
-                elif not pa.types.is_null(element) and not self._leaf(child, "value", element):
-                    return False
-                continue
-            if not self._leaf(table, name, arrow_type):
-                return False
-        return True
-
-    def _leaf(self, table: str, name: str, arrow_type: pa.DataType) -> bool:
-        py_type = _ARROW_TYPES.get(arrow_type)
-        if py_type is None or len(table) > _MAX_NAME:
-            return False
-        expected = self.types.tables.get(table, {}).get(name)
-        if expected is None:
-            # pyarrow types a mix of ints and floats as double, dlt by the first value: only the
-            # record-by-record check can tell which came first
-            if py_type is float:
-                return False
-            self.new.setdefault(table, {})[name] = py_type
-            return True
-        return expected is py_type
-
-    def new_columns_plain(self, tables: Tables) -> bool:
-        """dlt would infer nothing but the Python type from each new column's first value."""
-        built = dict(tables)
-        for table, columns in self.new.items():
-            data = built.get(table)
-            for name in columns:
-                if data is None or name not in data.column_names:
-                    continue
-                values = data.column(name).drop_null()
-                if len(values) and not self.types.plain_new_column(name, values[0].as_py()):
-                    return False
-        return True
-
-
-def _flatten(array: pa.StructArray, prefix: str, out: list[tuple[str, pa.Array]]) -> None:
-    # StructArray.flatten() applies the parent's nulls to each child
-    for field, child in zip(array.type, array.flatten()):
-        if pa.types.is_struct(field.type):
-            _flatten(child, prefix + field.name + "__", out)
-        else:
-            out.append((prefix + field.name, child))
-
-
-def build_tables(resource: str, array: pa.StructArray, load_id: str,
-                 not_null: Optional[dict[str, set[str]]] = None,
-                 parents: Optional[dict[str, str]] = None) -> Optional[Tables]:
-    """The resource's table (first) and its child tables, from a page's struct array; None if a
-    column the schema declares not null holds a null (dlt's normalizer then raises its error).
-    `parents` receives each child table's parent (a list inside an object is a child of the
-    object's table: `jobs__location__tags`'s parent is `jobs`)."""
-    ids = random_row_keys(len(array))
-    tables: Tables = []
-    _build(resource, array, ids, ids, tables, {} if parents is None else parents)
-    root = tables[0][1].append_column("_dlt_id", ids)
-    root = root.append_column("_dlt_load_id", pa.array([load_id] * len(array), pa.string()))
-    tables[0] = (resource, root)
-    # columns declared not null are typed so (dlt otherwise warns of the mismatch on every page)
-    for position, (name, table) in enumerate(tables):
-        required = (not_null or {}).get(name, set()) | (ROOT_COLUMNS.keys() if position == 0 else CHILD_COLUMNS.keys())
-        fields = []
-        for field, column in zip(table.schema, table.columns):
-            if field.name in required:
-                if column.null_count:
-                    return None
-                field = field.with_nullable(False)
-            fields.append(field)
-        tables[position] = (name, table.cast(pa.schema(fields)))
-    return tables
-
-
-def _build(name: str, array: pa.StructArray, ids: pa.Array, root_ids: pa.Array, tables: Tables,
-           parent_of: dict[str, str]) -> None:
-    leaves: list[tuple[str, pa.Array]] = []
-    _flatten(array, "", leaves)
-    position = len(tables)
-    tables.append((name, None))  # type: ignore[arg-type]  # this table first, then its children
-    names: list[str] = []
-    columns: list[pa.Array] = []
-    for leaf_name, leaf in leaves:
-        if pa.types.is_null(leaf.type):
-            continue
-        if not pa.types.is_list(leaf.type):
-            names.append(leaf_name)
-            columns.append(leaf)
-            continue
-        values = pc.list_flatten(leaf)
-        if pa.types.is_null(values.type) or len(values) == 0:
-            continue
-        parents = pc.list_parent_indices(leaf)
-        offsets = leaf.offsets.cast(pa.int64())
-        list_idx = pc.subtract(
-            pc.add(pa.array(range(len(values)), pa.int64()), offsets[0]), pc.take(offsets, parents)
-        )
-        if not pa.types.is_struct(values.type):
-            values = pa.StructArray.from_arrays([values], names=["value"])
-        child_ids = random_row_keys(len(values))
-        child_root_ids = pc.take(root_ids, parents)
-        child = f"{name}__{leaf_name}"
-        parent_of[child] = name
-        child_position = len(tables)
-        _build(child, values, child_ids, child_root_ids, tables, parent_of)
-        table = tables[child_position][1]
-        table = table.append_column("_dlt_parent_id", pc.take(ids, parents))
-        table = table.append_column("_dlt_list_idx", list_idx)
-        table = table.append_column("_dlt_id", child_ids)
-        table = table.append_column("_dlt_root_id", child_root_ids)
-        tables[child_position] = (child, table)
-    tables[position] = (name, pa.Table.from_arrays(columns, names=names))
-
-
 class ArrowPages(ItemTransform):  # type: ignore[type-arg]
     """A resource's step turning each page into Arrow tables (see the module docstring)."""
 
@@ -418,7 +65,7 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
         super().__init__(lambda item: item)
         self.resource = resource
         self.name: str = resource.name
-        self._types: Optional[ColumnTypes] = None
+        self._types: Any = None  # arrow_tables.ColumnTypes, once the first page came
         self._children: set[str] = set()
         self._parents: dict[str, str] = {}
         self._last_page_mixed = False
@@ -444,7 +91,7 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
             self.custom_metrics["records_left_to_dlt_normalizer"] += len(left)
             yield left
 
-    def _page(self, records: list[dict]) -> tuple[Tables, list[dict]]:
+    def _page(self, records: list[dict]) -> tuple[list[tuple[str, Any]], list[dict]]:
         types = self._column_types()
         if types is None:
             return [], records
@@ -452,35 +99,12 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
             load_id = load_package_state()["load_id"]
         except Exception:  # no load package (not extracting in a pipeline)
             return [], records
-        # The whole page, typed by pyarrow in one go; after a mixed page (a resource whose field
-        # types vary is likely to have more) straight to the record-by-record check.
-        array = None
-        if not self._last_page_mixed:
-            try:
-                array = pa.array(records)
-            except _ARROW_ERRORS:
-                pass
-        if array is not None and pa.types.is_struct(array.type):
-            page = _PageTypes(types)
-            if page.match(self.name, array.type):
-                tables = build_tables(self.name, array, load_id, types.not_null, self._parents)
-                if tables is not None and page.new_columns_plain(tables):
-                    types.learn(page.new)
-                    return tables, []
-        # a mixed page: record by record
-        taken, left = _RecordCheck(self.name, types).split(records)
-        self._last_page_mixed = bool(left)
-        if not taken:
-            return [], records
-        try:
-            array = pa.array(taken)
-        except _ARROW_ERRORS:
-            return [], records
-        page = _PageTypes(types)
-        if not pa.types.is_struct(array.type) or not page.match(self.name, array.type):
-            return [], records
-        tables = build_tables(self.name, array, load_id, types.not_null, self._parents)
-        return (tables, left) if tables is not None else ([], records)
+        from .arrow_tables import page_tables
+
+        tables, left, self._last_page_mixed = page_tables(
+            self.name, records, types, load_id, self._parents, whole_page=not self._last_page_mixed
+        )
+        return tables, left
 
     def _declare_child(self, name: str) -> None:
         """A child table's hints: nested in its parent, dlt's link columns, no primary key."""
@@ -496,7 +120,7 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
                 self.resource.apply_hints(table_name=name, columns=CHILD_COLUMNS, create_table_variant=True)
                 self._children.add(name)
 
-    def _column_types(self) -> Optional[ColumnTypes]:
+    def _column_types(self) -> Any:
         if self._types is None:
             try:
                 schema = dlt.current.source_schema()
@@ -506,6 +130,8 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
                 hinted = self.resource.compute_table_schema().get("columns", {})
             except Exception:  # hints that need a data item to resolve
                 hinted = {}
+            from .arrow_tables import ColumnTypes
+
             self._types = ColumnTypes(schema, self.name, hinted)
         return self._types
 
