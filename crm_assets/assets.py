@@ -95,8 +95,11 @@ def _source_logs_in(context: AssetExecutionContext) -> Iterator[None]:
 
 
 def _is_transient(error: CrmError) -> bool:
-    """Worth another attempt by the run's retry policy: the API was down, not wrong."""
-    return isinstance(error, CrmApiError) and (error.status is None or error.status in RETRY_STATUSES)
+    """Worth another attempt by the run's retry policy: the API was down, not wrong. A host name
+    that does not resolve is a wrong base URL far more often than an outage."""
+    if not isinstance(error, CrmApiError) or error.unresolvable:
+        return False
+    return error.status is None or error.status in RETRY_STATUSES
 
 
 @dlt_assets(

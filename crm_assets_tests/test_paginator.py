@@ -70,6 +70,8 @@ def test_a_second_read_on_its_own_holds_date_updated_and_sorts_on_date_created()
     [
         ({"base_url": None, "api_key": "k"}, "SOURCES__CRM__BASE_URL"),
         ({"base_url": "api.example.com", "api_key": "k"}, r"an http\(s\) URL"),
+        ({"base_url": "http://127.0.0.1:99999", "api_key": "k"}, "invalid port: set SOURCES__CRM__BASE_URL"),
+        ({"base_url": "http://api example.com", "api_key": "k"}, "no spaces.*SOURCES__CRM__BASE_URL"),
         ({"base_url": "http://127.0.0.1:1", "api_key": None}, "SOURCES__CRM__API_KEY"),
         ({"base_url": "http://127.0.0.1:1", "api_key": "k", "page_sizes": {"tasks": -5}}, "from 3 to 1000"),
         ({"base_url": "http://127.0.0.1:1", "api_key": "k", "page_sizes": {"tasks": 2}}, "from 3 to 1000"),

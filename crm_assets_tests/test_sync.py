@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from dagster import AssetKey
@@ -196,3 +197,34 @@ def test_the_five_resources_are_read_at_once(start_simulator, crm_env, warehouse
 
     assert simulator.stats()["peak_in_flight"] >= 3
     assert_exact(warehouse, simulator)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("where", ["refused", "unresolvable"])
+def test_an_unreachable_api_fails_once_naming_the_address_and_the_setting(where, warehouse, monkeypatch):
+    base_url = f"http://127.0.0.1:{_closed_port()}" if where == "refused" else "http://crm-api.invalid"
+    monkeypatch.setenv("SOURCES__CRM__BASE_URL", base_url)
+    monkeypatch.setenv("SOURCES__CRM__API_KEY", API_KEY)
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(warehouse))
+
+    result = run_sync(selection=[AssetKey(["crm", "files"])], raise_on_error=False)
+
+    assert not result.success
+    message = failure_message(result)
+    assert base_url in message and "SOURCES__CRM__BASE_URL" in message, message
+    assert ("refused" if where == "refused" else "does not resolve") in message
+    assert "urllib3" not in message and "Traceback" not in message
+    assert message.count(base_url) == 1  # said once, not repeated down the cause chain
+
+
+def test_a_host_that_does_not_resolve_is_not_worth_a_retry_and_a_refusal_is():
+    from crm_assets.assets import _is_transient
+    from crm_assets.sources.crm import CrmApiError
+
+    assert not _is_transient(CrmApiError("x", resource="jobs", path="/v1/jobs", unresolvable=True))
+    assert _is_transient(CrmApiError("x", resource="jobs", path="/v1/jobs"))

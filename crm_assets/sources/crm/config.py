@@ -20,10 +20,22 @@ def check_settings(base_url: Optional[str], api_key: Optional[str], page_sizes: 
     """Fail before any request, saying what to set. Returns the normalised base URL."""
     if not base_url:
         raise CrmConfigurationError(f"No CRM API base URL is configured: {_BASE_URL_HELP}")
-    parts = urlsplit(str(base_url).strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    url = str(base_url).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CrmConfigurationError(
-            f"The CRM API base URL must be an http(s) URL like https://api.example.com: {_BASE_URL_HELP}"
+            f"The CRM API base URL must be an http(s) URL like https://api.example.com, "
+            f"got {url!r}: {_BASE_URL_HELP}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port outside 0-65535 or not a number
+    except ValueError:
+        raise CrmConfigurationError(
+            f"The CRM API base URL {url!r} has an invalid port: {_BASE_URL_HELP}"
+        ) from None
+    if any(character.isspace() for character in url) or parts.query or parts.fragment:
+        raise CrmConfigurationError(
+            f"The CRM API base URL {url!r} must have no spaces, query or fragment: {_BASE_URL_HELP}"
         )
     if not api_key:
         raise CrmConfigurationError(f"No CRM API key is configured: {_API_KEY_HELP}")

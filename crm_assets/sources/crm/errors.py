@@ -16,11 +16,15 @@ class CrmConfigurationError(CrmError):
 class CrmApiError(CrmError):
     """The API answered something the source cannot use."""
 
-    def __init__(self, message: str, *, resource: str, path: str, status: Optional[int] = None):
+    def __init__(
+        self, message: str, *, resource: str, path: str, status: Optional[int] = None,
+        unresolvable: bool = False,
+    ):
         super().__init__(message)
         self.resource = resource
         self.path = path
         self.status = status
+        self.unresolvable = unresolvable  # the base URL's host name does not resolve
 
 
 class CrmIncompleteReadError(CrmError):

@@ -57,6 +57,18 @@ def _error_text(response: requests.Response) -> str:
     return ""
 
 
+def _connection_failure(exc: Exception) -> str:
+    """What went wrong below HTTP, in words: urllib3's own texts are long and nest."""
+    text = str(exc)
+    if "Failed to resolve" in text or "Name or service not known" in text or "nodename nor servname" in text:
+        return "the host name does not resolve"
+    if "Connection refused" in text:
+        return "the connection was refused"
+    if isinstance(exc, Timeout):
+        return "no answer within the request timeout"
+    return f"the connection failed ({type(exc).__name__})"
+
+
 def _retry_after(response: requests.Response) -> Optional[float]:
     header = response.headers.get("Retry-After", "").strip()
     try:
@@ -116,12 +128,15 @@ class CrmSession(requests.Session):
                     raise
                 response = exc.response
             except (ConnectionError, Timeout, ChunkedEncodingError) as exc:
-                failure = type(exc).__name__
+                failure = _connection_failure(exc)
                 if retry >= self.max_retries:
+                    parts = urlsplit(request.url or "")
                     raise CrmApiError(
-                        f"{resource}: GET {path} failed after {retry} retries ({failure})",
+                        f"{resource}: GET {path} failed after {retry} retries: {failure} at "
+                        f"{parts.scheme}://{parts.netloc}; check SOURCES__CRM__BASE_URL",
                         resource=resource,
                         path=path,
+                        unresolvable="does not resolve" in failure,
                     ) from None
                 wait = self._backoff(retry + 1)
             if response is not None:
