@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,47 @@ def test_the_cli_materializes_everything_from_another_directory(start_simulator,
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert_exact(elsewhere / "crm_warehouse.duckdb", simulator)
     assert simulator.config.api_key not in completed.stdout + completed.stderr
+
+
+DG = str(Path(sys.executable).parent / "dg")
+
+
+def test_dg_lists_and_checks_the_definitions_with_no_environment(tmp_path):
+    env = _clean_env(DLT_DATA_DIR=str(tmp_path / "dlt"))
+    listed = subprocess.run([DG, "list", "defs", "--json"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=180)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    defs = json.loads(listed.stdout[listed.stdout.index("{"):])
+    assert {a["asset_key"] for a in defs["assets"]} == {key.to_user_string() for key in EXPECTED_KEYS}
+    assert {c["name"] for c in defs["asset_checks"]} == {"id_is_unique", "id_is_not_null", "row_count_matches_api"}
+
+    checked = subprocess.run([DG, "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=180)
+    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+
+
+def test_dg_launch_materializes_every_asset_exactly(start_simulator, tmp_path):
+    simulator = start_simulator(page_cap=90)
+    warehouse = tmp_path / "dg_warehouse.duckdb"
+    env = _clean_env(
+        SOURCES__CRM__BASE_URL=simulator.url,
+        SOURCES__CRM__API_KEY=simulator.config.api_key,
+        DESTINATION__DUCKDB__CREDENTIALS=str(warehouse),
+        DLT_DATA_DIR=str(tmp_path / "dlt"),
+        DAGSTER_HOME=str(tmp_path / "dagster_home"),
+    )
+    (tmp_path / "dagster_home").mkdir()
+
+    launched = subprocess.run([DG, "launch", "--assets", "*"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert_exact(warehouse, simulator)
+
+    # the README's full refresh of one asset
+    simulator.mutate("jobs", edit=3, insert=2)
+    refresh = '{"ops": {"crm_sync_assets": {"config": {"full_refresh": true}}}}'
+    refreshed = subprocess.run([DG, "launch", "--assets", "crm/jobs", "--config-json", refresh], cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert refreshed.returncode == 0, refreshed.stdout[-3000:] + refreshed.stderr[-3000:]
+    assert_exact(warehouse, simulator, resources=["jobs"])
