@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dagster import AssetKey
 
-from .conftest import RESOURCES, assert_exact
+from .conftest import RESOURCES, assert_exact, table_ids
 
 REPO = Path(__file__).resolve().parent.parent
 DAGSTER = str(Path(sys.executable).parent / "dagster")
@@ -116,3 +116,37 @@ def test_dg_launch_materializes_every_asset_exactly(start_simulator, tmp_path):
                                env=env, capture_output=True, text=True, timeout=300)
     assert refreshed.returncode == 0, refreshed.stdout[-3000:] + refreshed.stderr[-3000:]
     assert_exact(warehouse, simulator, resources=["jobs"])
+
+
+def test_two_directories_on_one_machine_keep_their_own_warehouse_and_cursors(start_simulator, tmp_path):
+    """No DuckDB path configured: each directory's sync writes its own crm_warehouse.duckdb, from
+    its own state, although dlt's data folder (and so its pipelines) is shared by the machine."""
+    simulator = start_simulator()
+    env = _clean_env(
+        SOURCES__CRM__BASE_URL=simulator.url,
+        SOURCES__CRM__API_KEY=simulator.config.api_key,
+        DLT_DATA_DIR=str(tmp_path / "machine-dlt"),
+    )
+    first, second = tmp_path / "first", tmp_path / "second"
+    for directory in (first, second):
+        directory.mkdir()
+
+    def sync_in(directory: Path) -> None:
+        completed = subprocess.run(
+            [DAGSTER, "asset", "materialize", "-m", "crm_assets.definitions", "--select", "*"],
+            cwd=directory, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    sync_in(first)
+    assert_exact(first / "crm_warehouse.duckdb", simulator)
+    before = {r: set(simulator.ids(r)) for r in RESOURCES}
+    inserted = simulator.mutate("jobs", insert=3)["inserted"]
+    simulator.reset_stats()
+
+    sync_in(second)
+
+    assert_exact(second / "crm_warehouse.duckdb", simulator)  # a full load of its own
+    assert simulator.stats()["records_served"]["jobs"] >= len(before["jobs"]) + 3
+    first_jobs = table_ids(first / "crm_warehouse.duckdb", "jobs")
+    assert set(first_jobs) == before["jobs"] and not set(inserted) & set(first_jobs)

@@ -17,6 +17,7 @@ DuckDB would then have a catalog and a schema both named `crm`, and loads fail a
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import sys
@@ -81,10 +82,36 @@ def selected_destination() -> str:
 DUCKDB_PARALLEL_LOAD_JOBS = 2
 
 
-def _destination(name: str) -> Any:
+DEFAULT_DUCKDB_FILE = "crm_warehouse.duckdb"
+
+
+def duckdb_path() -> Optional[str]:
+    """The DuckDB file a sync writes, made absolute from the working directory now; None where the
+    configured credentials are no plain file path (a TOML table, `:memory:`, MotherDuck).
+
+    dlt would resolve a relative path against the folder a pipeline of this name first ran from,
+    on this machine: a sync from another directory would then write the first one's warehouse."""
+    configured = dlt.secrets.get("destination.duckdb.credentials")
+    if configured is None:
+        return os.path.abspath(DEFAULT_DUCKDB_FILE)
+    if isinstance(configured, str) and "://" not in configured and not configured.startswith((":", "md:")):
+        return os.path.abspath(os.path.expanduser(configured))
+    return None
+
+
+def _destination(name: str, path: Optional[str]) -> Any:
     if name == "duckdb":
-        return dlt.destinations.duckdb(max_parallel_load_jobs=DUCKDB_PARALLEL_LOAD_JOBS)
+        return dlt.destinations.duckdb(credentials=path, max_parallel_load_jobs=DUCKDB_PARALLEL_LOAD_JOBS)
     return name
+
+
+def _pipelines_dir_for(path: str) -> str:
+    """dlt's working folder for the pipeline that writes the DuckDB file `path`: its state and
+    cursors belong to that warehouse, not to every sync on the machine."""
+    from dlt.common.pipeline import get_dlt_pipelines_dir
+
+    digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(get_dlt_pipelines_dir(), "by_warehouse", digest)
 
 
 # Python's cyclic garbage collector during each dlt step (extract, normalize, load). Its default
@@ -159,10 +186,15 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
     """
     destination: Any
     try:
-        destination = _destination(selected_destination())
+        name = selected_destination()
     except CrmDestinationError as exc:
         logger.warning("%s", exc)
         destination = None
+    else:
+        path = duckdb_path() if name == "duckdb" else None
+        destination = _destination(name, path)
+        if pipelines_dir is None and path is not None:
+            pipelines_dir = _pipelines_dir_for(path)
     for attempt in (1, 2):
         try:
             return dlt.pipeline(
