@@ -228,3 +228,22 @@ def test_a_host_that_does_not_resolve_is_not_worth_a_retry_and_a_refusal_is():
 
     assert not _is_transient(CrmApiError("x", resource="jobs", path="/v1/jobs", unresolvable=True))
     assert _is_transient(CrmApiError("x", resource="jobs", path="/v1/jobs"))
+
+
+def test_the_merge_staging_copy_is_emptied_after_each_load(start_simulator, crm_env, warehouse):
+    simulator = start_simulator()
+    crm_env(simulator)
+
+    assert run_sync().success
+    simulator.mutate("jobs", edit=4)
+    assert run_sync().success
+
+    staged = query(
+        warehouse,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'crm_staging' "
+        "AND table_name NOT LIKE '\\_dlt\\_%' ESCAPE '\\'",  # dlt's own bookkeeping aside
+    )
+    assert staged, "the merge stages its loads in crm_staging"
+    for (table,) in staged:
+        assert query(warehouse, f'SELECT COUNT(*) FROM crm_staging."{table}"')[0][0] == 0, table
+    assert_exact(warehouse, simulator)

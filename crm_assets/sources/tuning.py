@@ -7,9 +7,10 @@ user has not configured it, and puts everything back when the block ends, also o
 
 - the garbage collector: what is alive when the sync starts (Dagster, dlt, the definitions) is
   frozen out of its sight, so its collections during the sync walk only the sync's own objects;
-- dlt settings: no gzip of dlt's intermediate files, and DuckDB capped at 128 MB and one thread
-  per query (a sync of 1,000,000 records stays under 500 MB), through dlt's own environment
-  variables, set only while unset and removed afterwards;
+- dlt settings: no gzip of dlt's intermediate files, the merge's staging tables emptied after
+  each load (no second copy of every table in `crm_staging`), and DuckDB capped at 128 MB and one
+  thread per query (a sync of 1,000,000 records stays under 500 MB), through dlt's own
+  environment variables, set only while unset and removed afterwards;
 - pyarrow allocates through the C library's malloc, whose freed page memory goes back to the
   system before the load step (mimalloc, its default, keeps it); Arrow's C++ side picks its pool
   once, at its first allocation, so in a process whose first sync comes first it stays malloc;
@@ -37,6 +38,8 @@ from .crm.arrow_pages import nested_tables_from_extract
 # dlt setting -> the environment variable dlt reads it from, and its value during a sync
 DLT_SETTINGS: dict[str, tuple[str, str]] = {
     "data_writer.disable_compression": ("DATA_WRITER__DISABLE_COMPRESSION", "true"),
+    # the merge's staging copy of each loaded table is emptied after the load, not kept
+    "load.truncate_staging_dataset": ("LOAD__TRUNCATE_STAGING_DATASET", "true"),
     "destination.duckdb.credentials.global_config": (
         "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG",
         '{"memory_limit": "128MB", "threads": 1}',
