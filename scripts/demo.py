@@ -1,8 +1,9 @@
 """`make demo`: the whole project once, end to end, on this machine.
 
 Starts the local CRM API simulator on a free loopback port, materializes all five assets with
-`dagster asset materialize`, prints each table's row count and where the database is, and stops
-the simulator. Run it from the repository root (the Makefile does).
+`dg launch` in the same Dagster instance as `make dev` (.dagster_home/, so the UI shows what the
+demo loaded), prints each table's row count and where the database is, and stops the simulator.
+Run it from the repository root (the Makefile does).
 """
 
 from __future__ import annotations
@@ -35,10 +36,34 @@ def start_simulator(workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     return process, ready.read_text().strip()
 
 
+DATABASE = ROOT / "crm_warehouse.duckdb"
+
+
+def prepare_instance() -> Path:
+    """.dagster_home/ with the repository's dagster.yaml (and telemetry off when
+    DAGSTER_DISABLE_TELEMETRY says so: Dagster itself only reads its own file for that)."""
+    home = ROOT / ".dagster_home"
+    home.mkdir(exist_ok=True)
+    settings = (ROOT / "dagster.yaml").read_text() if (ROOT / "dagster.yaml").exists() else ""
+    if os.environ.get("DAGSTER_DISABLE_TELEMETRY", "").strip().lower() in ("1", "true", "yes"):
+        settings += "\n# added by scripts/demo.py: DAGSTER_DISABLE_TELEMETRY is set\ntelemetry:\n  enabled: false\n"
+    (home / "dagster.yaml").write_text(settings)
+    return home
+
+
+def say_what_the_warehouse_holds(database: Path) -> None:
+    if database.exists():
+        print(f"The warehouse {database.name} keeps what earlier runs loaded, while the simulator "
+              "starts again from its seed: row counts and checks may differ from the API's by the "
+              "records changed before. `make clean` starts both over.", flush=True)
+
+
 def main() -> int:
     workdir = ROOT / ".demo"
     workdir.mkdir(exist_ok=True)
-    database = ROOT / "crm_warehouse.duckdb"
+    database = DATABASE
+    home = prepare_instance()
+    say_what_the_warehouse_holds(database)
     # the simulator caps pages at 250 records, below the 1000 we ask for: the sync must not care
     simulator, url = start_simulator(workdir, "--page-cap", "250")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the simulator
@@ -48,17 +73,17 @@ def main() -> int:
         "SOURCES__CRM__BASE_URL": url,
         "SOURCES__CRM__API_KEY": API_KEY,
         "DESTINATION__DUCKDB__CREDENTIALS": str(database),
+        "DAGSTER_HOME": str(home),
     }
     try:
         started = time.monotonic()
         subprocess.run(
-            [str(Path(sys.executable).parent / "dagster"), "asset", "materialize",
-             "-m", "crm_assets.definitions", "--select", "*"],
+            [str(Path(sys.executable).parent / "dg"), "launch", "--assets", "*"],
             cwd=ROOT, env=env, check=True,
         )
         elapsed = time.monotonic() - started
     except subprocess.CalledProcessError as exc:
-        print(f"demo failed: dagster asset materialize exited with {exc.returncode}", file=sys.stderr)
+        print(f"demo failed: dg launch exited with {exc.returncode}", file=sys.stderr)
         return 1
     finally:
         simulator.terminate()

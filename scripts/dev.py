@@ -8,14 +8,20 @@ schedule, sensors and run retries work as configured. Ctrl-C stops everything.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import API_KEY, ROOT, start_simulator  # noqa: E402
+from demo import (  # noqa: E402
+    API_KEY,
+    DATABASE,
+    ROOT,
+    prepare_instance,
+    say_what_the_warehouse_holds,
+    start_simulator,
+)
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -36,10 +42,8 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 
 def main() -> int:
-    home = ROOT / ".dagster_home"
-    home.mkdir(exist_ok=True)
-    if (ROOT / "dagster.yaml").exists():
-        shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    home = prepare_instance()
+    say_what_the_warehouse_holds(DATABASE)
     simulator, url = start_simulator(home, "--page-cap", "250")
     env = {
         **os.environ,
@@ -47,7 +51,7 @@ def main() -> int:
         "SOURCES__CRM__BASE_URL": os.environ.get("SOURCES__CRM__BASE_URL", url),
         "SOURCES__CRM__API_KEY": os.environ.get("SOURCES__CRM__API_KEY", API_KEY),
         "DESTINATION__DUCKDB__CREDENTIALS": os.environ.get(
-            "DESTINATION__DUCKDB__CREDENTIALS", str(ROOT / "crm_warehouse.duckdb")
+            "DESTINATION__DUCKDB__CREDENTIALS", str(DATABASE)
         ),
     }
     port = os.environ.get("DAGSTER_PORT", "3000")
