@@ -43,7 +43,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .errors import CrmIncompleteReadError
+from .errors import CrmConfigurationError, CrmIncompleteReadError
 
 logger = logging.getLogger("crm_assets.sources.crm")
 
@@ -93,7 +93,7 @@ class KeysetRead:
         within: Optional[tuple[str, int]] = None,
     ) -> None:
         if not MIN_PAGE_SIZE <= page_size <= result_window:
-            raise ValueError(
+            raise CrmConfigurationError(
                 f"{resource}: page size must be between {MIN_PAGE_SIZE} and {result_window}, got {page_size}"
             )
         self.resource = resource

@@ -14,8 +14,7 @@ from typing import Any, Optional
 import requests
 from dlt.sources.helpers.rest_client.paginators import BasePaginator
 
-from .errors import CrmConfigurationError
-from .keyset import MIN_PAGE_SIZE, KeysetRead, PageRequest
+from .keyset import KeysetRead, PageRequest
 from .settings import CURSOR_FIELD, PRIMARY_KEY, RESULT_WINDOW
 
 logger = logging.getLogger("crm_assets.sources.crm")
@@ -59,38 +58,35 @@ class KeysetPaginator(BasePaginator):
 
     def __init__(self, resource: str, page_size: int, result_window: int = RESULT_WINDOW) -> None:
         super().__init__()
-        if not MIN_PAGE_SIZE <= page_size <= result_window:
-            raise CrmConfigurationError(
-                f"{resource}: page size must be between {MIN_PAGE_SIZE} and {result_window}, got {page_size}"
-            )
         self.resource = resource
         self.page_size = page_size
         self.result_window = result_window
-        self.read: Optional[KeysetRead] = None
+        self.read = self._new_read(since=None)  # refuses a bad page size now, not at the first request
+
+    def _new_read(self, since: Optional[int]) -> KeysetRead:
+        return KeysetRead(
+            self.resource,
+            self.page_size,
+            since=since,
+            result_window=self.result_window,
+            cursor_field=CURSOR_FIELD,
+            key_field=PRIMARY_KEY,
+        )
 
     def init_request(self, request: requests.Request) -> None:
         params = request.params if isinstance(request.params, dict) else {}
         since = params.pop(UPDATED_SINCE_PARAM, None)
         # inclusive: a record edited in the cursor's own second is read again, not missed
-        self.read = KeysetRead(
-            self.resource,
-            self.page_size,
-            since=None if since is None else int(since),
-            result_window=self.result_window,
-            cursor_field=CURSOR_FIELD,
-            key_field=PRIMARY_KEY,
-        )
+        self.read = self._new_read(since=None if since is None else int(since))
         self._has_next_page = True
         request.params = params
         self.update_request(request)
 
     def update_request(self, request: requests.Request) -> None:
-        assert self.read is not None
         request.params.pop("filter", None)
         request.params.update(page_params(self.read.request()))
 
     def update_state(self, response: requests.Response, data: Optional[list[Any]] = None) -> None:
-        assert self.read is not None
         read = self.read
         read.take(data or [], response.json()["count"])
         if read.done:
@@ -105,4 +101,4 @@ class KeysetPaginator(BasePaginator):
             )
 
     def __str__(self) -> str:
-        return f"KeysetPaginator({self.resource}, {self.read.describe() if self.read else 'not started'})"
+        return f"KeysetPaginator({self.resource}, {self.read.describe()})"
