@@ -247,3 +247,14 @@ def test_the_merge_staging_copy_is_emptied_after_each_load(start_simulator, crm_
     for (table,) in staged:
         assert query(warehouse, f'SELECT COUNT(*) FROM crm_staging."{table}"')[0][0] == 0, table
     assert_exact(warehouse, simulator)
+
+
+def test_the_retry_budget_for_an_unreachable_api_stays_under_40_seconds_of_waiting():
+    """The spec's policy (3 retries, factor 2): 2 + 4 + 8 s of backoff before the error, plus four
+    connection attempts, which a refused port or a name that does not resolve answer at once."""
+    from crm_assets.sources.crm.http import CrmSession
+
+    session = CrmSession()
+    waits = [session.backoff_seconds(retry) for retry in range(1, session.max_retries + 1)]
+    assert waits == [2.0, 4.0, 8.0]
+    assert sum(waits) < 40

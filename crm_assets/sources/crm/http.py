@@ -108,7 +108,8 @@ class CrmSession(requests.Session):
         self.headers["Accept"] = "application/json"
         self.headers["User-Agent"] = "crm_assets (dlt rest_api)"
 
-    def _backoff(self, retry_number: int) -> float:
+    def backoff_seconds(self, retry_number: int) -> float:
+        """The wait before retry `retry_number` (1, 2, ...) when the API names none."""
         return min(self.max_retry_delay, self.backoff_factor * (2 ** (retry_number - 1)))
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
@@ -138,13 +139,13 @@ class CrmSession(requests.Session):
                         path=path,
                         unresolvable="does not resolve" in failure,
                     ) from None
-                wait = self._backoff(retry + 1)
+                wait = self.backoff_seconds(retry + 1)
             if response is not None:
                 if response.status_code not in RETRY_STATUSES or retry >= self.max_retries:
                     return self._checked(response, endpoint, resource, path, retry)
                 failure = f"HTTP {response.status_code}"
                 after = _retry_after(response)
-                wait = min(self.max_retry_delay, after) if after else self._backoff(retry + 1)
+                wait = min(self.max_retry_delay, after) if after else self.backoff_seconds(retry + 1)
             retry += 1
             logger.warning(
                 "%s: %s from GET %s, retry %d of %d in %.1fs",
