@@ -69,7 +69,7 @@ def _specs() -> list[AssetCheckSpec]:
                 blocking=True,
                 description=(
                     f"Every `{PRIMARY_KEY}` appears once in {table}: the merge must absorb the "
-                    "duplicates that offset drift and window boundaries produce. Fails the run."
+                    "duplicates that overlapping pages and records edited mid-read produce. Fails the run."
                 ),
             ),
             AssetCheckSpec(
