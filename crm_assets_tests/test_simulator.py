@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from crm_assets.simulator import DEFAULT_COUNTS, RESOURCES, CrmSimulator, SimulatorConfig
+from crm_assets.simulator import DEFAULT_COUNTS, KNOWN_RESOURCES, RESOURCES, CrmSimulator, SimulatorConfig
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -48,7 +48,7 @@ def rng(field: str, **ops) -> str:
 
 def read_all(get, resource: str, size: int = 1000, **params) -> tuple[list[dict], int]:
     """Read a listing the way the contract says: advance by records received. Returns (records, pages)."""
-    key = RESOURCES[resource][1]
+    key = KNOWN_RESOURCES[resource][1]  # invoices too, where a simulator serves them
     out, start, pages = [], 0, 0
     while True:
         r = get(resource, **{"from": start, "size": size, **params})
@@ -409,6 +409,246 @@ def test_cli_starts_writes_ready_file_and_stops_on_sigterm(tmp_path: Path):
         assert proc.returncode == 0, err
         assert out.strip() == f"CRM simulator listening on {url} (api key: {KEY})"
         assert KEY not in err  # quiet by default, and never logs the token
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- the real API family's shape
+# All opt-in (SimulatorConfig.key_field, counts["invoices"], default_sort_*); the tests above run on
+# the defaults and must not see any of it.
+SMALL = {"jobs": 60, "contacts": 40, "tasks": 90, "activities": 30, "files": 25}
+
+
+def _getter(simulator: CrmSimulator, session: requests.Session):
+    def get(resource: str, **params):
+        return session.get(simulator.url + simulator.resources[resource][0], params=params, timeout=10)
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def invoicing():
+    """tasks and invoices both above the 10,000 result window."""
+    with CrmSimulator(SimulatorConfig(api_key=KEY, counts={**COUNTS, "invoices": 12_000})) as s:
+        yield s
+
+
+@pytest.fixture()
+def inv_api(invoicing):
+    invoicing.reset()
+    with requests.Session() as session:
+        session.headers.update(AUTH)
+        yield _getter(invoicing, session)
+
+
+def test_records_can_be_keyed_by_jnid_with_references_unchanged(sim):
+    with CrmSimulator(SimulatorConfig(api_key=KEY, counts=SMALL, key_field="jnid")) as jn, \
+            requests.Session() as session:
+        session.headers.update(AUTH)
+        get = _getter(jn, session)
+        plain = CrmSimulator(SimulatorConfig(api_key=KEY, counts=SMALL))  # never started: API only
+        for resource, (_, key) in RESOURCES.items():
+            recs = get(resource, size=1000).json()[key]
+            assert recs and all("jnid" in r and "id" not in r for r in recs)
+            assert [r["jnid"] for r in recs] == jn.ids(resource) == plain.ids(resource)  # same values
+            # Only the key's name differs; everything else, references included, is the same record.
+            expected = plain.records(resource)
+            assert recs == [{("jnid" if k == "id" else k): v for k, v in r.items()} for r in expected]
+            assert list(recs[0])[0] == "jnid"  # where `id` stood
+        jobs = jn.records("jobs")
+        assert any(r["related"] for r in jobs)
+        assert all(set(ref) == {"type", "id"} for r in jobs for ref in r["related"])
+        assert all("job_id" in r for r in jn.records("tasks"))
+        ids = requests.get(jn.url + "/_admin/ids", params={"resource": "files"}, timeout=10).json()
+        assert ids["ids"] == jn.ids("files") and set(ids["active"]) == set(ids["ids"])
+        with pytest.raises(ValueError, match="not live-configurable"):
+            jn.configure(key_field="id")  # set at start only
+    with pytest.raises(ValueError, match="key_field"):
+        CrmSimulator(SimulatorConfig(key_field="uuid"))
+    assert "id" in sim.records("jobs")[0] and "jnid" not in sim.records("jobs")[0]  # the default
+
+
+def test_mutations_and_the_adversary_work_with_jnid():
+    config = SimulatorConfig(api_key=KEY, counts={**SMALL, "invoices": 50}, key_field="jnid")
+    with CrmSimulator(config) as jn, requests.Session() as session:
+        session.headers.update(AUTH)
+        get = _getter(jn, session)
+        cursor = max(r["date_updated"] for r in jn.records("jobs"))
+        out = jn.mutate("jobs", edit=3, insert=2, deactivate=2)
+        assert out["inserted"] == ["job_00000060", "job_00000061"]
+        assert len(out["edited"]) == 3 and len(out["deactivated"]) == 2
+        changed, _ = read_all(get, "jobs", filter=rng("date_updated", gt=cursor))
+        assert {r["jnid"] for r in changed} == set(out["edited"]) | set(out["inserted"]) | set(out["deactivated"])
+        assert all("id" not in r for r in changed)
+        assert jn.mutate("invoices", insert=1)["inserted"] == ["inv_00000050"]
+        over_http = requests.post(jn.url + "/_admin/mutate", json={"resource": "files", "insert": 1}, timeout=10)
+        assert over_http.json()["inserted"] == ["fil_00000025"]
+
+        # repeat: the previous page's last record again at the head, nothing shifted.
+        jn.configure(repeat_every=2)
+        first = get("contacts", size=10).json()["results"]
+        second = get("contacts", **{"from": 10, "size": 10}).json()["results"]
+        assert second[0] == first[-1] and "jnid" in second[0]
+        assert [r["jnid"] for r in second[1:]] == jn.ids("contacts")[10:19]
+
+        # insert and delete, on every page: a read still lists jnid-keyed records in (date_created, jnid) order.
+        jn.configure(repeat_every=None, insert_every=1, delete_every=2)
+        before = set(jn.ids("tasks"))
+        page = get("tasks", size=1000).json()["results"]
+        get("tasks", **{"from": 20, "size": 5})
+        assert all("jnid" in r and "id" not in r for r in page)
+        assert [(r["date_created"], r["jnid"]) for r in page] == sorted((r["date_created"], r["jnid"]) for r in page)
+        now = set(jn.ids("tasks"))
+        assert len(now - before) == 2  # one insert before each page
+        assert len(jn.ids_ever("tasks") - now) == 1  # one hard delete, before the 2nd page
+        assert {r["jnid"] for r in jn.records("tasks")} == now
+
+        # drift duplicates but never skips, whatever the key is called.
+        jn.reset()
+        jn.configure(drift_every=2)
+        recs, _ = read_all(get, "jobs", size=8)
+        assert {r["jnid"] for r in recs} == set(jn.ids("jobs")) and len(recs) > len(jn.ids("jobs"))
+
+
+def test_invoices_are_served_only_when_counts_name_them(sim, api):
+    # The default simulator: /v1/invoices is a 404 like any path that does not exist.
+    unknown = requests.get(sim.url + "/v1/nope", headers=AUTH, timeout=10)
+    r = requests.get(sim.url + "/v1/invoices", headers=AUTH, timeout=10)
+    assert r.status_code == unknown.status_code == 404
+    assert r.json() == {"error": "no such endpoint: /v1/invoices"}
+    assert "invoices" not in sim.resources and list(sim.resources) == list(RESOURCES)
+    assert set(sim.stats()["requests"]) == set(RESOURCES)  # stats keep their five keys
+    assert "invoices" not in DEFAULT_COUNTS and "invoices" not in sim.config.counts
+    for bad in ({"page_caps": {"invoices": 3}}, {"fail_resources": {"invoices": 503}},
+                {"corrupt": {"invoices": "html"}}, {"forbidden": ["invoices"]}):
+        with pytest.raises(ValueError, match="invoices"):
+            sim.configure(**bad)
+    with pytest.raises(ValueError):
+        sim.mutate("invoices", insert=1)
+    with pytest.raises(ValueError):
+        sim.records("invoices")
+
+    # Named in counts: served, with stats, config and admin endpoints that know it.
+    with CrmSimulator(SimulatorConfig(api_key=KEY, counts={"jobs": 10, "invoices": 0})) as empty:
+        body = requests.get(empty.url + "/v1/invoices", headers=AUTH, timeout=10).json()
+        assert body == {"count": 0, "results": []}  # served, with no records
+        assert list(empty.stats()["requests"]) == [*RESOURCES, "invoices"]
+        assert empty.stats()["requests"]["invoices"] == 1
+        empty.configure(page_caps={"invoices": 3}, forbidden=["invoices"])
+        assert requests.get(empty.url + "/v1/invoices", headers=AUTH, timeout=10).status_code == 403
+        assert requests.post(empty.url + "/v1/invoices", headers=AUTH, timeout=10).status_code == 405
+
+
+def test_invoices_are_paged_filtered_and_counted_like_the_others(invoicing, inv_api):
+    body = inv_api("invoices").json()
+    assert set(body) == {"count", "results"} and body["count"] == 12_000 and len(body["results"]) == 10
+    assert inv_api("invoices", size=0).json() == {"count": 12_000, "results": []}
+    first_second = rng("date_created", lt=1_600_000_007)
+    assert inv_api("invoices", size=0, filter=first_second).json() == {"count": 3, "results": []}
+    assert invoicing.stats()["count_requests"]["invoices"] == 2
+
+    recs = invoicing.records("invoices")
+    job_ids = set(invoicing.ids("jobs"))
+    for r in recs[:500]:
+        assert {"id", "name", "created_by", "date_created", "date_updated", "is_active"} <= set(r)
+        assert isinstance(r["number"], str) and isinstance(r["total"], float) and isinstance(r["status"], str)
+        assert r["job_id"] in job_ids  # a reference into jobs, like a task's
+        assert isinstance(r["date_due"], int) and r["date_due"] > r["date_created"]
+        assert (r["date_due"] - r["date_created"]) % 86_400 == 0
+    assert len({r["status"] for r in recs}) > 3 and len({r["number"] for r in recs}) == 12_000
+
+    # The 10,000 result window, and a split read by date_created that gets every invoice once.
+    assert inv_api("invoices", **{"from": 9000, "size": 1000}).status_code == 200
+    assert inv_api("invoices", **{"from": 9001, "size": 1000}).status_code == 400
+    mid = recs[6000]["date_created"]
+    halves = [rng("date_created", lt=mid), rng("date_created", gte=mid)]
+    assert all(inv_api("invoices", size=0, filter=f).json()["count"] <= 10_000 for f in halves)
+    ids = [r["id"] for f in halves for r in read_all(inv_api, "invoices", filter=f)[0]]
+    assert ids == invoicing.ids("invoices") and len(set(ids)) == 12_000
+
+    # date_updated filter and sort, as for the others.
+    cut = sorted(r["date_updated"] for r in recs)[11_950]
+    got, _ = read_all(inv_api, "invoices", size=7, filter=rng("date_updated", gte=cut),
+                      sort_field="date_updated", sort_direction="desc")
+    expected = sorted((r for r in recs if r["date_updated"] >= cut), key=lambda r: (r["date_updated"], r["id"]))
+    assert [r["id"] for r in got] == [r["id"] for r in reversed(expected)]
+
+    # page caps, faults and mutations address invoices by name.
+    invoicing.configure(page_caps={"invoices": 4})
+    assert len(inv_api("invoices", size=50).json()["results"]) == 4
+    assert len(inv_api("jobs", size=50).json()["results"]) == 50
+    invoicing.configure(fail_resources={"invoices": 503})
+    assert inv_api("invoices").status_code == 503
+    assert invoicing.stats()["statuses"]["invoices"]["503"] == 1
+    assert invoicing.mutate("invoices", insert=1)["inserted"] == ["inv_00012000"]
+
+
+def test_the_default_sort_applies_only_when_the_request_names_none(sim, api):
+    asc = sim.ids("jobs")
+    assert [r["id"] for r in api("jobs", size=60).json()["results"]] == asc  # the default: asc
+    sim.configure(default_sort_direction="desc")
+    assert [r["id"] for r in api("jobs", size=60).json()["results"]] == asc[::-1]
+    assert [r["id"] for r in api("jobs", size=60, sort_direction="asc").json()["results"]] == asc
+    by_updated = [r["id"] for r in sorted(sim.records("jobs"), key=lambda r: (r["date_updated"], r["id"]))]
+    got = api("jobs", size=60, sort_field="date_updated").json()["results"]
+    assert [r["id"] for r in got] == by_updated[::-1]  # the default direction on a named field
+
+    # The real API family's reported default: date_updated, descending.
+    sim.configure(default_sort_field="date_updated")
+    assert [r["id"] for r in api("jobs", size=60).json()["results"]] == by_updated[::-1]
+    got = api("jobs", size=60, sort_field="date_created", sort_direction="asc").json()["results"]
+    assert [r["id"] for r in got] == asc  # a client that sends both is unaffected
+    assert sim.configure()["default_sort_direction"] == "desc"
+    for bad in ({"default_sort_direction": "down"}, {"default_sort_field": "name"}):
+        with pytest.raises(ValueError):
+            sim.configure(**bad)
+    sim.reset()  # back to the config given at construction
+    assert [r["id"] for r in api("jobs", size=60).json()["results"]] == asc
+
+    # Set at construction too.
+    config = SimulatorConfig(api_key=KEY, counts=SMALL, default_sort_direction="desc")
+    with CrmSimulator(config) as desc, requests.Session() as session:
+        session.headers.update(AUTH)
+        got = _getter(desc, session)("files", size=100).json()["files"]
+        assert [r["id"] for r in got] == desc.ids("files")[::-1]
+
+
+def test_cli_flags_for_the_real_api_family(tmp_path: Path):
+    from crm_assets.simulator.__main__ import build_parser
+
+    help_text = build_parser().format_help()
+    for flag in ("--key-field {id,jnid}", "--invoices N", "--default-sort-direction {asc,desc}",
+                 "--default-sort-field {date_created,date_updated}"):
+        assert flag in help_text
+    for bad in (["--invoices", "-1"], ["--key-field", "uuid"], ["--default-sort-direction", "up"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+    ready = tmp_path / "ready"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crm_assets.simulator", "--port", "0", "--ready-file", str(ready),
+         "--records", "jobs=5,tasks=20", "--api-key", KEY, "--key-field", "jnid", "--invoices", "7",
+         "--default-sort-direction", "desc"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        for _ in range(100):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        url = ready.read_text().strip()
+        body = requests.get(url + "/v1/invoices", headers=AUTH, params={"size": 100}, timeout=10).json()
+        assert body["count"] == 7
+        assert [r["jnid"] for r in body["results"]] == [f"inv_{i:08d}" for i in range(6, -1, -1)]
+        jobs = requests.get(url + "/v1/jobs", headers=AUTH, params={"sort_direction": "asc"}, timeout=10).json()
+        assert [r["jnid"] for r in jobs["results"]] == [f"job_{i:08d}" for i in range(5)]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -4,10 +4,13 @@
         requests.get(sim.url + "/v1/jobs", headers={"Authorization": "Bearer demo-key"})
 
 Data is deterministic per seed and generated lazily, so counts up to millions are cheap.  Faults
-(rate limits, 5xx, dropped connections, page caps, offset drift, corrupt bodies) are opt-in.
+(rate limits, 5xx, dropped connections, page caps, offset drift, corrupt bodies) are opt-in, and so
+is the real API family's shape (records keyed by ``jnid``, an ``invoices`` resource, a descending
+default sort).
 """
 
-from .data import DEFAULT_COUNTS, RESOURCES
+from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, OPTIONAL_RESOURCES, RESOURCES
 from .server import CrmSimulator, SimulatorConfig
 
-__all__ = ["CrmSimulator", "SimulatorConfig", "RESOURCES", "DEFAULT_COUNTS"]
+__all__ = ["CrmSimulator", "SimulatorConfig", "RESOURCES", "OPTIONAL_RESOURCES", "KNOWN_RESOURCES",
+           "KEY_FIELDS", "DEFAULT_COUNTS"]

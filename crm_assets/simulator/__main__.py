@@ -9,7 +9,8 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from .data import DEFAULT_COUNTS, RESOURCES
+from .data import DEFAULT_COUNTS, KEY_FIELDS, RESOURCES
+from .query import DIRECTIONS, SORT_FIELDS
 from .server import FAULT_KINDS, CrmSimulator, SimulatorConfig
 
 
@@ -36,6 +37,12 @@ def _parse_kinds(text: str) -> list[str]:
     return kinds
 
 
+def _non_negative(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crm-simulator", description="Local CRM API simulator.")
     p.add_argument("--host", default="127.0.0.1")
@@ -43,7 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default="demo-key")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--records", type=_parse_records, default=dict(DEFAULT_COUNTS),
-                   help="N for every resource, or jobs=2500,tasks=12000")
+                   help="N for each of the five resources, or jobs=2500,tasks=12000 (invoices: --invoices)")
+    real = p.add_argument_group(
+        "the real API family's shape",
+        "Opt-in; the defaults serve the contract (docs/api-contract.md) as the project's tests expect.")
+    real.add_argument("--key-field", choices=KEY_FIELDS, default="id",
+                      help="name of each record's own key (default: id); jnid as the real API names it. "
+                           "References such as job_id and related[].id keep their names")
+    real.add_argument("--invoices", type=_non_negative, default=0, metavar="N",
+                      help="serve N invoices at /v1/invoices, records under 'results' "
+                           "(default: 0, not served: the path answers 404)")
+    real.add_argument("--default-sort-field", choices=SORT_FIELDS, default="date_created",
+                      help="sort field of a request that names none (default: date_created)")
+    real.add_argument("--default-sort-direction", choices=DIRECTIONS, default="asc",
+                      help="sort direction of a request that names none (default: asc); the real API "
+                           "reportedly sorts date_updated desc, so a client should always send both")
     p.add_argument("--page-cap", type=int, default=None, help="silently return at most N records a page")
     p.add_argument("--latency-ms", type=float, default=0)
     p.add_argument("--fault-every", type=int, default=None, help="every N-th data request faults (N >= 2)")
@@ -65,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    counts = dict(args.records, **({"invoices": args.invoices} if args.invoices else {}))
     config = SimulatorConfig(
-        host=args.host, port=args.port, api_key=args.api_key, seed=args.seed, counts=args.records,
+        host=args.host, port=args.port, api_key=args.api_key, seed=args.seed, counts=counts,
+        key_field=args.key_field, default_sort_field=args.default_sort_field,
+        default_sort_direction=args.default_sort_direction,
         page_cap=args.page_cap, latency_ms=args.latency_ms, fault_every=args.fault_every,
         fault_kinds=args.fault_kinds, retry_after=args.retry_after, drift_every=args.drift_every,
         repeat_every=args.repeat_every, insert_every=args.insert_every, delete_every=args.delete_every,

@@ -6,7 +6,8 @@ Mutated and inserted records live in a per-resource ``overlay`` dict keyed by in
 
 Ordering invariant the fast query path relies on: while ``ordered`` holds, index order ==
 (date_created, id) order.  Generated records have ``date_created = BASE + (i // 3) * 7``
-(non-decreasing, with ties) and zero-padded ids (so id order == index order); inserted records get
+(non-decreasing, with ties) and zero-padded ids (so id order == index order; the same holds when the
+key field is named ``jnid``, since only its name changes); inserted records get
 indices after all generated ones and a ``date_created`` from a strictly increasing "now" clock that
 lies above every generated date; edits never change ``date_created``.  The adversary's changes
 (``insert_anywhere``, ``delete``) end that invariant for the dataset, and queries then sort.
@@ -27,6 +28,15 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "activities": ("/v1/activities", "activity"),
     "files": ("/v1/files", "files"),
 }
+# Served only when the config's counts name them (the real API family has more resources than the
+# five the project syncs; a client that never asks for them must see exactly the five).
+OPTIONAL_RESOURCES: dict[str, tuple[str, str]] = {
+    "invoices": ("/v1/invoices", "results"),
+}
+KNOWN_RESOURCES: dict[str, tuple[str, str]] = {**RESOURCES, **OPTIONAL_RESOURCES}
+# The name of a record's own key: "id" (the contract) or "jnid" (the real API family). References
+# between records (job_id, related[].id) keep their names either way.
+KEY_FIELDS = ("id", "jnid")
 # tasks is above the 10,000 result window on purpose: reading it needs filter ranges.
 DEFAULT_COUNTS: dict[str, int] = {
     "jobs": 2500,
@@ -35,7 +45,8 @@ DEFAULT_COUNTS: dict[str, int] = {
     "activities": 4000,
     "files": 1500,
 }
-PREFIXES = {"jobs": "job", "contacts": "con", "tasks": "tsk", "activities": "act", "files": "fil"}
+PREFIXES = {"jobs": "job", "contacts": "con", "tasks": "tsk", "activities": "act", "files": "fil",
+            "invoices": "inv"}
 
 BASE = 1_600_000_000
 DAY = 86_400
@@ -83,13 +94,16 @@ FILES = [("plan", "pdf", "application/pdf"), ("photo_été", "jpg", "image/jpeg"
          ("報告", "xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
          ("notes", "txt", "text/plain"), ("sketch 🖊", "png", "image/png")]
 PRIORITIES = ["low", "normal", "high", "urgent"]
+INVOICE_STATUSES = ["draft", "sent", "partially_paid", "paid", "overdue", "void"]
+DUE_DAYS = [7, 10, 14, 30, 45, 60]  # payment terms: date_due is always after date_created
 
 
 class Dataset:
     """One resource: generated records ``0..count-1`` plus an overlay of mutated/inserted ones."""
 
-    def __init__(self, resource: str, count: int, seed: int, counts: dict[str, int]):
+    def __init__(self, resource: str, count: int, seed: int, counts: dict[str, int], key_field: str = "id"):
         self.resource = resource
+        self.key_field = key_field  # the name of the record's own key: "id" or "jnid"
         self.count = count  # generated records
         self.total = count  # generated + inserted
         self.prefix = PREFIXES[resource]
@@ -118,7 +132,7 @@ class Dataset:
         h = _mix(self.salt + i)
         dc = generated_date_created(i)
         rec: dict[str, Any] = {
-            "id": self.record_id(i),
+            self.key_field: self.record_id(i),
             "name": f"{NAMES[h % len(NAMES)]} {NOUNS[(h >> 5) % 9]} {i}",
             "created_by": f"usr_{(h >> 9) % 200:04d}",
             "date_created": dc,
@@ -252,19 +266,33 @@ class Dataset:
             + ([{"type": "contact", "id": self.ref("contacts", g >> 40)}] if (g >> 4) & 1 else []),
         })
 
+    def _fields_invoices(self, rec: dict, i: int, g: int) -> None:
+        rec.update({
+            "number": f"INV-{100_000 + i}",  # a string here, unlike a job's integer number
+            "total": round(((g >> 8) % 5_000_000 + 100) / 100, 2),  # 1.00 .. 50,000.99, in cents
+            "status": INVOICE_STATUSES[g % len(INVOICE_STATUSES)],
+            "job_id": self.ref("jobs", g >> 32),
+            "date_due": rec["date_created"] + DUE_DAYS[(g >> 4) % len(DUE_DAYS)] * DAY,
+        })
+
 
 class Store:
     """All datasets plus the mutation logic and the shared "now" clock."""
 
-    def __init__(self, seed: int, counts: dict[str, int]):
+    def __init__(self, seed: int, counts: dict[str, int], key_field: str = "id"):
+        if key_field not in KEY_FIELDS:
+            raise ValueError(f"key_field must be one of {list(KEY_FIELDS)}, got {key_field!r}")
         self.seed = seed
+        self.key_field = key_field
+        # The five always; an optional resource only when counts names it.
         self.counts = {r: int(counts.get(r, DEFAULT_COUNTS[r])) for r in RESOURCES}
+        self.counts.update({r: int(counts[r]) for r in OPTIONAL_RESOURCES if r in counts})
         self._last_now = 0  # survives reset(): dates must never repeat one served earlier
         self._mutations = 0
         self.reset()
 
     def reset(self) -> None:
-        self.datasets = {r: Dataset(r, self.counts[r], self.seed, self.counts) for r in RESOURCES}
+        self.datasets = {r: Dataset(r, self.counts[r], self.seed, self.counts, self.key_field) for r in self.counts}
         self._mutations = 0
 
     def now(self) -> int:
@@ -299,6 +327,7 @@ class Store:
         if add_field is not None and (not isinstance(add_field, dict) or not isinstance(add_field.get("name"), str)):
             raise ValueError('add_field must be {"name": <str>, "value": <any>}')
         ds = self.datasets[resource]
+        key = ds.key_field
         self._mutations += 1
         seq = self._mutations
         now = self.now()  # one tick per mutation call; ties between its records break on id
@@ -315,7 +344,7 @@ class Store:
             rec["date_updated"] = now
             extra(rec)
             ds.overlay[idx] = rec
-            edited.append(rec["id"])
+            edited.append(rec[key])
 
         inserted = []
         for _ in range(insert):
@@ -326,7 +355,7 @@ class Store:
             extra(rec)
             ds.overlay[idx] = rec
             ds.total += 1
-            inserted.append(rec["id"])
+            inserted.append(rec[key])
 
         deactivated = []
         for idx in self._pick(ds, deactivate, salt ^ 0x5EED, want_active=True):
@@ -334,7 +363,7 @@ class Store:
             rec["is_active"] = False
             rec["date_updated"] = now
             ds.overlay[idx] = rec
-            deactivated.append(rec["id"])
+            deactivated.append(rec[key])
 
         ds.changed()
         return {"edited": edited, "inserted": inserted, "deactivated": deactivated}

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from .data import DEFAULT_COUNTS, RESOURCES, Store
+from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, OPTIONAL_RESOURCES, RESOURCES, Store
 from .query import DIRECTIONS, SORT_FIELDS, Drift, QueryError, parse_filter, plan
 
 try:  # optional speed-up; the output is the same JSON
@@ -40,7 +40,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 FAULT_KINDS = ("429", "500", "502", "503", "504", "drop")
 CORRUPT_KINDS = ("html", "no_key", "truncated")
-_PATHS = {path: (name, key) for name, (path, key) in RESOURCES.items()}
 _HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
 
 
@@ -50,10 +49,20 @@ class SimulatorConfig:
     port: int = 0  # 0 = any free port
     api_key: str = "demo-key"
     seed: int = 42
+    # The five resources always (missing ones get their DEFAULT_COUNTS); an optional resource
+    # (OPTIONAL_RESOURCES: invoices) is served only when named here, e.g. {"invoices": 400}.
     counts: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_COUNTS))
+    # "id" (the contract) or "jnid" (the real API family): the name of each record's own key, same
+    # values. References (job_id, related[].id) keep their names. Set at start, not live.
+    key_field: str = "id"
     result_window: int = 10_000
     max_size: int = 1000
     default_size: int = 10
+    # The sort a request gets when it names none (live-configurable, like default_size). The
+    # defaults keep what existing clients were tested against; the real API family reportedly sorts
+    # by date_updated desc, so "date_updated" + "desc" plays it: a client must send both explicitly.
+    default_sort_field: str = "date_created"  # date_created | date_updated
+    default_sort_direction: str = "asc"  # asc | desc
     # --- live-configurable (POST /_admin/config, CrmSimulator.configure) ---
     page_cap: Optional[int] = None  # silently return at most this many records per page
     page_caps: dict[str, int] = field(default_factory=dict)  # per-resource override of page_cap
@@ -76,7 +85,7 @@ class SimulatorConfig:
 
 LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "latency_ms",
                "drift_every", "repeat_every", "insert_every", "delete_every", "count_capped", "fail_resources", "corrupt", "forbidden", "verbose",
-               "result_window", "max_size", "default_size")
+               "result_window", "max_size", "default_size", "default_sort_field", "default_sort_direction")
 
 
 def _check_config(c: SimulatorConfig) -> None:
@@ -90,10 +99,14 @@ def _check_config(c: SimulatorConfig) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}{' or null' if optional else ''}, got {v!r}")
 
+    served = _served(c)
+
     def resources(name: str, names: Any) -> None:
-        bad = [r for r in names if r not in RESOURCES]
+        bad = [r for r in names if r not in served]
         if bad:
-            raise ValueError(f"{name}: unknown resources {bad}; known: {list(RESOURCES)}")
+            hint = " (an optional resource is served only when counts names it)" if (
+                set(bad) & set(OPTIONAL_RESOURCES)) else ""
+            raise ValueError(f"{name}: unknown resources {bad}; known: {served}{hint}")
 
     pos_int("page_cap", c.page_cap)
     resources("page_caps", c.page_caps)
@@ -121,17 +134,31 @@ def _check_config(c: SimulatorConfig) -> None:
     pos_int("result_window", c.result_window, optional=False)
     pos_int("max_size", c.max_size, optional=False)
     pos_int("default_size", c.default_size, minimum=0, optional=False)
-    resources("counts", c.counts)
+    if c.default_sort_field not in SORT_FIELDS:
+        raise ValueError(f"default_sort_field must be one of {list(SORT_FIELDS)}, got {c.default_sort_field!r}")
+    if c.default_sort_direction not in DIRECTIONS:
+        raise ValueError(f"default_sort_direction must be one of {list(DIRECTIONS)}, got {c.default_sort_direction!r}")
+    if c.key_field not in KEY_FIELDS:
+        raise ValueError(f"key_field must be one of {list(KEY_FIELDS)}, got {c.key_field!r}")
+    bad = [r for r in c.counts if r not in KNOWN_RESOURCES]
+    if bad:
+        raise ValueError(f"counts: unknown resources {bad}; known: {list(KNOWN_RESOURCES)}")
     for r, v in c.counts.items():
         pos_int(f"counts[{r}]", v, minimum=0, optional=False)
 
 
-def _empty_stats() -> dict[str, dict]:
+def _served(c: SimulatorConfig) -> list[str]:
+    """The resources a config serves: the five, then any optional one its counts name."""
+    return list(RESOURCES) + [r for r in OPTIONAL_RESOURCES if r in c.counts]
+
+
+def _empty_stats(resources: list[str]) -> dict[str, dict]:
+    # Keyed by the served resources only, so stats without invoices look exactly as they always did.
     return {
-        "requests": {r: 0 for r in RESOURCES},  # every /v1 request, whatever the outcome
-        "records_served": {r: 0 for r in RESOURCES},  # records in well-formed 200 pages
-        "count_requests": {r: 0 for r in RESOURCES},  # size=0 requests
-        "statuses": {r: {} for r in RESOURCES},  # resource -> {"200": n, "429": n, "drop": n, ...}
+        "requests": {r: 0 for r in resources},  # every /v1 request, whatever the outcome
+        "records_served": {r: 0 for r in resources},  # records in well-formed 200 pages
+        "count_requests": {r: 0 for r in resources},  # size=0 requests
+        "statuses": {r: {} for r in resources},  # resource -> {"200": n, "429": n, "drop": n, ...}
         "peak_in_flight": 0,  # the most /v1 requests being answered at once
     }
 
@@ -166,12 +193,17 @@ class CrmSimulator:
 
     def __init__(self, config: Optional[SimulatorConfig] = None):
         config = copy.deepcopy(config) if config is not None else SimulatorConfig()
-        config.counts = {r: int(config.counts.get(r, DEFAULT_COUNTS[r])) for r in RESOURCES}
+        given = config.counts
+        config.counts = {r: int(given.get(r, DEFAULT_COUNTS[r])) for r in RESOURCES}
+        config.counts.update({r: int(given[r]) for r in OPTIONAL_RESOURCES if r in given})
         _check_config(config)
         self._initial = copy.deepcopy(config)  # what /_admin/reset goes back to
         self.config = config
         self._lock = threading.RLock()
-        self._store = Store(config.seed, config.counts)
+        self._store = Store(config.seed, config.counts, config.key_field)
+        # name -> (path, records key) of what this simulator serves; any other path is a 404.
+        self.resources: dict[str, tuple[str, str]] = {r: KNOWN_RESOURCES[r] for r in _served(config)}
+        self._paths = {path: (name, key) for name, (path, key) in self.resources.items()}
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
         self._conns: set[socket.socket] = set()
@@ -231,11 +263,11 @@ class CrmSimulator:
             _check_config(new)
             self.config = new
             if "fault_every" in kw or "fault_kinds" in kw:
-                self._fault_counters = {r: 0 for r in RESOURCES}  # restart the cycle predictably
+                self._fault_counters = {r: 0 for r in self.resources}  # restart the cycle predictably
             if "drift_every" in kw:
                 self._drift = {}
             if {"repeat_every", "insert_every", "delete_every"} & set(kw):
-                self._pages = {r: 0 for r in RESOURCES}
+                self._pages = {r: 0 for r in self.resources}
             return self._live_config()
 
     def mutate(self, resource: str, edit: int = 0, insert: int = 0, deactivate: int = 0,
@@ -258,7 +290,7 @@ class CrmSimulator:
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._stats = _empty_stats()
+            self._stats = _empty_stats(list(self.resources))
 
     def ids(self, resource: str) -> list[str]:
         """All current ids of a resource, in (date_created, id) order."""
@@ -287,18 +319,18 @@ class CrmSimulator:
                 ds.order_by("date_updated")
 
     def _reset_runtime(self) -> None:
-        self._stats = _empty_stats()
+        self._stats = _empty_stats(list(self.resources))
         self._in_flight = 0
-        self._fault_counters = {r: 0 for r in RESOURCES}
+        self._fault_counters = {r: 0 for r in self.resources}
         self._drift: dict[tuple, Drift] = {}
-        self._pages = {r: 0 for r in RESOURCES}  # data pages served, for the adversary's cadence
-        self._deletes = {r: 0 for r in RESOURCES}
+        self._pages = {r: 0 for r in self.resources}  # data pages served, for the adversary's cadence
+        self._deletes = {r: 0 for r in self.resources}
         self._last_served: dict[str, dict] = {}
         self._random = random.Random(self.config.seed)
 
     def _dataset(self, resource: str):
-        if resource not in RESOURCES:
-            raise ValueError(f"unknown resource {resource!r}; known: {list(RESOURCES)}")
+        if resource not in self.resources:
+            raise ValueError(f"unknown resource {resource!r}; known: {list(self.resources)}")
         return self._store.datasets[resource]
 
     def _live_config(self) -> dict[str, Any]:
@@ -348,8 +380,8 @@ class CrmSimulator:
             bounds = parse_filter(params.get("filter"))
         except QueryError as exc:
             return _error(400, str(exc))
-        sort_field = params.get("sort_field", "date_created")
-        direction = params.get("sort_direction", "asc")
+        sort_field = params.get("sort_field", cfg.default_sort_field)
+        direction = params.get("sort_direction", cfg.default_sort_direction)
         if sort_field not in SORT_FIELDS:
             return _error(400, f"sort_field must be one of {list(SORT_FIELDS)}")
         if direction not in DIRECTIONS:
@@ -479,8 +511,9 @@ class CrmSimulator:
             ds = self._dataset(resource)
             with self._lock:
                 recs = [ds.get(i) for i in ds.order_by("date_created")[1]]
-                return _Reply(200, _dumps({"ids": [r["id"] for r in recs],
-                                           "active": {r["id"]: r["is_active"] for r in recs}}))
+                key = ds.key_field  # "id" or "jnid"; the reply's shape is the same either way
+                return _Reply(200, _dumps({"ids": [r[key] for r in recs],
+                                           "active": {r[key]: r["is_active"] for r in recs}}))
         if route == ("GET", "/_admin/records"):
             resource = params.get("resource", "")
             self._dataset(resource)
@@ -528,8 +561,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length > 0 else b""
         resource = None
         try:
-            if path in _PATHS:
-                resource, key = _PATHS[path]
+            if path in self.sim._paths:
+                resource, key = self.sim._paths[path]
                 if method != "GET":
                     reply: Optional[_Reply] = _error(405, "method not allowed")
                 else:
