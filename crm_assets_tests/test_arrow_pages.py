@@ -7,8 +7,9 @@ nullability, and the same rows, child rows linked to the same parents at the sam
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import dlt
 import pyarrow as pa
@@ -22,6 +23,7 @@ from crm_assets.sources.crm.arrow_pages import (
     can_write_nested_tables,
     nested_tables_from_extract,
 )
+from crm_assets.sources.crm.arrow_tables import ColumnTypes, page_tables
 from crm_assets.sources.tuning import sync_tuning
 from crm_assets.sources.crm_pipeline import crm_pipeline, run_options
 
@@ -173,11 +175,12 @@ AWKWARD_CASES = {
 }
 
 
-def _awkward_resource(pages: list[list[dict]], arrow_pages: bool) -> Any:
+def _awkward_resource(pages: list[list[dict]], arrow_pages: bool,
+                      columns: Optional[dict[str, dict[str, Any]]] = None) -> Any:
     @dlt.resource(name="things", primary_key="id",
                   write_disposition={"disposition": "merge", "strategy": "delete-insert"},
                   columns={"updated": {"data_type": "bigint", "dedup_sort": "desc"},
-                           "payload": {"data_type": "json"}})
+                           "payload": {"data_type": "json"}, **(columns or {})})
     def things():
         for page in pages:
             yield [{"updated": 1, **record} for record in page]
@@ -214,6 +217,152 @@ def test_awkward_records_land_as_dlts_normalizer_lands_them(tmp_path, case):
         assert column in columns, (column, sorted(columns))
         if data_type:
             assert columns[column][0].startswith(data_type), (column, columns[column])
+
+
+# Epoch seconds in columns the resource hints as timestamps (the CRM's date fields): dlt's
+# normalizer coerces each int to a UTC instant; the Arrow step builds them as timestamp columns.
+EPOCH_HINTS = {"date_created": {"data_type": "timestamp"}, "date_updated": {"data_type": "timestamp"}}
+FIRST_DAY, LAST_SECOND = -62135596800, 253402300799  # 0001-01-01T00:00:00Z, 9999-12-31T23:59:59Z
+EPOCH_PAGES = [
+    [{"id": "t1", "date_created": 1700000000, "date_updated": 1700000500, "tags": ["a"]},
+     {"id": "t2", "date_created": 0, "date_updated": None},  # the epoch itself, a null
+     {"id": "t3", "date_created": -1, "date_updated": LAST_SECOND, "where": {"city": "Oslo"}}],
+    [{"id": "t4", "date_created": FIRST_DAY, "date_updated": 1},
+     {"id": "t5", "date_created": None, "date_updated": None}],  # no value in either column
+]
+EPOCH_PAGES_AGAIN = [  # the next load: newer copies merged over t1 and t2, and a new record
+    [{"id": "t1", "date_created": 1700000000, "date_updated": 1800000000, "tags": ["b"], "updated": 2},
+     {"id": "t2", "date_created": 0, "date_updated": 1800000001, "updated": 2},
+     {"id": "t6", "date_created": 1600000000, "date_updated": None}],
+]
+
+
+def _schema_columns(pipeline: Any, table: str = "things") -> dict[str, dict[str, Any]]:
+    """How dlt's schema holds each column (nullable unless it says otherwise)."""
+    return {
+        name: {"data_type": spec.get("data_type"), "precision": spec.get("precision"),
+               "timezone": spec.get("timezone"), "nullable": spec.get("nullable", True)}
+        for name, spec in pipeline.default_schema.get_table_columns(table).items()
+    }
+
+
+def _load_both(tmp_path: Path, loads: list[list[list[dict]]], columns: dict[str, dict[str, Any]]) -> list[dict]:
+    """Each load's pages through the Arrow step and through dlt's normalizer alone, comparing the
+    two warehouses and dlt's two schemas after every load. The Arrow step's metrics per load."""
+    pipelines = {
+        label: dlt.pipeline(
+            pipeline_name=f"epoch_{label}", pipelines_dir=str(tmp_path / label), dataset_name="crm",
+            destination=dlt.destinations.duckdb(str(tmp_path / f"{label}.duckdb")),
+        )
+        for label in ("arrow", "dlt")
+    }
+    metrics = []
+    for pages in loads:
+        for label, pipeline in pipelines.items():
+            with nested_tables_from_extract():
+                pipeline.run(_awkward_resource(pages, label == "arrow", columns), loader_file_format="parquet")
+        metrics.append(_arrow_metrics(pipelines["arrow"])["things"])
+        assert metrics[-1]["records_built_with_arrow"] + metrics[-1]["records_left_to_dlt_normalizer"] == sum(
+            len(page) for page in pages
+        )
+        assert_same_warehouse(tmp_path / "arrow.duckdb", tmp_path / "dlt.duckdb")
+        for table in pipelines["dlt"].default_schema.data_table_names():
+            assert _schema_columns(pipelines["arrow"], table) == _schema_columns(pipelines["dlt"], table), table
+    return metrics
+
+
+def test_hinted_epoch_seconds_are_built_as_dlts_timestamps_in_a_first_and_a_merge_load(tmp_path):
+    metrics = _load_both(tmp_path, [EPOCH_PAGES, EPOCH_PAGES_AGAIN], EPOCH_HINTS)
+    # every record was built with Arrow, in the second load too (the schema then says timestamp)
+    assert [m["records_left_to_dlt_normalizer"] for m in metrics] == [0, 0], metrics
+
+    with duckdb.connect(str(tmp_path / "arrow.duckdb"), read_only=True) as connection:
+        columns = _columns(connection)
+        rows = dict(
+            (row[0], row[1:]) for row in
+            connection.execute("SELECT id, date_created, date_updated FROM crm.things").fetchall()
+        )
+    for column in EPOCH_HINTS:
+        assert columns[("things", column)] == ("TIMESTAMP WITH TIME ZONE", "YES")
+
+    def utc(seconds: int) -> datetime:
+        return datetime.fromtimestamp(seconds, timezone.utc)
+
+    assert rows["t1"] == (utc(1700000000), utc(1800000000))  # the newer copy's date_updated
+    assert rows["t2"] == (utc(0), utc(1800000001))
+    assert rows["t3"] == (utc(-1), datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc))
+    assert rows["t4"] == (datetime(1, 1, 1, tzinfo=timezone.utc), utc(1))
+    assert rows["t5"] == (None, None)
+    assert rows["t6"] == (utc(1600000000), None)
+
+
+def test_a_page_of_epoch_seconds_is_built_whole(tmp_path):
+    """pyarrow types the page's ints as int64 in one go; only the epoch columns are cast."""
+    schema = dlt.Schema("crm")
+    caps = dlt.destinations.duckdb(str(tmp_path / "unused.duckdb")).capabilities()
+    hinted = {name: {"name": name, **spec} for name, spec in EPOCH_HINTS.items()}
+    types = ColumnTypes(schema, "things", hinted, caps)
+    tables, left, mixed = page_tables("things", EPOCH_PAGES[0], types, "load", {}, whole_page=True)
+    assert (left, mixed) == ([], False)
+    root = dict(tables)["things"]
+    assert root.schema.field("date_created").type == pa.timestamp("us", tz="UTC")
+    assert root.schema.field("date_updated").type == pa.timestamp("us", tz="UTC")
+    assert root.column("date_created").to_pylist()[:2] == [
+        datetime.fromtimestamp(1700000000, timezone.utc), datetime.fromtimestamp(0, timezone.utc)
+    ]
+
+    # a float in the page: that record is dlt's, the others still Arrow's
+    page = [*EPOCH_PAGES[0], {"id": "f", "date_created": 1700000000.5}]
+    tables, left, mixed = page_tables("things", page, ColumnTypes(schema, "things", hinted, caps), "load", {},
+                                      whole_page=True)
+    assert (left, mixed) == ([page[-1]], True)
+    assert dict(tables)["things"].num_rows == 3
+
+    # no destination known, no way to tell dlt's timestamp type: left to dlt
+    assert not ColumnTypes(schema, "things", hinted, None).epoch
+
+
+ODD_EPOCH_VALUES = {  # what dlt's normalizer does with them
+    "a float": (1700000000.25, None),  # coerced, with its fraction
+    "an ISO string": ("2024-05-01T10:00:00+00:00", None),  # parsed
+    "a string that is no date": ("soon", ("things", "date_created__v_text")),
+    "a bool": (True, ("things", "date_created__v_bool")),
+    "seconds past year 9999": (LAST_SECOND + 1, ("things", "date_created__v_bigint")),
+    "seconds before year 1": (FIRST_DAY - 1, ("things", "date_created__v_bigint")),
+}
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["mid-page", "first-on-page"])
+@pytest.mark.parametrize("case", list(ODD_EPOCH_VALUES))
+def test_other_values_in_a_hinted_timestamp_column_are_left_to_dlt(tmp_path, case, first):
+    value, variant = ODD_EPOCH_VALUES[case]
+    odd = {"id": "odd", "date_created": value, "date_updated": 1700000000}
+    plain = [{"id": f"p{i}", "date_created": 1700000000 + i, "date_updated": None} for i in range(3)]
+    page = [odd, *plain] if first else [*plain[:2], odd, plain[2]]
+    metrics = _load_both(tmp_path, [[page, EPOCH_PAGES[1]], EPOCH_PAGES_AGAIN], EPOCH_HINTS)
+    assert metrics[0]["records_left_to_dlt_normalizer"] == 1, metrics
+    assert metrics[1]["records_left_to_dlt_normalizer"] == 0, metrics
+    if variant:
+        with duckdb.connect(str(tmp_path / "arrow.duckdb"), read_only=True) as connection:
+            assert variant in _columns(connection)
+
+
+@pytest.mark.parametrize("hint", [{"data_type": "timestamp", "precision": 3},
+                                  {"data_type": "timestamp", "timezone": False}],
+                         ids=["milliseconds", "naive"])
+def test_a_timestamp_dlt_stores_otherwise_is_left_to_dlt(tmp_path, hint):
+    """Epoch seconds are built only as dlt's tz-aware microseconds; other timestamps are dlt's."""
+    metrics = _load_both(tmp_path, [EPOCH_PAGES], {"date_created": hint})
+    with_seconds = sum(record["date_created"] is not None for page in EPOCH_PAGES for record in page)
+    assert metrics[0]["records_left_to_dlt_normalizer"] == with_seconds, metrics
+
+
+def test_a_timestamp_column_the_resource_does_not_hint_takes_no_epoch_seconds(tmp_path):
+    """dlt detected the column as a timestamp from ISO strings: ints there stay dlt's to coerce."""
+    loads = [[[{"id": "s1", "seen_at": "2024-05-01T10:00:00+00:00"}]],
+             [[{"id": "s2", "seen_at": 1700000000}, {"id": "s3", "seen_at": 1700000001}]]]
+    metrics = _load_both(tmp_path, loads, {})
+    assert metrics[1]["records_left_to_dlt_normalizer"] == 2, metrics
 
 
 def test_with_the_step_off_every_record_takes_dlts_normalizer(start_simulator, crm_env, tmp_path, monkeypatch):

@@ -12,6 +12,13 @@ It takes only what it can build exactly as dlt's normalizer would:
 - values whose Python type is the column's type (str: text, int: bigint, float: double,
   bool: bool); the column's type is the schema's, or for a new column the first value's, provided
   dlt would infer nothing else from it (no ISO timestamp in a string, no preferred type);
+- ints in the columns the resource itself hints as `timestamp` (root table): Unix epoch seconds,
+  which dlt's normalizer coerces to UTC instants (`pendulum.from_timestamp`, years 1 to 9999).
+  They are built as `timestamp[us, tz=UTC]`, the type dlt writes such a column in at a destination
+  whose default timestamp precision is microseconds (all of this project's), and stay so when the
+  stored schema holds the column as that timestamp. A float, string or bool there, or seconds out
+  of that range, is dlt's (it coerces them or makes a variant column). A timestamp column the
+  resource does not hint (dlt's detection of ISO strings) takes nothing;
 - field names dlt's naming convention leaves as they are;
 - nested objects, and lists of objects or of scalars.
 
@@ -132,8 +139,18 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
                 hinted = {}
             from .arrow_tables import ColumnTypes
 
-            self._types = ColumnTypes(schema, self.name, hinted)
+            self._types = ColumnTypes(schema, self.name, hinted, _destination_capabilities())
         return self._types
+
+
+def _destination_capabilities() -> Any:
+    """The capabilities dlt's extract writes arrow tables for (how it types a timestamp column);
+    None without a destination: the hinted timestamp columns are then left to dlt."""
+    from dlt.common.configuration.container import Container
+    from dlt.common.destination.capabilities import DestinationCapabilitiesContext
+
+    container = Container()
+    return container[DestinationCapabilitiesContext] if DestinationCapabilitiesContext in container else None
 
 
 def can_write_nested_tables() -> bool:

@@ -13,12 +13,14 @@ from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from dlt.common.libs.pyarrow import get_py_arrow_datatype
 from dlt.common.schema.utils import autodetect_sc_type
 
 from .arrow_pages import CHILD_COLUMNS, ROOT_COLUMNS
 
 # The Python type of a column's values, by the column's dlt type. A column of any other dlt type
-# (timestamp, decimal, json, ...) takes no value here: its records go through dlt's normalizer.
+# (timestamp, decimal, json, ...) takes no value here (but see _EPOCH): its records go through
+# dlt's normalizer.
 _PY_TYPES = {"text": str, "bigint": int, "double": float, "bool": bool}
 _TAKEN_KINDS = frozenset(_PY_TYPES.values())
 _ARROW_TYPES = {pa.string(): str, pa.int64(): int, pa.float64(): float, pa.bool_(): bool}
@@ -30,6 +32,31 @@ class _NotTaken:
 
 _NOT_TAKEN = _NotTaken
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+class _Epoch:
+    """The type of a timestamp column the resource hints, whose int values (Unix epoch seconds)
+    are taken: dlt's normalizer coerces them with `pendulum.from_timestamp`, a UTC instant."""
+
+
+_EPOCH = _Epoch
+# What dlt writes for such a column: a `timestamp` of the destination's default precision,
+# microseconds, tz-aware. dlt relabels an arrow column from UTC to its context timezone (the same
+# instants), as it would label the normalizer's datetimes. Columns dlt types otherwise (another
+# precision, `timezone: False`, a destination without tz-aware timestamps) are left to dlt.
+_EPOCH_TYPE = pa.timestamp("us", tz="UTC")
+# The seconds `pendulum.from_timestamp` turns into a datetime (years 1 to 9999); dlt's normalizer
+# makes a variant column of (or fails on) any other int.
+_EPOCH_RANGE = (-62135596800, 253402300799)
+
+
+def _epoch_column(spec: dict[str, Any], caps: Any) -> bool:
+    """dlt would write the timestamp column `spec` as _EPOCH_TYPE at the destination `caps`."""
+    return (
+        caps is not None
+        and spec.get("data_type") == "timestamp"
+        and get_py_arrow_datatype(spec, caps, "UTC") == _EPOCH_TYPE  # type: ignore[arg-type]
+    )
 
 
 def _takeable(kind: type, value: Any) -> bool:
@@ -56,18 +83,23 @@ class _Rejected(Exception):
 
 class ColumnTypes:
     """What a resource's tables hold: the Python type of each column (from the schema, then from
-    the first value taken), and which names dlt leaves alone."""
+    the first value taken), and which names dlt leaves alone.
 
-    def __init__(self, schema: Any, resource: str, hinted: dict[str, Any]) -> None:
+    `hinted` are the resource's own columns; `caps` the destination's capabilities (None: none
+    known, and the hinted timestamp columns are left to dlt)."""
+
+    def __init__(self, schema: Any, resource: str, hinted: dict[str, Any], caps: Any = None) -> None:
         self.schema = schema
         self.tables: dict[str, dict[str, type]] = {}
         self.not_null: dict[str, set[str]] = {
             resource: {name for name, spec in hinted.items() if spec.get("nullable") is False}
         }
         self.plain_names: dict[str, bool] = {}  # plain_name()'s answers
+        # timestamps the resource hints: dlt coerces their ints (epoch seconds) row by row
+        epoch = {column for column, spec in hinted.items() if _epoch_column(spec, caps)}
         # the resource's own column hints (the schema may not hold its table yet: the first page)
         self.tables[resource] = {
-            column: _PY_TYPES.get(spec["data_type"], _NOT_TAKEN)
+            column: _EPOCH if column in epoch else _PY_TYPES.get(spec["data_type"], _NOT_TAKEN)
             for column, spec in hinted.items()
             if spec.get("data_type")
         }
@@ -75,13 +107,18 @@ class ColumnTypes:
             if name == resource or name.startswith(f"{resource}__"):
                 columns = table.get("columns", {})
                 self.tables.setdefault(name, {}).update(
-                    (column, _PY_TYPES.get(spec["data_type"], _NOT_TAKEN))
+                    # a hinted timestamp the stored schema holds as one stays epoch seconds; one
+                    # it holds otherwise (bigint from before the hint) is dlt's to reconcile
+                    (column, _EPOCH if name == resource and column in epoch and _epoch_column(spec, caps)
+                     else _PY_TYPES.get(spec["data_type"], _NOT_TAKEN))
                     for column, spec in columns.items()
                     if spec.get("data_type")
                 )
                 self.not_null.setdefault(name, set()).update(
                     column for column, spec in columns.items() if spec.get("nullable") is False
                 )
+        # the root table's columns built from epoch seconds (learn() adds plain types only)
+        self.epoch = frozenset(column for column, kind in self.tables[resource].items() if kind is _EPOCH)
 
     def plain_name(self, name: str) -> bool:
         """dlt keeps `name` as it is, and cannot confuse it with a flattened or dlt column."""
@@ -158,8 +195,14 @@ class _RecordCheck:
                 raise _Rejected
             name = prefix + key
             kind = type(value)
-            if known.get(name) is kind:  # the usual case: a known column, a value of its type
+            expected = known.get(name)
+            if expected is kind:  # the usual case: a known column, a value of its type
                 if not _takeable(kind, value):
+                    raise _Rejected
+                continue
+            if expected is _EPOCH:
+                # an int dlt makes a timestamp of; dlt coerces floats and strings its own way
+                if kind is not int or not _EPOCH_RANGE[0] <= value <= _EPOCH_RANGE[1]:
                     raise _Rejected
                 continue
             if kind is dict or kind is list:
@@ -266,6 +309,8 @@ class _PageTypes:
         if py_type is None or len(table) > _MAX_NAME:
             return False
         expected = self.types.tables.get(table, {}).get(name)
+        if expected is _EPOCH:  # ints only (a float among them makes the whole field double)
+            return py_type is int
         if expected is None:
             # pyarrow types a mix of ints and floats as double, dlt by the first value: only the
             # record-by-record check can tell which came first
@@ -300,14 +345,19 @@ def _flatten(array: pa.StructArray, prefix: str, out: list[tuple[str, pa.Array]]
 
 def build_tables(resource: str, array: pa.StructArray, load_id: str,
                  not_null: Optional[dict[str, set[str]]] = None,
-                 parents: Optional[dict[str, str]] = None) -> Optional[Tables]:
+                 parents: Optional[dict[str, str]] = None,
+                 epoch: frozenset[str] = frozenset()) -> Optional[Tables]:
     """The resource's table (first) and its child tables, from a page's struct array; None if a
-    column the schema declares not null holds a null (dlt's normalizer then raises its error).
-    `parents` receives each child table's parent (a list inside an object is a child of the
-    object's table: `jobs__location__tags`'s parent is `jobs`)."""
+    column the schema declares not null holds a null (dlt's normalizer then raises its error) or
+    an `epoch` column (root table, int64 seconds, built as timestamps) holds seconds dlt makes no
+    timestamp of. `parents` receives each child table's parent (a list inside an object is a child
+    of the object's table: `jobs__location__tags`'s parent is `jobs`)."""
     ids = random_row_keys(len(array))
     tables: Tables = []
-    _build(resource, array, ids, ids, tables, {} if parents is None else parents)
+    try:
+        _build(resource, array, ids, ids, tables, {} if parents is None else parents, epoch)
+    except _Rejected:
+        return None
     root = tables[0][1].append_column("_dlt_id", ids)
     root = root.append_column("_dlt_load_id", pa.array([load_id] * len(array), pa.string()))
     tables[0] = (resource, root)
@@ -325,8 +375,17 @@ def build_tables(resource: str, array: pa.StructArray, load_id: str,
     return tables
 
 
+def _epoch_timestamps(seconds: pa.Array) -> pa.Array:
+    """int64 Unix epoch seconds as _EPOCH_TYPE, the instants dlt's normalizer makes of them."""
+    low, high = (scalar.as_py() for scalar in pc.min_max(seconds).values())
+    if low is not None and (low < _EPOCH_RANGE[0] or high > _EPOCH_RANGE[1]):
+        raise _Rejected
+    # int64 to timestamp[s] reinterprets the buffer; seconds to microseconds multiplies
+    return seconds.cast(pa.timestamp("s", tz="UTC")).cast(_EPOCH_TYPE)
+
+
 def _build(name: str, array: pa.StructArray, ids: pa.Array, root_ids: pa.Array, tables: Tables,
-           parent_of: dict[str, str]) -> None:
+           parent_of: dict[str, str], epoch: frozenset[str] = frozenset()) -> None:
     leaves: list[tuple[str, pa.Array]] = []
     _flatten(array, "", leaves)
     position = len(tables)
@@ -338,7 +397,7 @@ def _build(name: str, array: pa.StructArray, ids: pa.Array, root_ids: pa.Array, 
             continue
         if not pa.types.is_list(leaf.type):
             names.append(leaf_name)
-            columns.append(leaf)
+            columns.append(_epoch_timestamps(leaf) if leaf_name in epoch else leaf)
             continue
         values = pc.list_flatten(leaf)
         if pa.types.is_null(values.type) or len(values) == 0:
@@ -382,7 +441,7 @@ def page_tables(
     if array is not None and pa.types.is_struct(array.type):
         page = _PageTypes(types)
         if page.match(name, array.type):
-            tables = build_tables(name, array, load_id, types.not_null, parents)
+            tables = build_tables(name, array, load_id, types.not_null, parents, types.epoch)
             if tables is not None and page.new_columns_plain(tables):
                 types.learn(page.new)
                 return tables, [], False
@@ -398,5 +457,5 @@ def page_tables(
     page = _PageTypes(types)
     if not pa.types.is_struct(array.type) or not page.match(name, array.type):
         return [], records, mixed
-    tables = build_tables(name, array, load_id, types.not_null, parents)
+    tables = build_tables(name, array, load_id, types.not_null, parents, types.epoch)
     return (tables, left, mixed) if tables is not None else ([], records, mixed)
