@@ -1,4 +1,4 @@
-"""The five `crm/*` assets: one `@dlt_assets` multi-asset over the `crm` dlt source."""
+"""The `crm/*` assets: one `@dlt_assets` multi-asset over the `crm` dlt source."""
 
 # No `from __future__ import annotations` here: Dagster reads the config class from the signature.
 
@@ -13,12 +13,20 @@ from dlt.common.schema.exceptions import DataValidationError
 from dagster_dlt import DagsterDltResource, dlt_assets
 from pydantic import Field
 
-from .sources.crm import CrmApiError, CrmConfigurationError, CrmError, crm, find_crm_error
+from .sources.crm import (
+    CrmApiError,
+    CrmConfigurationError,
+    CrmError,
+    configured_endpoints,
+    crm,
+    find_crm_error,
+)
 from .sources.crm.settings import RETRY_STATUSES
 from .sources.crm_pipeline import (
     DATASET_NAME,
     crm_pipeline,
     definitions_pipelines_dir,
+    refuse_bigint_dates,
     run_options,
     selected_destination,
     schema_changes,
@@ -32,9 +40,12 @@ from .translator import CrmTranslator
 # must not be committed by two runs at once). The pool's limit is set on the instance.
 WAREHOUSE_POOL = "crm_warehouse"
 
-# The source as Dagster sees it when it loads the code location: names and hints only. Every
-# argument is given, so nothing is read from the environment at import time; the run builds
-# the real source from configuration.
+# Which resources there are, and their keys, is configuration (sources/crm/catalog.py), read
+# when the code location loads: a bad setting fails `dg check defs`, naming it.
+CRM_ENDPOINTS = configured_endpoints()
+
+# The source as Dagster sees it when it loads the code location: names and hints only. The
+# connection arguments are placeholders; the run builds the real source from configuration.
 _DEFINITION_SOURCE = crm(
     base_url="http://crm-api.invalid",
     api_key="not-used-at-definition-time",
@@ -106,7 +117,7 @@ def _is_transient(error: CrmError) -> bool:
     dlt_source=_DEFINITION_SOURCE,
     dlt_pipeline=_DEFINITION_PIPELINE,
     name="crm_sync_assets",
-    dagster_dlt_translator=CrmTranslator(),
+    dagster_dlt_translator=CrmTranslator(CRM_ENDPOINTS),
     pool=WAREHOUSE_POOL,
 )
 def crm_sync_assets(
@@ -117,6 +128,8 @@ def crm_sync_assets(
         selected_destination()
     except CrmConfigurationError as exc:
         raise Failure(description=str(exc), allow_retries=False) from None
+    names = {key.path[-1] for key in context.selected_asset_keys}
+    selected = [endpoint for endpoint in CRM_ENDPOINTS if endpoint.name in names]
     if config.full_refresh:
         context.log.info("Full refresh: dropping and reloading %s" % ", ".join(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))
@@ -127,6 +140,8 @@ def crm_sync_assets(
                 options: dict[str, Any] = run_options(pipeline)
                 if config.full_refresh:
                     options["refresh"] = "drop_resources"
+                else:
+                    refuse_bigint_dates(pipeline, selected)
                 results = list(
                     dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
                 )

@@ -1,8 +1,9 @@
 """Data checks on every `crm/*` table, run after each load and on their own (job `crm_checks`).
 
-Three checks per table, built from the endpoint table so a new resource gets them for free:
+Three checks per table, built from the configured endpoints so a new resource gets them too:
 
-* `id_is_unique`          blocking, ERROR: the merge on `id` must leave one row per id.
+* `id_is_unique`          blocking, ERROR: the merge on the primary key (`id`, or the configured
+                          one such as `jnid`) must leave one row per key.
 * `id_is_not_null`        blocking, ERROR: every row has its primary key.
 * `row_count_matches_api` WARN: rows in the table vs the API's own `count` (one `size=0`
                           request). Only a warning: records can be created between the load and
@@ -36,10 +37,9 @@ from dagster import (
     multi_asset_check,
 )
 
-from .assets import WAREHOUSE_POOL
+from .assets import CRM_ENDPOINTS, WAREHOUSE_POOL
 from .constants import ASSET_KEY_PREFIX, FRESHNESS_FAIL_AFTER_MINUTES, FRESHNESS_WARN_AFTER_MINUTES
-from .sources.crm import ENDPOINTS, CrmError, count_records
-from .sources.crm.settings import PRIMARY_KEY
+from .sources.crm import CrmError, Endpoint, count_records
 from .warehouse import DatabaseUndefinedRelation, Query, reader
 
 ID_IS_UNIQUE = "id_is_unique"
@@ -59,16 +59,17 @@ def with_crm_freshness_policy(spec: AssetSpec) -> AssetSpec:
 
 def _specs() -> list[AssetCheckSpec]:
     specs = []
-    for endpoint in ENDPOINTS:
+    for endpoint in CRM_ENDPOINTS:
         asset = AssetKey([ASSET_KEY_PREFIX, endpoint.name])
         table = f"crm.{endpoint.name}"
+        key = endpoint.primary_key
         specs += [
             AssetCheckSpec(
                 ID_IS_UNIQUE,
                 asset=asset,
                 blocking=True,
                 description=(
-                    f"Every `{PRIMARY_KEY}` appears once in {table}: the merge must absorb the "
+                    f"Every `{key}` appears once in {table}: the merge must absorb the "
                     "duplicates that overlapping pages and records edited mid-read produce. Fails the run."
                 ),
             ),
@@ -76,7 +77,7 @@ def _specs() -> list[AssetCheckSpec]:
                 ID_IS_NOT_NULL,
                 asset=asset,
                 blocking=True,
-                description=f"No row of {table} lacks its primary key `{PRIMARY_KEY}`. Fails the run.",
+                description=f"No row of {table} lacks its primary key `{key}`. Fails the run.",
             ),
             AssetCheckSpec(
                 ROW_COUNT_MATCHES_API,
@@ -90,23 +91,24 @@ def _specs() -> list[AssetCheckSpec]:
     return specs
 
 
+# {table} and {key} are names from the checked configuration (catalog.py), never user input
 _SQL_DUPLICATES = (
     "SELECT COUNT(*), COALESCE(SUM(n - 1), 0) FROM "
-    f"(SELECT {PRIMARY_KEY}, COUNT(*) AS n FROM {{table}} WHERE {PRIMARY_KEY} IS NOT NULL "
-    f"GROUP BY {PRIMARY_KEY} HAVING COUNT(*) > 1) AS duplicated"
+    "(SELECT {key}, COUNT(*) AS n FROM {table} WHERE {key} IS NOT NULL "
+    "GROUP BY {key} HAVING COUNT(*) > 1) AS duplicated"
 )
 _SQL_DUPLICATE_SAMPLE = (
-    f"SELECT {PRIMARY_KEY} FROM {{table}} WHERE {PRIMARY_KEY} IS NOT NULL "
-    f"GROUP BY {PRIMARY_KEY} HAVING COUNT(*) > 1 ORDER BY {PRIMARY_KEY}"
+    "SELECT {key} FROM {table} WHERE {key} IS NOT NULL GROUP BY {key} HAVING COUNT(*) > 1 ORDER BY {key}"
 )
-_SQL_NULL_IDS = f"SELECT COUNT(*) FROM {{table}} WHERE {PRIMARY_KEY} IS NULL"
+_SQL_NULL_IDS = "SELECT COUNT(*) FROM {table} WHERE {key} IS NULL"
 _SQL_ROWS = "SELECT COUNT(*) FROM {table}"
 
 
-def _id_is_unique(query: Query, key: AssetCheckKey, table: str) -> AssetCheckResult:
-    ((duplicate_ids, extra_rows),) = query(_SQL_DUPLICATES, table)
+def _id_is_unique(query: Query, key: AssetCheckKey, endpoint: Endpoint) -> AssetCheckResult:
+    table, column = endpoint.name, endpoint.primary_key
+    ((duplicate_ids, extra_rows),) = query(_SQL_DUPLICATES, table, key=column)
     sample = (
-        [row[0] for row in query(_SQL_DUPLICATE_SAMPLE, table, max_rows=DUPLICATE_SAMPLE_SIZE)]
+        [row[0] for row in query(_SQL_DUPLICATE_SAMPLE, table, key=column, max_rows=DUPLICATE_SAMPLE_SIZE)]
         if duplicate_ids
         else []
     )
@@ -116,7 +118,7 @@ def _id_is_unique(query: Query, key: AssetCheckKey, table: str) -> AssetCheckRes
         passed=duplicate_ids == 0,
         severity=AssetCheckSeverity.ERROR,
         description=(
-            None if not duplicate_ids else f"{duplicate_ids} ids appear more than once in crm.{table}"
+            None if not duplicate_ids else f"{duplicate_ids} {column}s appear more than once in crm.{table}"
         ),
         metadata={
             "duplicate_ids": int(duplicate_ids),
@@ -126,28 +128,30 @@ def _id_is_unique(query: Query, key: AssetCheckKey, table: str) -> AssetCheckRes
     )
 
 
-def _id_is_not_null(query: Query, key: AssetCheckKey, table: str) -> AssetCheckResult:
-    ((null_ids,),) = query(_SQL_NULL_IDS, table)
+def _id_is_not_null(query: Query, key: AssetCheckKey, endpoint: Endpoint) -> AssetCheckResult:
+    table, column = endpoint.name, endpoint.primary_key
+    ((null_ids,),) = query(_SQL_NULL_IDS, table, key=column)
     return AssetCheckResult(
         asset_key=key.asset_key,
         check_name=key.name,
         passed=null_ids == 0,
         severity=AssetCheckSeverity.ERROR,
-        description=None if not null_ids else f"{null_ids} rows of crm.{table} have no {PRIMARY_KEY}",
+        description=None if not null_ids else f"{null_ids} rows of crm.{table} have no {column}",
         metadata={"null_id_rows": int(null_ids)},
     )
 
 
-def _api_count(table: str) -> Union[int, CrmError]:
+def _api_count(endpoint: Endpoint) -> Union[int, CrmError]:
     try:
-        return count_records(table)
+        return count_records(endpoint)
     except CrmError as exc:  # its message names the resource and path, never the key
         return exc
 
 
 def _row_count_matches_api(
-    query: Query, key: AssetCheckKey, table: str, api_count: Union[int, CrmError]
+    query: Query, key: AssetCheckKey, endpoint: Endpoint, api_count: Union[int, CrmError]
 ) -> AssetCheckResult:
+    table = endpoint.name
     ((rows,),) = query(_SQL_ROWS, table)
     if isinstance(api_count, CrmError):
         return AssetCheckResult(
@@ -173,6 +177,7 @@ def _row_count_matches_api(
     )
 
 
+_ENDPOINTS_BY_NAME = {endpoint.name: endpoint for endpoint in CRM_ENDPOINTS}
 _SQL_EVALUATORS = {
     ID_IS_UNIQUE: _id_is_unique,
     ID_IS_NOT_NULL: _id_is_not_null,
@@ -201,18 +206,19 @@ def crm_table_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheck
     # The API's counts first: its retries can take seconds, and the warehouse (locked against
     # loads while the checks read it) need not wait for them.
     api_counts = {
-        key.asset_key.path[-1]: _api_count(key.asset_key.path[-1])
+        key.asset_key.path[-1]: _api_count(_ENDPOINTS_BY_NAME[key.asset_key.path[-1]])
         for key in keys
         if key.name == ROW_COUNT_MATCHES_API
     }
     with reader() as query:  # one connection for all of them
         for key in keys:
             table = key.asset_key.path[-1]
+            endpoint = _ENDPOINTS_BY_NAME[table]
             try:
                 if key.name == ROW_COUNT_MATCHES_API:
-                    result = _row_count_matches_api(query, key, table, api_counts[table])
+                    result = _row_count_matches_api(query, key, endpoint, api_counts[table])
                 else:
-                    result = _SQL_EVALUATORS[key.name](query, key, table)
+                    result = _SQL_EVALUATORS[key.name](query, key, endpoint)
             except DatabaseUndefinedRelation:
                 result = _table_missing(key, table)
             if not result.passed:

@@ -24,8 +24,9 @@ from .constants import (
     CHANGE_SENSOR_INTERVAL_SECONDS,
     CHANGE_SENSOR_OVERLAP_SECONDS,
 )
+from .assets import CRM_ENDPOINTS
 from .jobs import active_sync_runs, crm_sync
-from .sources.crm import ENDPOINTS, CrmError, connection_settings, count_records
+from .sources.crm import CrmError, connection_settings, count_records
 from .sources.crm.http import CrmSession
 
 # A sensor tick must finish within Dagster's sensor timeout (60 s by default): one quick retry
@@ -87,21 +88,22 @@ def crm_change_sensor(context: SensorEvaluationContext) -> Union[RunRequest, Ski
     checked_until = int(_now()) - CHANGE_SENSOR_OVERLAP_SECONDS
     new_cursor = {
         endpoint.name: max(cursor.get(endpoint.name, checked_until), checked_until)
-        for endpoint in ENDPOINTS
+        for endpoint in CRM_ENDPOINTS
     }
-    watched = [endpoint.name for endpoint in ENDPOINTS if endpoint.name in cursor]
+    watched = [endpoint for endpoint in CRM_ENDPOINTS if endpoint.name in cursor]
 
     changed: dict[str, int] = {}
     if watched:
-        session = CrmSession(**_SENSOR_SESSION)
+        session = CrmSession(endpoints=CRM_ENDPOINTS, **_SENSOR_SESSION)
         try:
             base_url, api_key = connection_settings()
-            for name in watched:
+            for endpoint in watched:
                 updated = count_records(
-                    name, updated_after=cursor[name], base_url=base_url, api_key=api_key, session=session
+                    endpoint, updated_after=cursor[endpoint.name], base_url=base_url, api_key=api_key,
+                    session=session,
                 )
                 if updated:
-                    changed[name] = updated
+                    changed[endpoint.name] = updated
         except CrmError as exc:  # configuration or API errors name what failed, never the key
             return SkipReason(f"Could not ask the CRM API for changes: {exc}")
         finally:

@@ -21,7 +21,7 @@ __all__ = ["query", "reader", "Query", "DatabaseUndefinedRelation"]
 
 class Query(Protocol):
     def __call__(
-        self, sql_template: str, table: str, *, max_rows: Optional[int] = None
+        self, sql_template: str, table: str, *, key: str = "id", max_rows: Optional[int] = None
     ) -> list[tuple[Any, ...]]: ...
 
 
@@ -30,7 +30,8 @@ def reader() -> Iterator[Query]:
     """One connection to the warehouse for several queries (the checks run fifteen).
 
     The function it yields runs one SELECT on a table of the `crm` dataset: `{table}` in the
-    template becomes the destination's qualified, quoted name of `table`; write portable SQL (no
+    template becomes the destination's qualified, quoted name of `table`, `{key}` the quoted column
+    `key`; write portable SQL (no
     LIMIT: not every destination has it, use `max_rows`). It raises `DatabaseUndefinedRelation`
     when the table does not exist (yet); the connection stays usable.
 
@@ -41,8 +42,12 @@ def reader() -> Iterator[Query]:
     selected_destination()  # an unknown CRM_DESTINATION fails here, saying what to set
     with exclusive_run(), crm_pipeline().sql_client() as client:
 
-        def run(sql_template: str, table: str, *, max_rows: Optional[int] = None) -> list[tuple[Any, ...]]:
-            sql = sql_template.format(table=client.make_qualified_table_name(table))
+        def run(
+            sql_template: str, table: str, *, key: str = "id", max_rows: Optional[int] = None
+        ) -> list[tuple[Any, ...]]:
+            sql = sql_template.format(
+                table=client.make_qualified_table_name(table), key=client.escape_column_name(key)
+            )
             with client.execute_query(sql) as cursor:
                 rows = cursor.fetchmany(max_rows) if max_rows is not None else cursor.fetchall()
             return [tuple(row) for row in rows]
@@ -50,8 +55,10 @@ def reader() -> Iterator[Query]:
         yield run
 
 
-def query(sql_template: str, table: str, *, max_rows: Optional[int] = None) -> list[tuple[Any, ...]]:
+def query(
+    sql_template: str, table: str, *, key: str = "id", max_rows: Optional[int] = None
+) -> list[tuple[Any, ...]]:
     """Rows of one SELECT on a table of the `crm` dataset, on a connection of its own (see
     `reader`)."""
     with reader() as run:
-        return run(sql_template, table, max_rows=max_rows)
+        return run(sql_template, table, key=key, max_rows=max_rows)

@@ -15,7 +15,7 @@ import pytest
 import requests
 from dagster import AssetKey
 
-from crm_assets.sources.crm import ENDPOINTS_BY_NAME
+from crm_assets.sources.crm import BUILT_IN
 from crm_assets.sources.crm.keyset import SPARE_REQUESTS, KeysetRead
 from crm_assets.sources.crm.paginator import page_params
 
@@ -55,7 +55,7 @@ def _undisturbed_pages(start_simulator) -> dict[str, int]:
     with requests.Session() as session:
         session.headers["Authorization"] = f"Bearer {API_KEY}"
         for resource in RESOURCES:
-            endpoint = ENDPOINTS_BY_NAME[resource]
+            endpoint = {e.name: e for e in BUILT_IN}[resource]
             read = KeysetRead(resource, PAGE_SIZE)
             while not read.done:
                 body = session.get(calm.url + endpoint.path, params=page_params(read.request())).json()

@@ -122,6 +122,37 @@ def test_full_refresh_reloads_the_selected_resource_and_leaves_the_others_alone(
     assert simulator.stats()["records_served"]["jobs"] <= 6  # the reset cursor was stored again
 
 
+def test_a_warehouse_with_bigint_dates_says_to_run_a_full_refresh_which_moves_it_over(
+    start_simulator, crm_env, warehouse
+):
+    """A warehouse from before dates landed as timestamps: the first sync names the columns and the
+    way over instead of the warehouse's conversion error; a full refresh reloads them typed."""
+    from crm_assets.sources.crm import crm
+    from crm_assets.sources.crm_pipeline import crm_pipeline
+
+    simulator = start_simulator()
+    crm_env(simulator)
+    old = crm().with_resources("jobs")
+    old.resources["jobs"].apply_hints(columns={
+        "date_created": {"data_type": "bigint"}, "date_updated": {"data_type": "bigint", "dedup_sort": "desc"},
+    })
+    crm_pipeline().run(old)
+    assert query(warehouse, "SELECT data_type FROM information_schema.columns WHERE table_schema = 'crm' AND table_name = 'jobs' "
+                            "AND column_name = 'date_updated'") == [("BIGINT",)]
+    simulator.mutate("jobs", edit=3)
+    jobs = [AssetKey(["crm", "jobs"])]
+
+    failed = run_sync(selection=jobs, raise_on_error=False)
+
+    assert not failed.success
+    message = failure_message(failed)
+    assert "crm.jobs.date_created, crm.jobs.date_updated hold epoch seconds as BIGINT" in message
+    assert "full_refresh" in message
+    refreshed = run_sync(selection=jobs, run_config={"ops": {"crm_sync_assets": {"config": {"full_refresh": True}}}})
+    assert refreshed.success
+    assert_exact(warehouse, simulator, resources=["jobs"])
+
+
 def test_a_new_field_becomes_a_column_and_the_materialization_says_so(
     start_simulator, crm_env, warehouse
 ):

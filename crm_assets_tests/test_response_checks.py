@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crm_assets.sources.crm.http import CrmApiError, CrmSession
-from crm_assets.sources.crm.settings import ENDPOINTS_BY_NAME
+from crm_assets.sources.crm import BUILT_IN
 
-ENDPOINT = ENDPOINTS_BY_NAME["activities"]  # records under "activity"
+ENDPOINT = {endpoint.name: endpoint for endpoint in BUILT_IN}["activities"]  # records under "activity"
 PATH = "/v1/activities"
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)

@@ -19,7 +19,7 @@ from typing import Optional
 import psycopg2
 import pytest
 
-from .conftest import RESOURCES, api_state, query, table_ids, table_state
+from .conftest import RESOURCES, STATE_SQL, api_state, query, table_ids, table_state
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = REPO / "scripts" / "services.sh"
@@ -34,17 +34,17 @@ class DuckDbWarehouse:
     def query(self, sql: str) -> list[tuple]:
         return query(self.path, sql)
 
-    def table_ids(self, table: str) -> list[str]:
-        return table_ids(self.path, table)
+    def table_ids(self, table: str, key: str = "id") -> list[str]:
+        return table_ids(self.path, table, key)
 
-    def table_state(self, table: str) -> dict[str, tuple]:
-        return table_state(self.path, table)
+    def table_state(self, table: str, key: str = "id") -> dict[str, tuple]:
+        return table_state(self.path, table, key)
 
-    def assert_exact(self, simulator, resources=RESOURCES) -> None:
+    def assert_exact(self, simulator, resources=RESOURCES, key: str = "id") -> None:
         for resource in resources:
-            ids = self.table_ids(resource)
-            assert len(ids) == len(set(ids)), f"{resource}: duplicate ids in the table"
-            assert self.table_state(resource) == api_state(simulator, resource), resource
+            ids = self.table_ids(resource, key)
+            assert len(ids) == len(set(ids)), f"{resource}: duplicate {key}s in the table"
+            assert self.table_state(resource, key) == api_state(simulator, resource, key), resource
 
 
 # --- the server and a database per test ------------------------------------------------------
@@ -123,12 +123,12 @@ class PgDatabase:
         )
         return {row[0] for row in rows}
 
-    def table_ids(self, table: str) -> list[str]:
-        return [row[0] for row in self.query(f"SELECT id FROM crm.{table} ORDER BY id")]
+    def table_ids(self, table: str, key: str = "id") -> list[str]:
+        return [row[0] for row in self.query(f"SELECT {key} FROM crm.{table} ORDER BY {key}")]
 
-    def table_state(self, table: str) -> dict[str, tuple]:
-        """id -> (name, date_updated, is_active), like conftest.table_state for DuckDB."""
-        rows = self.query(f"SELECT id, name, date_updated, is_active FROM crm.{table}")
+    def table_state(self, table: str, key: str = "id") -> dict[str, tuple]:
+        """Like conftest.table_state for DuckDB."""
+        rows = self.query(STATE_SQL.format(key=key, table=table))
         return {row[0]: tuple(row[1:]) for row in rows}
 
     assert_exact = DuckDbWarehouse.assert_exact

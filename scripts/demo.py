@@ -91,14 +91,16 @@ def main() -> int:
 
     import duckdb
 
-    from crm_assets.sources.crm import ENDPOINTS
+    from crm_assets.sources.crm import configured_endpoints
 
     with duckdb.connect(str(database), read_only=True) as connection:
-        print(f"\nMaterialized all five assets in {elapsed:.1f}s. Rows now in the warehouse:")
-        for endpoint in ENDPOINTS:
+        endpoints = configured_endpoints()
+        print(f"\nMaterialized all {len(endpoints)} assets in {elapsed:.1f}s. Rows now in the warehouse:")
+        for endpoint in endpoints:
+            key = endpoint.primary_key
             (rows,) = connection.execute(f"SELECT COUNT(*) FROM crm.{endpoint.name}").fetchone()
-            (ids,) = connection.execute(f"SELECT COUNT(DISTINCT id) FROM crm.{endpoint.name}").fetchone()
-            print(f"  crm.{endpoint.name:<11} {rows:>7} rows ({ids} distinct ids)")
+            (ids,) = connection.execute(f"SELECT COUNT(DISTINCT {key}) FROM crm.{endpoint.name}").fetchone()
+            print(f"  crm.{endpoint.name:<11} {rows:>7} rows ({ids} distinct {key}s)")
         children = connection.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'crm' "
             "AND table_name LIKE '%\\_\\_%' ESCAPE '\\' AND table_name NOT LIKE '\\_dlt%' ESCAPE '\\' "

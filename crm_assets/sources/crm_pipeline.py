@@ -262,6 +262,40 @@ def table_row_counts(pipeline: Pipeline, tables: Iterable[str]) -> dict[str, Opt
     return counts
 
 
+def columns_not_timestamps(pipeline: Pipeline, columns: dict[str, Iterable[str]]) -> list[str]:
+    """`table.column` of the given ones that exist in the destination with a type other than a
+    timestamp: a warehouse loaded before epoch seconds landed as timestamps holds them as BIGINT."""
+    wanted = {(table, column) for table, names in columns.items() for column in names}
+    try:
+        with pipeline.sql_client() as client:
+            rows = client.execute_sql(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                f"WHERE table_schema = '{DATASET_NAME}'"
+            )
+    except Exception:  # no such dataset yet, or a destination without information_schema
+        return []
+    return sorted(
+        f"{DATASET_NAME}.{table}.{column}"
+        for table, column, data_type in rows or []
+        if (table, column) in wanted and "timestamp" not in str(data_type).lower()
+    )
+
+
+def refuse_bigint_dates(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
+    """Stop before loading timestamps into date columns an earlier version created as BIGINT (the
+    load would mix the two), saying how to move over: a full refresh of those resources."""
+    from crm_assets.sources.crm import CrmConfigurationError
+
+    stale = columns_not_timestamps(pipeline, {e.name: e.timestamp_fields for e in endpoints})
+    if stale:
+        raise CrmConfigurationError(
+            f"{', '.join(stale)} hold epoch seconds as BIGINT, loaded by a version that kept dates as "
+            "numbers; they now land as UTC timestamps. Reload those assets once with a full refresh "
+            "(launchpad config `full_refresh: true`, or dg launch --assets <asset> --config-json "
+            '\'{"ops": {"crm_sync_assets": {"config": {"full_refresh": true}}}}\')'
+        )
+
+
 def schema_changes(pipeline: Pipeline, resource: str) -> dict[str, list[str]]:
     """What the last load added to a resource's tables (its own and its `<resource>__*` children).
 
@@ -314,18 +348,20 @@ def database_location(pipeline: Pipeline) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from crm_assets.sources.crm import ENDPOINTS, crm, find_crm_error
+    from crm_assets.sources.crm import configured_endpoints, crm, find_crm_error
     from crm_assets.sources.run_lock import exclusive_run
 
     with exclusive_run(), sync_tuning():
         pipeline = crm_pipeline()
         try:
+            refuse_bigint_dates(pipeline, configured_endpoints())
             load_info = pipeline.run(crm(), **run_options(pipeline))
         except Exception as exc:  # dlt wraps our errors: show ours, plainly
             print(f"crm sync failed: {find_crm_error(exc) or exc}", file=sys.stderr)
             return 1
         print(load_info)
-        for table, rows in table_row_counts(pipeline, [e.name for e in ENDPOINTS]).items():
+        tables = [endpoint.name for endpoint in configured_endpoints()]
+        for table, rows in table_row_counts(pipeline, tables).items():
             print(f"{DATASET_NAME}.{table}: {rows} rows")
         print(f"database: {database_location(pipeline)}")
     return 0

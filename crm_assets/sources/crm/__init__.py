@@ -6,11 +6,12 @@ Configuration comes from dlt's own providers:
     SOURCES__CRM__BASE_URL   or  [sources.crm] base_url  in .dlt/config.toml
     SOURCES__CRM__API_KEY    or  [sources.crm] api_key   in .dlt/secrets.toml
                              (the seed spec's `API_KEY` / top-level `api_key` work too)
+
+and which resources are read, with which key, from the settings in catalog.py.
 """
 
 from __future__ import annotations
 
-from copy import deepcopy
 from typing import Any, Optional
 
 import dlt
@@ -18,6 +19,7 @@ from dlt.sources import DltResource
 from dlt.sources.rest_api import rest_api_resources
 
 from .arrow_pages import ROOT_COLUMNS, ArrowPages, can_write_nested_tables
+from .catalog import BUILT_IN, Endpoint, build_endpoints, configured_endpoints
 from .config import check_settings, connection_settings
 from .counts import count_records
 from .errors import (
@@ -29,29 +31,22 @@ from .errors import (
 )
 from .http import CrmSession
 from .paginator import UPDATED_SINCE_PARAM, KeysetPaginator
-from .settings import (
-    BACKOFF_FACTOR,
-    CURSOR_FIELD,
-    ENDPOINTS,
-    ENDPOINTS_BY_NAME,
-    MAX_RETRIES,
-    PRIMARY_KEY,
-    REQUEST_TIMEOUT,
-    Endpoint,
-)
+from .settings import BACKOFF_FACTOR, CURSOR_FIELD, MAX_RETRIES, REQUEST_TIMEOUT
 
 __all__ = [
     "crm",
+    "BUILT_IN",
+    "build_endpoints",
     "check_settings",
+    "configured_endpoints",
     "connection_settings",
+    "core_columns",
     "count_records",
-    "CORE_COLUMNS",
-    "ENDPOINTS_BY_NAME",
     "CrmApiError",
     "CrmConfigurationError",
     "CrmError",
     "CrmIncompleteReadError",
-    "ENDPOINTS",
+    "Endpoint",
     "find_crm_error",
     "HARD_DELETE_COLUMN",
 ]
@@ -60,17 +55,22 @@ __all__ = [
 # tables (and their child tables) through dlt's `hard_delete` column hint on this column.
 HARD_DELETE_COLUMN = "_crm_deleted"
 
-# Columns every record has (api-contract.md), typed up front so the tables are right from the
-# first load whatever the first page happens to contain.
-CORE_COLUMNS: dict[str, dict[str, Any]] = {
-    PRIMARY_KEY: {"data_type": "text", "nullable": False},
-    "name": {"data_type": "text"},
-    "created_by": {"data_type": "text"},
-    "date_created": {"data_type": "bigint"},
+
+def core_columns(endpoint: Endpoint) -> dict[str, dict[str, Any]]:
+    """Columns every record has (api-contract.md), typed up front so the tables are right from the
+    first load whatever the first page happens to contain. Epoch seconds land as UTC timestamps;
+    the incremental cursor and the API's filters stay in epoch seconds (they read the records
+    before they are typed)."""
+    columns: dict[str, dict[str, Any]] = {
+        endpoint.primary_key: {"data_type": "text", "nullable": False},
+        "name": {"data_type": "text"},
+        "created_by": {"data_type": "text"},
+    }
+    columns.update({field: {"data_type": "timestamp"} for field in endpoint.timestamp_fields})
     # several copies of a record in one load (pages overlap, a record edited mid-read): keep the newest
-    CURSOR_FIELD: {"data_type": "bigint", "dedup_sort": "desc"},
-    "is_active": {"data_type": "bool"},
-}
+    columns[CURSOR_FIELD]["dedup_sort"] = "desc"
+    columns["is_active"] = {"data_type": "bool"}
+    return columns
 
 def _mark_deleted(record: dict[str, Any]) -> dict[str, Any]:
     record[HARD_DELETE_COLUMN] = record.get("is_active") is False
@@ -83,20 +83,18 @@ def _mark_deleted(record: dict[str, Any]) -> dict[str, Any]:
 FROZEN_SCHEMA_CONTRACT = {"tables": "evolve", "columns": "freeze", "data_type": "evolve"}
 
 
-def _resource_config(
-    endpoint: Endpoint, page_size: int, hard_delete: bool, schema_contract: Optional[str]
-) -> dict[str, Any]:
-    columns = deepcopy(CORE_COLUMNS)
+def _resource_config(endpoint: Endpoint, hard_delete: bool, schema_contract: Optional[str]) -> dict[str, Any]:
+    columns = core_columns(endpoint)
     resource: dict[str, Any] = {
         "name": endpoint.name,
-        "primary_key": PRIMARY_KEY,
+        "primary_key": endpoint.primary_key,
         # delete-insert keeps one row per id even when a load holds the same id twice
         # (upsert on DuckDB would keep both)
         "write_disposition": {"disposition": "merge", "strategy": "delete-insert"},
         "endpoint": {
             "path": endpoint.path,
             "data_selector": endpoint.data_selector,
-            "paginator": KeysetPaginator(endpoint.name, page_size),
+            "paginator": KeysetPaginator(endpoint.name, endpoint.page_size, key_field=endpoint.primary_key),
             "params": {},
             # The cursor is kept in dlt state, committed with the data. The paginator turns it into
             # an inclusive `date_updated >= cursor` filter. `primary_key: []` switches off dlt's
@@ -124,6 +122,8 @@ def crm(
     base_url: Optional[str] = dlt.config.value,
     api_key: Optional[str] = dlt.secrets.value,
     page_sizes: Optional[dict[str, int]] = None,
+    primary_key: Optional[str] = None,
+    resources: Optional[dict[str, Any]] = None,
     hard_delete: bool = False,
     schema_contract: Optional[str] = None,
     max_retries: int = MAX_RETRIES,
@@ -131,12 +131,16 @@ def crm(
     request_timeout: float = REQUEST_TIMEOUT,
     arrow_pages: bool = True,
 ) -> list[DltResource]:
-    """The CRM API's five resources, each read completely and merged on `id`.
+    """The CRM API's resources (five built in, more by configuration), each read completely and
+    merged on its primary key.
 
     Args:
         base_url: API root, e.g. https://api.example.com.
         api_key: Bearer token.
-        page_sizes: per-resource page size overrides, e.g. {"tasks": 500} (1..1000).
+        page_sizes: per-resource page size overrides, e.g. {"tasks": 500} (3..1000).
+        primary_key: the key field of every resource ("id"; the real API family uses "jnid").
+        resources: per-resource settings that override the built-in ones or add resources,
+            e.g. {"invoices": {"path": "/v1/invoices"}} (catalog.py lists the fields).
         hard_delete: delete records whose `is_active` is false instead of keeping them flagged.
         schema_contract: "evolve" (default: new fields become new columns) or "freeze" (a new
             column fails the run, naming the table and column).
@@ -144,8 +148,8 @@ def crm(
         arrow_pages: build each page's tables with pyarrow (arrow_pages.py); False leaves every
             record to dlt's row-by-row normalizer.
     """
-    overrides = dict(page_sizes or {})
-    root = check_settings(base_url, api_key, overrides)
+    endpoints = build_endpoints(primary_key, resources, page_sizes)
+    root = check_settings(base_url, api_key)
     if schema_contract not in (None, "evolve", "freeze"):
         raise CrmConfigurationError(
             f"schema_contract must be 'evolve' or 'freeze', got {schema_contract!r}: "
@@ -157,6 +161,7 @@ def crm(
         max_retries=max_retries,
         backoff_factor=backoff_factor,
         request_timeout=request_timeout,
+        endpoints=endpoints,
     )
     config: dict[str, Any] = {
         "client": {
@@ -164,16 +169,11 @@ def crm(
             "auth": {"type": "bearer", "token": api_key},
             "session": session,
         },
-        "resources": [
-            _resource_config(
-                endpoint, overrides.get(endpoint.name, endpoint.page_size), hard_delete, schema_contract
-            )
-            for endpoint in ENDPOINTS
-        ],
+        "resources": [_resource_config(endpoint, hard_delete, schema_contract) for endpoint in endpoints],
     }
     resources: list[DltResource] = rest_api_resources(config)  # type: ignore[arg-type]
     for resource in resources:
-        # The five resources are read at once, each page on dlt's extract thread pool. Set here,
+        # The resources are read at once, each page on dlt's extract thread pool. Set here,
         # not with rest_api's `parallelized: True`: dlt 1.31 loses that flag for resources that
         # depend on no other one, and reads them one after the other (test_sync.py checks this).
         resource.parallelize()

@@ -9,14 +9,12 @@ import dlt
 from dlt.common.configuration.inject import with_config
 
 from .errors import CrmConfigurationError
-from .keyset import MIN_PAGE_SIZE
-from .settings import ENDPOINTS_BY_NAME, MAX_PAGE_SIZE
 
 _BASE_URL_HELP = "set SOURCES__CRM__BASE_URL (or base_url under [sources.crm] in .dlt/config.toml)"
 _API_KEY_HELP = "set SOURCES__CRM__API_KEY (or API_KEY, or api_key in .dlt/secrets.toml)"
 
 
-def check_settings(base_url: Optional[str], api_key: Optional[str], page_sizes: dict[str, int]) -> str:
+def check_settings(base_url: Optional[str], api_key: Optional[str]) -> str:
     """Fail before any request, saying what to set. Returns the normalised base URL."""
     if not base_url:
         raise CrmConfigurationError(f"No CRM API base URL is configured: {_BASE_URL_HELP}")
@@ -39,16 +37,6 @@ def check_settings(base_url: Optional[str], api_key: Optional[str], page_sizes: 
         )
     if not api_key:
         raise CrmConfigurationError(f"No CRM API key is configured: {_API_KEY_HELP}")
-    for name, size in page_sizes.items():
-        if name not in ENDPOINTS_BY_NAME:
-            raise CrmConfigurationError(
-                f"page_sizes names an unknown resource {name!r}; known: {', '.join(ENDPOINTS_BY_NAME)}"
-            )
-        if isinstance(size, bool) or not isinstance(size, int) or not MIN_PAGE_SIZE <= size <= MAX_PAGE_SIZE:
-            raise CrmConfigurationError(
-                f"page size for {name} must be a whole number from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, "
-                f"got {size!r}: set SOURCES__CRM__PAGE_SIZES"
-            )
     return str(base_url).strip().rstrip("/")
 
 
@@ -57,5 +45,5 @@ def connection_settings(
     base_url: Optional[str] = dlt.config.value, api_key: Optional[str] = dlt.secrets.value
 ) -> tuple[str, str]:
     """(base URL, API key) from the same places the `crm` source reads them, checked."""
-    root = check_settings(base_url, api_key, {})
+    root = check_settings(base_url, api_key)
     return root, str(api_key)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
+from .catalog import Endpoint, configured_endpoints
 from .config import connection_settings
 from .http import CrmSession
 from .paginator import encode_filter, range_clause
-from .settings import CURSOR_FIELD, ENDPOINTS_BY_NAME
+from .settings import CURSOR_FIELD
 
 
 def count_records(
-    resource: str,
+    resource: Union[str, Endpoint],
     *,
     updated_after: Optional[int] = None,
     base_url: Optional[str] = None,
@@ -20,17 +21,17 @@ def count_records(
 ) -> int:
     """The API's `count` for a resource, optionally only records with `date_updated > updated_after`.
 
-    Connection settings default to the source's configuration; the session applies the same
-    retry policy and error messages as a sync.
+    The resource and connection settings default to the source's configuration; the session
+    applies the same retry policy and error messages as a sync.
     """
-    endpoint = ENDPOINTS_BY_NAME[resource]
+    endpoint = resource if isinstance(resource, Endpoint) else _configured(resource)
     if base_url is None or api_key is None:
         base_url, api_key = connection_settings()
     params: dict[str, object] = {"size": 0}
     if updated_after is not None:
         params["filter"] = encode_filter([range_clause(CURSOR_FIELD, "gt", int(updated_after))])
     own_session = session is None
-    session = session or CrmSession()
+    session = session or CrmSession(endpoints=[endpoint])
     try:
         response = session.get(
             base_url.rstrip("/") + endpoint.path,
@@ -41,3 +42,10 @@ def count_records(
     finally:
         if own_session:
             session.close()
+
+
+def _configured(name: str) -> Endpoint:
+    for endpoint in configured_endpoints():
+        if endpoint.name == name:
+            return endpoint
+    raise KeyError(f"no resource {name!r} is configured")

@@ -11,22 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import requests
 from requests.exceptions import ChunkedEncodingError, ConnectionError, Timeout
 
+from .catalog import BUILT_IN, Endpoint
 from .errors import CrmApiError
 from .settings import (
     BACKOFF_FACTOR,
-    ENDPOINTS,
     MAX_RETRIES,
     MAX_RETRY_DELAY,
-    PRIMARY_KEY,
     REQUEST_TIMEOUT,
     RETRY_STATUSES,
-    Endpoint,
 )
 
 try:  # orjson ships with dlt; it parses pages several times faster than the stdlib
@@ -38,10 +37,10 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger("crm_assets.sources.crm")
 
-def _endpoint_for(url: str) -> tuple[Optional[Endpoint], str]:
+def _endpoint_for(endpoints: Sequence[Endpoint], url: str) -> tuple[Optional[Endpoint], str]:
     path = urlsplit(url).path
-    for endpoint in ENDPOINTS:
-        if path.rstrip("/").endswith(endpoint.path):
+    for endpoint in endpoints:
+        if path.rstrip("/").endswith(endpoint.path.rstrip("/")):
             return endpoint, path
     return None, path
 
@@ -83,10 +82,12 @@ class CrmSession(requests.Session):
     """A `requests.Session` with the contract's retry policy and response checks built in.
 
     The policy lives in plain attributes listed in `__attrs__`, so the session survives the
-    pickling and deep copies that dlt and Dagster make of sources.
+    pickling and deep copies that dlt and Dagster make of sources. `endpoints` tell it which
+    resource a URL belongs to, and so how to check its pages (records key, primary key).
     """
 
     __attrs__ = requests.Session.__attrs__ + [
+        "endpoints",
         "max_retries",
         "backoff_factor",
         "max_retry_delay",
@@ -99,8 +100,10 @@ class CrmSession(requests.Session):
         backoff_factor: float = BACKOFF_FACTOR,
         max_retry_delay: float = MAX_RETRY_DELAY,
         request_timeout: float = REQUEST_TIMEOUT,
+        endpoints: Sequence[Endpoint] = BUILT_IN,
     ) -> None:
         super().__init__()
+        self.endpoints = tuple(endpoints)
         self.max_retries = max_retries
         self.backoff_factor = backoff_factor
         self.max_retry_delay = max_retry_delay
@@ -116,7 +119,7 @@ class CrmSession(requests.Session):
         """One request with the retry policy, then the response checks."""
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.request_timeout
-        endpoint, path = _endpoint_for(request.url or "")
+        endpoint, path = _endpoint_for(self.endpoints, request.url or "")
         resource = endpoint.name if endpoint else "crm"
         retry = 0
         while True:
@@ -200,10 +203,12 @@ class CrmSession(requests.Session):
                 f"{resource}: GET {path} answered 200 without a valid 'count'",
                 resource=resource, path=path, status=status,
             )
+        key = endpoint.primary_key
         for record in records:
-            if not isinstance(record, dict) or not isinstance(record.get(PRIMARY_KEY), str) or not record[PRIMARY_KEY]:
+            if not isinstance(record, dict) or not isinstance(record.get(key), str) or not record[key]:
                 raise CrmApiError(
-                    f"{resource}: GET {path} returned a record without a string '{PRIMARY_KEY}'",
+                    f"{resource}: GET {path} returned a record without a string '{key}' "
+                    "(the primary key: SOURCES__CRM__PRIMARY_KEY)",
                     resource=resource, path=path, status=status,
                 )
         # Parse once: dlt and the paginator both call `response.json()`.

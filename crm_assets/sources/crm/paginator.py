@@ -15,7 +15,8 @@ import requests
 from dlt.sources.helpers.rest_client.paginators import BasePaginator
 
 from .keyset import KeysetRead, PageRequest
-from .settings import CURSOR_FIELD, PRIMARY_KEY, RESULT_WINDOW
+from .catalog import DEFAULT_PRIMARY_KEY
+from .settings import CURSOR_FIELD, RESULT_WINDOW
 
 logger = logging.getLogger("crm_assets.sources.crm")
 
@@ -56,10 +57,17 @@ def page_params(page: PageRequest) -> dict[str, Any]:
 class KeysetPaginator(BasePaginator):
     """Reads a resource in `date_updated` order and stops only on proof of a complete read."""
 
-    def __init__(self, resource: str, page_size: int, result_window: int = RESULT_WINDOW) -> None:
+    def __init__(
+        self,
+        resource: str,
+        page_size: int,
+        result_window: int = RESULT_WINDOW,
+        key_field: str = DEFAULT_PRIMARY_KEY,
+    ) -> None:
         super().__init__()
         self.resource = resource
         self.page_size = page_size
+        self.key_field = key_field
         self.result_window = result_window
         self.read = self._new_read(since=None)  # refuses a bad page size now, not at the first request
 
@@ -70,7 +78,7 @@ class KeysetPaginator(BasePaginator):
             since=since,
             result_window=self.result_window,
             cursor_field=CURSOR_FIELD,
-            key_field=PRIMARY_KEY,
+            key_field=self.key_field,
         )
 
     def init_request(self, request: requests.Request) -> None:

@@ -1,0 +1,116 @@
+"""Which resources are synced, with which key: configuration, checked before anything runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crm_assets.sources.crm import BUILT_IN, CrmConfigurationError, build_endpoints, configured_endpoints, crm
+from crm_assets.sources.crm.catalog import Endpoint
+
+INVOICES = {"path": "/v1/invoices", "data_selector": "results"}
+
+
+def test_the_defaults_are_the_five_built_in_resources_keyed_by_id():
+    endpoints = build_endpoints()
+    assert [e.name for e in endpoints] == ["jobs", "contacts", "tasks", "activities", "files"]
+    assert endpoints == BUILT_IN
+    assert {e.primary_key for e in endpoints} == {"id"}
+    assert {e.timestamp_fields for e in endpoints} == {("date_created", "date_updated")}
+
+
+def test_one_primary_key_for_every_resource_and_resources_added_or_changed_field_by_field():
+    endpoints = {
+        e.name: e
+        for e in build_endpoints(
+            "jnid",
+            {
+                "invoices": {**INVOICES, "epoch_fields": ["date_due"]},
+                "tasks": {"page_size": 100},
+                "files": {"primary_key": "file_id"},
+            },
+        )
+    }
+    assert list(endpoints) == ["jobs", "contacts", "tasks", "activities", "files", "invoices"]
+    assert endpoints["invoices"] == Endpoint("invoices", "/v1/invoices", "results", "jnid", 1000, ("date_due",))
+    assert endpoints["invoices"].timestamp_fields == ("date_created", "date_updated", "date_due")
+    assert endpoints["tasks"].page_size == 100 and endpoints["tasks"].path == "/v1/tasks"
+    assert endpoints["tasks"].primary_key == "jnid"
+    assert endpoints["files"].primary_key == "file_id" and endpoints["files"].data_selector == "files"
+    assert endpoints["activities"].data_selector == "activity"
+
+
+@pytest.mark.parametrize(
+    ("primary_key", "resources", "page_sizes", "message"),
+    [
+        ("Jnid", None, None, "SOURCES__CRM__PRIMARY_KEY"),
+        ("", None, None, "SOURCES__CRM__PRIMARY_KEY"),
+        (None, ["invoices"], None, "SOURCES__CRM__RESOURCES"),
+        (None, {"invoices": {"data_selector": "results"}}, None, "'invoices' in SOURCES__CRM__RESOURCES"),
+        (None, {"invoices": {**INVOICES, "page": 5}}, None, "unknown setting(s) 'page'"),
+        (None, {"Invoices": INVOICES}, None, "must be a table name"),
+        (None, {"work__orders": INVOICES}, None, "must be a table name"),
+        (None, {"2invoices": INVOICES}, None, "must be a table name"),
+        (None, {"invoices": {**INVOICES, "page_size": 5000}}, None, "page_size must be a whole number from 3 to 1000"),
+        (None, {"invoices": {**INVOICES, "page_size": "100"}}, None, "page_size"),
+        (None, {"invoices": {"path": "v1/invoices"}}, None, "path must be the endpoint's URL path"),
+        (None, {"invoices": {"path": "/v1/invoices?x=1"}}, None, "path must be"),
+        (None, {"invoices": {**INVOICES, "epoch_fields": "date_due"}}, None, "epoch_fields must be a list"),
+        (None, {"invoices": {**INVOICES, "data_selector": ""}}, None, "data_selector must be a non-empty"),
+        (None, {"invoices": "/v1/invoices"}, None, "expected a table of settings"),
+        (None, None, {"invoices": 100}, "SOURCES__CRM__PAGE_SIZES names an unknown resource 'invoices'"),
+        (None, None, {"tasks": 2}, "SOURCES__CRM__PAGE_SIZES['tasks']"),
+    ],
+)
+def test_bad_configuration_is_refused_naming_the_setting(primary_key, resources, page_sizes, message):
+    with pytest.raises(CrmConfigurationError) as raised:
+        build_endpoints(primary_key, resources, page_sizes)
+    assert message in str(raised.value)
+
+
+def test_the_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SOURCES__CRM__PRIMARY_KEY", "jnid")
+    monkeypatch.setenv("SOURCES__CRM__RESOURCES", '{"invoices": {"path": "/v1/invoices", "data_selector": "results"}}')
+    endpoints = configured_endpoints()
+    assert [e.name for e in endpoints][-1] == "invoices"
+    assert {e.primary_key for e in endpoints} == {"jnid"}
+
+
+def test_the_settings_come_from_config_toml(tmp_path: Path):
+    # dlt reads .dlt/ of the working folder once per process: ask a fresh one
+    (tmp_path / ".dlt").mkdir()
+    (tmp_path / ".dlt" / "config.toml").write_text(
+        '[sources.crm]\nprimary_key = "jnid"\n\n'
+        '[sources.crm.resources.invoices]\npath = "/v1/invoices"\nepoch_fields = ["date_due"]\n\n'
+        "[sources.crm.resources.tasks]\npage_size = 250\n"
+    )
+    program = (
+        "from crm_assets.sources.crm import configured_endpoints\n"
+        "for e in configured_endpoints(): print(e)\n"
+    )
+    listed = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, check=True).stdout
+    assert repr(Endpoint("invoices", "/v1/invoices", primary_key="jnid", epoch_fields=("date_due",))) in listed
+    assert "name='tasks', path='/v1/tasks', data_selector='results', primary_key='jnid', page_size=250" in listed
+
+
+def test_json_that_does_not_parse_names_the_setting(monkeypatch):
+    monkeypatch.setenv("SOURCES__CRM__RESOURCES", '{"invoices": {"path": "/v1/invoices"')
+    with pytest.raises(CrmConfigurationError, match="SOURCES__CRM__RESOURCES"):
+        configured_endpoints()
+
+
+def test_the_source_has_one_resource_per_endpoint_with_its_key_and_timestamp_columns():
+    source = crm(
+        base_url="http://crm.invalid", api_key="k", primary_key="jnid",
+        resources={"invoices": {**INVOICES, "epoch_fields": ["date_due"]}},
+    )
+    assert list(source.resources) == ["jobs", "contacts", "tasks", "activities", "files", "invoices"]
+    invoices = source.resources["invoices"].compute_table_schema()
+    assert invoices["columns"]["jnid"]["primary_key"] is True
+    assert {name: column["data_type"] for name, column in invoices["columns"].items()
+            if name.startswith("date_")} == {"date_created": "timestamp", "date_updated": "timestamp",
+                                             "date_due": "timestamp"}
