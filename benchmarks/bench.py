@@ -259,7 +259,8 @@ def worker_seed(args: argparse.Namespace) -> dict[str, Any]:
 
 def worker_project(args: argparse.Namespace) -> dict[str, Any]:
     from crm_assets.sources.crm import crm
-    from crm_assets.sources.crm_pipeline import crm_pipeline, run_options
+    from crm_assets.sources.crm_pipeline import crm_pipeline
+    from crm_assets.sources.destination import run_options
 
     from crm_assets.sources.tuning import sync_tuning
 

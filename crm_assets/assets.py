@@ -22,16 +22,9 @@ from .sources.crm import (
     find_crm_error,
 )
 from .sources.crm.settings import RETRY_STATUSES
-from .sources.crm_pipeline import (
-    DATASET_NAME,
-    crm_pipeline,
-    definitions_pipelines_dir,
-    refuse_bigint_dates,
-    run_options,
-    selected_destination,
-    schema_changes,
-    table_row_counts,
-)
+from .sources.crm_pipeline import DATASET_NAME, crm_pipeline, definitions_pipelines_dir
+from .sources.destination import run_options, selected_destination
+from .sources.readback import refuse_bigint_dates, schema_changes, table_row_counts
 from .sources.run_lock import exclusive_run
 from .sources.tuning import sync_tuning
 from .translator import CrmTranslator

@@ -13,7 +13,8 @@ from typing import Any, Optional, Protocol
 
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
-from .sources.crm_pipeline import crm_pipeline, selected_destination
+from .sources.crm_pipeline import crm_pipeline
+from .sources.destination import selected_destination
 from .sources.run_lock import exclusive_run
 
 __all__ = ["query", "reader", "Query", "DatabaseUndefinedRelation"]

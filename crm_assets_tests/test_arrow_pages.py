@@ -25,7 +25,8 @@ from crm_assets.sources.crm.arrow_pages import (
 )
 from crm_assets.sources.crm.arrow_tables import ColumnTypes, page_tables
 from crm_assets.sources.tuning import sync_tuning
-from crm_assets.sources.crm_pipeline import crm_pipeline, run_options
+from crm_assets.sources.crm_pipeline import crm_pipeline
+from crm_assets.sources.destination import run_options
 
 from .conftest import SMALL_COUNTS, assert_exact
 

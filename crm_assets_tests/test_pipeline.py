@@ -1,16 +1,20 @@
-"""The dlt pipeline on its own (no Dagster): what `crm_pipeline()` does around dlt's steps."""
+"""The dlt pipeline on its own (no Dagster), and what a sync's tuning does around it."""
 
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 
 import pytest
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from crm_assets.sources.crm import crm
-from crm_assets.sources.crm_pipeline import STEP_GC_THRESHOLDS, crm_pipeline, run_options
+from crm_assets.sources.crm_pipeline import crm_pipeline
+from crm_assets.sources.destination import run_options
+from crm_assets.sources.tuning import STEP_GC_THRESHOLDS, sync_tuning
 
-from .conftest import assert_exact
+from .conftest import SMALL_COUNTS, assert_exact
 
 
 def _jobs_recording_gc_thresholds(seen: list[tuple[int, ...]]):
@@ -24,7 +28,7 @@ def _jobs_recording_gc_thresholds(seen: list[tuple[int, ...]]):
     return source
 
 
-def test_each_step_collects_garbage_less_often_and_the_thresholds_come_back(
+def test_a_sync_collects_garbage_less_often_and_the_thresholds_come_back(
     start_simulator, crm_env, warehouse
 ):
     simulator = start_simulator()
@@ -34,33 +38,52 @@ def test_each_step_collects_garbage_less_often_and_the_thresholds_come_back(
     seen: list[tuple[int, ...]] = []
 
     pipeline = crm_pipeline()
-    pipeline.run(_jobs_recording_gc_thresholds(seen), **run_options(pipeline))
+    with sync_tuning():
+        pipeline.run(_jobs_recording_gc_thresholds(seen), **run_options(pipeline))
 
     assert seen and set(seen) == {STEP_GC_THRESHOLDS}  # every record extracted under them
     assert gc.get_threshold() == before
     assert_exact(warehouse, simulator, resources=["jobs"])
 
 
-def test_a_failing_step_gives_the_gc_thresholds_back(start_simulator, crm_env):
+def test_a_failing_sync_gives_the_gc_thresholds_back(start_simulator, crm_env):
     simulator = start_simulator()
     crm_env(simulator, api_key="not-the-key")
     before = gc.get_threshold()
 
     pipeline = crm_pipeline()
-    with pytest.raises(PipelineStepFailed, match="401"):
+    with pytest.raises(PipelineStepFailed, match="401"), sync_tuning():
         pipeline.run(_jobs_recording_gc_thresholds([]), **run_options(pipeline))
 
     assert gc.get_threshold() == before
 
 
-def test_overlapping_steps_of_two_pipelines_restore_the_thresholds_once_both_end(tmp_path):
-    before = gc.get_threshold()
-    first = crm_pipeline(pipelines_dir=str(tmp_path / "a")).collector
-    second = crm_pipeline(pipelines_dir=str(tmp_path / "b")).collector
+def test_a_pipeline_run_outside_a_sync_leaves_the_thresholds_alone(start_simulator, crm_env):
+    simulator = start_simulator()
+    crm_env(simulator)
+    seen: list[tuple[int, ...]] = []
+    pipeline = crm_pipeline()
+    pipeline.run(_jobs_recording_gc_thresholds(seen), **run_options(pipeline))
+    assert set(seen) == {gc.get_threshold()} != {STEP_GC_THRESHOLDS}
 
-    first("Extract crm").__enter__()
-    second("Normalize crm").__enter__()
-    first.__exit__(None, None, None)  # the first pipeline's step ends while the second's runs
+
+def test_overlapping_syncs_restore_the_thresholds_once_both_end():
+    before = gc.get_threshold()
+    first, second = sync_tuning(), sync_tuning()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first sync ends while the second runs
     assert gc.get_threshold() == STEP_GC_THRESHOLDS
     second.__exit__(None, None, None)
     assert gc.get_threshold() == before
+
+
+def test_the_readme_command_syncs_without_dagster(start_simulator, crm_env, warehouse):
+    simulator = start_simulator()
+    crm_env(simulator)
+    completed = subprocess.run([sys.executable, "-m", "crm_assets.sources"], capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"crm.jobs: {SMALL_COUNTS['jobs']} rows" in completed.stdout
+    assert f"database: {warehouse}" in completed.stdout
+    assert_exact(warehouse, simulator)

@@ -28,12 +28,9 @@ from dagster import AssetKey, DagsterInstance
 from crm_assets.checks import ID_IS_NOT_NULL, ID_IS_UNIQUE, ROW_COUNT_MATCHES_API
 from crm_assets.constants import WAREHOUSE_RUN_TAG
 from crm_assets.definitions import defs
-from crm_assets.sources.crm_pipeline import (
-    ACCEPTED_DESTINATIONS,
-    crm_pipeline,
-    database_location,
-    run_options,
-)
+from crm_assets.sources.crm_pipeline import crm_pipeline
+from crm_assets.sources.destination import ACCEPTED_DESTINATIONS, run_options
+from crm_assets.sources.readback import database_location
 
 from .conftest import RESOURCES, SMALL_COUNTS, failure_message, run_sync
 from .warehouses import PgDatabase, _create_database, _drop_database

@@ -14,7 +14,10 @@ user has not configured it, and puts everything back when the block ends, also o
 - pyarrow allocates through the C library's malloc, whose freed page memory goes back to the
   system before the load step (mimalloc, its default, keeps it); Arrow's C++ side picks its pool
   once, at its first allocation, so in a process whose first sync comes first it stays malloc;
-- glibc keeps at most two malloc arenas (as MALLOC_ARENA_MAX=2 would);
+- the garbage collector runs less often (STEP_GC_THRESHOLDS): a sync allocates millions of
+  short-lived dicts that reference counting frees anyway;
+- glibc keeps at most two malloc arenas (as MALLOC_ARENA_MAX=2 would), and each dlt step hands
+  the heap memory freed by the previous one back to the system (`crm_pipeline`'s collector);
 - dlt's extract may write the Arrow pages' child tables (`arrow_pages.nested_tables_from_extract`).
 
 Syncs overlapping in one process share one application: the first to start applies, the last to
@@ -45,6 +48,9 @@ DLT_SETTINGS: dict[str, tuple[str, str]] = {
         '{"memory_limit": "128MB", "threads": 1}',
     ),
 }
+# Python's default (700, 10, 10) starts a full collection, walking every object of the process,
+# every ~70,000 allocations while the heap grows.
+STEP_GC_THRESHOLDS = (50_000, 20, 100)
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's mallopt() parameter number; 0 restores glibc's own default
 
@@ -80,6 +86,8 @@ def _apply(undo: ExitStack) -> None:
     if gc.get_freeze_count() == 0:  # someone else's freeze is theirs to manage
         gc.freeze()
         undo.callback(gc.unfreeze)
+    undo.callback(gc.set_threshold, *gc.get_threshold())
+    gc.set_threshold(*STEP_GC_THRESHOLDS)
     for key, (variable, value) in DLT_SETTINGS.items():
         if variable not in os.environ and _configured(key) is None:
             os.environ[variable] = value
@@ -127,8 +135,11 @@ def _libc() -> Any:
         return None
 
 
-def release_freed_memory() -> None:
-    """Hand the C heap's freed memory back to the OS (glibc's malloc_trim); a no-op elsewhere."""
+def release_freed_memory_during_a_sync() -> None:
+    """Inside `sync_tuning()`, hand the C heap's freed memory back to the OS (glibc's malloc_trim);
+    a no-op elsewhere."""
+    if _active == 0:
+        return
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

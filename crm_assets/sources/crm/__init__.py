@@ -1,6 +1,6 @@
 """The `crm` dlt source: the five CRM resources through dlt's REST API source.
 
-No Dagster here: the source runs on its own (`python -m crm_assets.sources.crm_pipeline`).
+No Dagster here: the source runs on its own (`python -m crm_assets.sources`).
 Configuration comes from dlt's own providers:
 
     SOURCES__CRM__BASE_URL   or  [sources.crm] base_url  in .dlt/config.toml
