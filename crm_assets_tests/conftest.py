@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import duckdb
 import pytest
 
 from crm_assets.simulator import CrmSimulator, SimulatorConfig
@@ -14,7 +13,6 @@ from crm_assets.simulator import CrmSimulator, SimulatorConfig
 API_KEY = "test-key-3f9a1c"
 # Small datasets keep the suite fast; tests that need the 10,000-record window ask for more.
 SMALL_COUNTS = {"jobs": 240, "contacts": 310, "tasks": 180, "activities": 205, "files": 95}
-RESOURCES = ("jobs", "contacts", "tasks", "activities", "files")
 
 
 @pytest.fixture(autouse=True)
@@ -67,41 +65,6 @@ def crm_env(monkeypatch: pytest.MonkeyPatch, warehouse: Path) -> Callable[[CrmSi
     return point_at
 
 
-def query(warehouse: Path, sql: str) -> list[tuple]:
-    with duckdb.connect(str(warehouse), read_only=True) as connection:
-        return connection.execute(sql).fetchall()
-
-
-def table_ids(warehouse: Path, table: str, key: str = "id") -> list[str]:
-    return [row[0] for row in query(warehouse, f"SELECT {key} FROM crm.{table} ORDER BY {key}")]
-
-
-# date_updated lands as a UTC timestamp; the API's value is its epoch seconds (same SQL on
-# DuckDB and PostgreSQL)
-STATE_SQL = "SELECT {key}, name, CAST(EXTRACT(EPOCH FROM date_updated) AS BIGINT), is_active FROM crm.{table}"
-
-
-def table_state(warehouse: Path, table: str, key: str = "id") -> dict[str, tuple]:
-    """key -> (name, date_updated in epoch seconds, is_active) as the warehouse has it."""
-    rows = query(warehouse, STATE_SQL.format(key=key, table=table))
-    return {row[0]: tuple(row[1:]) for row in rows}
-
-
-def api_state(simulator: CrmSimulator, resource: str, key: str = "id") -> dict[str, tuple]:
-    return {
-        record[key]: (record["name"], record["date_updated"], record["is_active"])
-        for record in simulator.records(resource)
-    }
-
-
-def assert_exact(warehouse: Path, simulator: CrmSimulator, resources=RESOURCES, key: str = "id") -> None:
-    """Every API record present exactly once, with the API's current values."""
-    for resource in resources:
-        ids = table_ids(warehouse, resource, key)
-        assert len(ids) == len(set(ids)), f"{resource}: duplicate {key}s in the table"
-        assert table_state(warehouse, resource, key) == api_state(simulator, resource, key), resource
-
-
 def run_sync(selection=None, raise_on_error: bool = True, run_config=None):
     """Materialize the crm assets in-process through Dagster, as a user's run would."""
     from dagster import materialize
@@ -145,6 +108,17 @@ def all_event_text(result) -> str:
     return "\n".join(parts)
 
 
-# The warehouse fixtures (PostgreSQL server, `pg_warehouse`, `any_warehouse`) live beside this
-# file; importing them here makes them available to every test module.
-from .warehouses import any_warehouse, pg_warehouse, postgres_server  # noqa: E402, F401
+# The warehouses and reading them back live beside this file; importing them here makes the
+# fixtures available to every test module, and the helpers to `from .conftest import ...`.
+from .warehouses import (  # noqa: E402, F401
+    RESOURCES,
+    STATE_SQL,
+    any_warehouse,
+    api_state,
+    assert_exact,
+    pg_warehouse,
+    postgres_server,
+    query,
+    table_ids,
+    table_state,
+)

@@ -17,8 +17,8 @@ import duckdb
 import pytest
 
 from crm_assets.sources.crm import crm
+from crm_assets.sources.crm.dlt_columns import ROOT_COLUMNS
 from crm_assets.sources.crm.arrow_pages import (
-    ROOT_COLUMNS,
     ArrowPages,
     can_write_nested_tables,
     nested_tables_from_extract,

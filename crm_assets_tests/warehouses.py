@@ -16,13 +16,56 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
+import duckdb
 import psycopg2
 import pytest
 
-from .conftest import RESOURCES, STATE_SQL, api_state, query, table_ids, table_state
+from crm_assets.simulator import CrmSimulator
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = REPO / "scripts" / "services.sh"
+RESOURCES = ("jobs", "contacts", "tasks", "activities", "files")
+
+
+# --- reading a DuckDB warehouse back ---------------------------------------------------------
+
+
+def query(warehouse: Path, sql: str) -> list[tuple]:
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        return connection.execute(sql).fetchall()
+
+
+def table_ids(warehouse: Path, table: str, key: str = "id") -> list[str]:
+    return [row[0] for row in query(warehouse, f"SELECT {key} FROM crm.{table} ORDER BY {key}")]
+
+
+# date_updated lands as a UTC timestamp; the API's value is its epoch seconds (same SQL on
+# DuckDB and PostgreSQL)
+STATE_SQL = "SELECT {key}, name, CAST(EXTRACT(EPOCH FROM date_updated) AS BIGINT), is_active FROM crm.{table}"
+
+
+def table_state(warehouse: Path, table: str, key: str = "id") -> dict[str, tuple]:
+    """key -> (name, date_updated in epoch seconds, is_active) as the warehouse has it."""
+    rows = query(warehouse, STATE_SQL.format(key=key, table=table))
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def api_state(simulator: CrmSimulator, resource: str, key: str = "id") -> dict[str, tuple]:
+    return {
+        record[key]: (record["name"], record["date_updated"], record["is_active"])
+        for record in simulator.records(resource)
+    }
+
+
+def assert_exact(warehouse: Path, simulator: CrmSimulator, resources=RESOURCES, key: str = "id") -> None:
+    """Every API record present exactly once, with the API's current values."""
+    for resource in resources:
+        ids = table_ids(warehouse, resource, key)
+        assert len(ids) == len(set(ids)), f"{resource}: duplicate {key}s in the table"
+        assert table_state(warehouse, resource, key) == api_state(simulator, resource, key), resource
+
+
+# --- the warehouses ---------------------------------------------------------------------------
 
 
 class DuckDbWarehouse:

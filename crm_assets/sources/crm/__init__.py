@@ -18,7 +18,8 @@ import dlt
 from dlt.sources import DltResource
 from dlt.sources.rest_api import rest_api_resources
 
-from .arrow_pages import ROOT_COLUMNS, ArrowPages, can_write_nested_tables
+from .arrow_pages import ArrowPages, can_write_nested_tables
+from .dlt_columns import ROOT_COLUMNS
 from .catalog import BUILT_IN, Endpoint, build_endpoints, configured_endpoints
 from .config import check_settings, connection_settings
 from .counts import count_records

@@ -49,18 +49,7 @@ import dlt
 from dlt.common.storages.load_package import load_package_state
 from dlt.extract.items_transform import ItemTransform
 
-# dlt's own columns, with the hints its normalizer gives them.
-_ROW_KEY = {"data_type": "text", "nullable": False, "unique": True, "row_key": True}
-ROOT_COLUMNS: dict[str, dict[str, Any]] = {
-    "_dlt_id": _ROW_KEY,
-    "_dlt_load_id": {"data_type": "text", "nullable": False},
-}
-CHILD_COLUMNS: dict[str, dict[str, Any]] = {
-    "_dlt_parent_id": {"data_type": "text", "nullable": False, "parent_key": True},
-    "_dlt_list_idx": {"data_type": "bigint", "nullable": False},
-    "_dlt_id": _ROW_KEY,
-    "_dlt_root_id": {"data_type": "text", "nullable": False, "root_key": True},
-}
+from .dlt_columns import CHILD_COLUMNS, ROOT_COLUMNS
 
 class ArrowPages(ItemTransform):  # type: ignore[type-arg]
     """A resource's step turning each page into Arrow tables (see the module docstring)."""

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from dlt.common.libs.pyarrow import get_py_arrow_datatype
 from dlt.common.schema.utils import autodetect_sc_type
 
-from .arrow_pages import CHILD_COLUMNS, ROOT_COLUMNS
+from .dlt_columns import CHILD_COLUMNS, ROOT_COLUMNS
 
 # The Python type of a column's values, by the column's dlt type. A column of any other dlt type
 # (timestamp, decimal, json, ...) takes no value here (but see _EPOCH): its records go through
