@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,18 @@ def test_the_source_has_one_resource_per_endpoint_with_its_key_and_timestamp_col
     assert {name: column["data_type"] for name, column in invoices["columns"].items()
             if name.startswith("date_")} == {"date_created": "timestamp", "date_updated": "timestamp",
                                              "date_due": "timestamp"}
+
+
+def test_the_source_refuses_bad_resource_settings_naming_them():
+    with pytest.raises(CrmConfigurationError, match=r"resource 'invoices' in SOURCES__CRM__RESOURCES.*needs a path"):
+        crm(base_url="http://crm.invalid", api_key="k", resources={"invoices": {"data_selector": "results"}})
+
+
+def test_the_cli_sync_names_a_setting_that_does_not_parse(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOURCES__")}
+    env.update(SOURCES__CRM__BASE_URL="http://127.0.0.1:9", SOURCES__CRM__API_KEY="k",
+               SOURCES__CRM__RESOURCES="{not json", DLT_DATA_DIR=str(tmp_path / "dlt"))
+    completed = subprocess.run([sys.executable, "-m", "crm_assets.sources"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert "crm sync failed" in completed.stderr and "SOURCES__CRM__RESOURCES" in completed.stderr
