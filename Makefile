@@ -25,10 +25,11 @@ test: $(STAMP)
 	bash scripts/services.sh up && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## make test-fast: the layer that needs no service and no root (the read, the paginator, the
-## definitions), in seconds
+## resource settings, the docs against the code, the definitions), in seconds
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not postgres and not browser" crm_assets_tests/test_keyset_read.py \
-		crm_assets_tests/test_paginator.py crm_assets_tests/test_definitions.py $(PYTEST_ARGS)
+		crm_assets_tests/test_paginator.py crm_assets_tests/test_catalog.py crm_assets_tests/test_docs.py \
+		crm_assets_tests/test_definitions.py $(PYTEST_ARGS)
 
 ## make demo: simulator on loopback -> dagster asset materialize of all five assets -> row counts
 demo: $(STAMP)
