@@ -4,6 +4,7 @@ read. Fast: nothing is run but the simulator's --help."""
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crm_assets.sources.crm import crm
+from crm_assets.sources.crm import build_endpoints, crm
 from crm_assets.sources.crm.catalog import RESOURCE_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,3 +88,11 @@ def test_every_simulator_flag_the_docs_give_exists():
     helped = subprocess.run([sys.executable, "-m", "crm_assets.simulator", "--help"], capture_output=True,
                             text=True, timeout=60, check=True).stdout
     assert flags and not [flag for flag in flags if flag not in helped]
+
+
+def test_the_resource_settings_the_readme_shows_are_accepted():
+    examples = re.findall(r"SOURCES__CRM__RESOURCES='(.*?)'", _text(REPO / "README.md"), flags=re.S)
+    assert len(examples) >= 2
+    for example in examples:
+        names = [endpoint.name for endpoint in build_endpoints("jnid", json.loads(example))]
+        assert set(json.loads(example)) <= set(names)
