@@ -1,6 +1,6 @@
 """`make dev`: the CRM simulator plus `dagster dev` (webserver and daemon) against it.
 
-The UI (http://127.0.0.1:3000 unless DAGSTER_PORT says otherwise) shows the five assets ready to
+The UI (http://127.0.0.1:3000 unless DAGSTER_PORT says otherwise) shows the assets ready to
 materialize; the instance lives in .dagster_home/ with the repository's dagster.yaml, so the
 schedule, sensors and run retries work as configured. Ctrl-C stops everything.
 """
@@ -19,9 +19,16 @@ from demo import (  # noqa: E402
     DATABASE,
     ROOT,
     prepare_instance,
-    say_what_the_warehouse_holds,
     start_simulator,
 )
+
+
+def say_what_the_warehouse_holds(database: Path) -> None:
+    if database.exists():
+        print(f"The warehouse {database.name} keeps what earlier runs loaded, while the simulator "
+              "starts again from its seed: row counts and checks may differ from the API's by the "
+              "records changed before. A full refresh (or `make demo`, or `make clean`) starts over.",
+              flush=True)
 
 
 def _stop_group(process: subprocess.Popen) -> None:
