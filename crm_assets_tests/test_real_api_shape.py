@@ -15,7 +15,7 @@ from dagster import DagsterEventType, DagsterInstance
 from crm_assets.sources.crm import crm
 from crm_assets.sources.crm_pipeline import crm_pipeline
 
-from .conftest import API_KEY, SMALL_COUNTS, query
+from .conftest import API_KEY, SMALL_COUNTS, api_state, query
 
 REPO = Path(__file__).resolve().parent.parent
 DG = str(Path(sys.executable).parent / "dg")
@@ -125,3 +125,39 @@ def test_bad_resource_configuration_fails_dg_check_defs_naming_the_setting(tmp_p
     output = checked.stdout + checked.stderr
     assert checked.returncode != 0
     assert "resource 'invoices' in SOURCES__CRM__RESOURCES" in output and "needs a path" in output
+
+
+def test_the_real_shape_under_the_adversary_lands_every_record_present_throughout(
+    start_simulator, warehouse, monkeypatch
+):
+    """test_adversary.py's worst case (every kind of change at once, faults, dropped connections)
+    on `jnid` keys, six resources and a descending default sort."""
+    from crm_assets.sources.destination import run_options
+    from crm_assets.sources.tuning import sync_tuning
+
+    from .test_adversary import MODES
+    from .warehouses import DuckDbWarehouse
+
+    simulator = _real_shape(start_simulator)
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(warehouse))
+    before = {resource: set(simulator.ids(resource)) for resource in SIX}
+    simulator.configure(**MODES["all_with_faults"])
+    source = crm(base_url=simulator.url, api_key=API_KEY, primary_key="jnid", resources=INVOICES,
+                 page_sizes={resource: 20 for resource in SIX})
+
+    pipeline = crm_pipeline()
+    with sync_tuning():
+        pipeline.run(source, **run_options(pipeline))
+
+    simulator.configure(repeat_every=None, insert_every=None, delete_every=None, fault_every=None)
+    landed_warehouse = DuckDbWarehouse(warehouse)
+    for resource in SIX:
+        keys = landed_warehouse.table_ids(resource, key="jnid")
+        assert len(keys) == len(set(keys)), f"{resource}: a jnid landed twice"
+        now = api_state(simulator, resource, key="jnid")
+        stayed = before[resource] & set(now)
+        landed = landed_warehouse.table_state(resource, key="jnid")
+        assert stayed and stayed <= set(landed), resource
+        assert {k: landed[k] for k in stayed} == {k: now[k] for k in stayed}, resource
+        assert not set(landed) - simulator.ids_ever(resource), resource
+    assert sum(len(before[r] - set(simulator.ids(r))) for r in SIX) > 0  # the deletes did happen
