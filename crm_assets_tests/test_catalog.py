@@ -64,6 +64,7 @@ def test_one_primary_key_for_every_resource_and_resources_added_or_changed_field
         (None, {"invoices": "/v1/invoices"}, None, "expected a table of settings"),
         (None, None, {"invoices": 100}, "SOURCES__CRM__PAGE_SIZES names an unknown resource 'invoices'"),
         (None, None, {"tasks": 2}, "SOURCES__CRM__PAGE_SIZES['tasks']"),
+        (None, {"jobs_again": {"path": "/v1/jobs/"}}, None, "'jobs' and 'jobs_again' have the same path"),
     ],
 )
 def test_bad_configuration_is_refused_naming_the_setting(primary_key, resources, page_sizes, message):
@@ -130,3 +131,15 @@ def test_the_cli_sync_names_a_setting_that_does_not_parse(tmp_path):
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 1
     assert "crm sync failed" in completed.stderr and "SOURCES__CRM__RESOURCES" in completed.stderr
+
+
+def test_the_session_tells_resources_apart_by_the_longest_matching_path():
+    from crm_assets.sources.crm.http import _endpoint_for
+
+    endpoints = build_endpoints(resources={"invoices": {"path": "/invoices"}, "invoices_v2": {"path": "/v2/invoices"}})
+    by_url = {url: (_endpoint_for(endpoints, url)[0] or Endpoint("none", "/")).name for url in (
+        "https://api.example.com/api1/v2/invoices?from=0", "https://api.example.com/invoices",
+        "https://api.example.com/v1/jobs", "https://api.example.com/v1/myjobs")}
+    assert by_url == {"https://api.example.com/api1/v2/invoices?from=0": "invoices_v2",
+                      "https://api.example.com/invoices": "invoices",
+                      "https://api.example.com/v1/jobs": "jobs", "https://api.example.com/v1/myjobs": "none"}

@@ -101,6 +101,14 @@ def build_endpoints(
             )
         endpoints[name] = replace(endpoints[name], page_size=size)
         _check(f"SOURCES__CRM__PAGE_SIZES[{name!r}]", endpoints[name])
+    by_path: dict[str, str] = {}
+    for endpoint in endpoints.values():
+        other = by_path.setdefault(endpoint.path.rstrip("/"), endpoint.name)
+        if other != endpoint.name:  # the session tells resources apart by their path
+            raise CrmConfigurationError(
+                f"resources {other!r} and {endpoint.name!r} have the same path {endpoint.path!r}: "
+                f"set {RESOURCES_SETTING}"
+            )
     return tuple(endpoints.values())
 
 

@@ -38,11 +38,11 @@ except ImportError:  # pragma: no cover
 logger = logging.getLogger("crm_assets.sources.crm")
 
 def _endpoint_for(endpoints: Sequence[Endpoint], url: str) -> tuple[Optional[Endpoint], str]:
+    """The endpoint a URL belongs to: the longest path its own path ends with (`/v2/invoices`
+    over `/invoices`), below whatever prefix the base URL has."""
     path = urlsplit(url).path
-    for endpoint in endpoints:
-        if path.rstrip("/").endswith(endpoint.path.rstrip("/")):
-            return endpoint, path
-    return None, path
+    matching = [e for e in endpoints if ("/" + path.strip("/")).endswith("/" + e.path.strip("/"))]
+    return (max(matching, key=lambda e: len(e.path)) if matching else None), path
 
 
 def _error_text(response: requests.Response) -> str:
