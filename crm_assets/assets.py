@@ -4,12 +4,14 @@
 
 
 import logging
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
 from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue
 from dlt.common.schema.exceptions import DataValidationError
+from dlt.pipeline.pipeline import Pipeline
 from dagster_dlt import DagsterDltResource, dlt_assets
 from pydantic import Field
 
@@ -22,7 +24,7 @@ from .sources.crm import (
     find_crm_error,
 )
 from .sources.crm.settings import RETRY_STATUSES
-from .sources.crm_pipeline import DATASET_NAME, crm_pipeline, definitions_pipelines_dir
+from .sources.crm_pipeline import DATASET_NAME, crm_pipeline
 from .sources.destination import run_options, selected_destination
 from .sources.readback import refuse_bigint_dates, schema_changes, table_row_counts
 from .sources.run_lock import exclusive_run
@@ -50,12 +52,17 @@ _DEFINITION_SOURCE = crm(
 )
 
 
-# The pipeline handle the definitions are built from has a folder of its own: loading the code
-# location must not touch the working folder that a running sync (possibly in another process)
-# is resetting. Its own short lock covers processes loading the code location at the same time
-# (dlt wipes and recreates a folder it finds without state).
-with exclusive_run(definitions_pipelines_dir()):
-    _DEFINITION_PIPELINE = crm_pipeline(pipelines_dir=definitions_pipelines_dir())
+def _definition_pipeline() -> Pipeline:
+    """The pipeline handle the definitions are built from: its names and destination only (a run
+    creates its own). Its working folder is a temporary one, gone once it exists, and it is not
+    left as dlt's active pipeline: loading the code location leaves no trace on disk or in dlt."""
+    with tempfile.TemporaryDirectory(prefix="crm_definitions_") as folder:
+        pipeline = crm_pipeline(pipelines_dir=folder)
+    pipeline.deactivate()
+    return pipeline
+
+
+_DEFINITION_PIPELINE = _definition_pipeline()
 
 
 class CrmSyncConfig(Config):

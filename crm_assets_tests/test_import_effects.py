@@ -15,10 +15,16 @@ from .conftest import assert_exact, run_sync
 
 SNAPSHOT = textwrap.dedent(
     """
-    import gc, json, os, sys
+    import gc, json, os, sys, tempfile
     import dlt
     import dlt.extract.extract as extract_module
     import pyarrow as pa
+    from dlt.common.configuration.container import Container
+    from dlt.common.pipeline import PipelineContext
+
+    def files(root):
+        return sorted(os.path.relpath(os.path.join(folder, name), root)
+                      for folder, _, names in os.walk(root) for name in names)
 
     DLT_KEYS = ("data_writer.disable_compression",)
     SECRET_KEYS = ("destination.duckdb.credentials.global_config",)
@@ -33,6 +39,9 @@ SNAPSHOT = textwrap.dedent(
             "dlt_secrets": {k: repr(dlt.secrets.get(k)) for k in SECRET_KEYS},
             "aggregate_job_metrics": repr(extract_module.aggregate_job_metrics),
             "arrow_pool": pa.default_memory_pool().backend_name,
+            "active_dlt_pipeline": Container()[PipelineContext].is_active(),
+            "dlt_data_dir": files(os.environ["DLT_DATA_DIR"]),
+            "temporary_folders": sorted(n for n in os.listdir(tempfile.gettempdir()) if n.startswith("crm_")),
         }
     """
 )
@@ -49,7 +58,10 @@ def _differences(before: dict, after: dict) -> dict:
     return {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 
 
-def test_importing_the_code_location_leaves_gc_environment_dlt_config_and_dlt_functions_alone():
+def test_importing_the_code_location_leaves_gc_environment_dlt_config_and_dlt_functions_alone(tmp_path, monkeypatch):
+    """... and dlt's active pipeline, and the disk: no folder, lock or temporary file left."""
+    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "fresh-dlt"))
+    (tmp_path / "fresh-dlt").mkdir()
     result = _run(
         """
         before = snapshot()
@@ -75,7 +87,7 @@ def test_a_sync_puts_back_everything_it_tunes(start_simulator, crm_env, warehous
     )
     assert _differences(result["before"], result["after"]) == {}
     tuned = _differences(result["before"], result["during"])
-    assert {"gc_frozen", "environ", "aggregate_job_metrics", "arrow_pool"} <= set(tuned), tuned
+    assert {"gc_frozen", "gc_threshold", "environ", "aggregate_job_metrics", "arrow_pool"} <= set(tuned), tuned
 
     # and a real sync in this process: the tuning is undone whether or not it was applied
     import gc

@@ -76,9 +76,3 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
-
-
-def definitions_pipelines_dir() -> str:
-    """Where the pipeline handle Dagster builds its asset definitions from keeps its (empty)
-    working folder, apart from the one syncs use."""
-    return os.path.join(get_dlt_pipelines_dir(), "_definitions")
