@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue
+from dlt.common.configuration.container import Container
+from dlt.common.pipeline import PipelineContext
 from dlt.common.schema.exceptions import DataValidationError
 from dlt.pipeline.pipeline import Pipeline
 from dagster_dlt import DagsterDltResource, dlt_assets
@@ -54,11 +56,15 @@ _DEFINITION_SOURCE = crm(
 
 def _definition_pipeline() -> Pipeline:
     """The pipeline handle the definitions are built from: its names and destination only (a run
-    creates its own). Its working folder is a temporary one, gone once it exists, and it is not
-    left as dlt's active pipeline: loading the code location leaves no trace on disk or in dlt."""
+    creates its own). Its working folder is a temporary one, gone once it exists, and dlt's active
+    pipeline is put back as it was: loading the code location leaves no trace on disk or in dlt."""
+    context = Container()[PipelineContext]
+    previous = context.pipeline() if context.is_active() else None
     with tempfile.TemporaryDirectory(prefix="crm_definitions_") as folder:
         pipeline = crm_pipeline(pipelines_dir=folder)
     pipeline.deactivate()
+    if previous is not None:
+        previous.activate()  # type: ignore[attr-defined]
     return pipeline
 
 

@@ -96,3 +96,15 @@ def test_a_sync_puts_back_everything_it_tunes(start_simulator, crm_env, warehous
     assert run_sync().success
     assert (gc.get_threshold(), gc.get_freeze_count()) == (threshold, frozen)
     assert_exact(warehouse, simulator)
+
+
+def test_importing_the_code_location_keeps_another_active_dlt_pipeline_active(tmp_path):
+    """Code locations can share a process: another one's active dlt pipeline stays active."""
+    result = _run(
+        f"""
+        other = dlt.pipeline(pipeline_name="someone_elses", pipelines_dir={str(tmp_path / "other")!r})
+        import crm_assets.definitions  # noqa: F401
+        print(json.dumps({{"active": dlt.current.pipeline().pipeline_name}}))
+        """
+    )
+    assert result == {"active": "someone_elses"}
