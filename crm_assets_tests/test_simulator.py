@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -387,12 +389,14 @@ def test_connections_are_kept_alive():
         conn.close()
 
 
-def test_cli_starts_writes_ready_file_and_stops_on_sigterm(tmp_path: Path):
+@contextlib.contextmanager
+def _cli_simulator(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m crm_assets.simulator` on a free port with `flags`: (process, its URL)."""
     ready = tmp_path / "ready"
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "crm_assets.simulator", "--port", "0", "--ready-file", str(ready),
-         "--records", "jobs=5,tasks=20", "--api-key", KEY],
+         "--records", "jobs=5,tasks=20", "--api-key", KEY, *flags],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
@@ -401,7 +405,15 @@ def test_cli_starts_writes_ready_file_and_stops_on_sigterm(tmp_path: Path):
             if ready.exists() or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        url = ready.read_text().strip()
+        yield proc, ready.read_text().strip()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_starts_writes_ready_file_and_stops_on_sigterm(tmp_path: Path):
+    with _cli_simulator(tmp_path) as (proc, url):
         assert requests.get(url + "/v1/jobs", headers=AUTH, timeout=10).json()["count"] == 5
         assert requests.get(url + "/v1/contacts", headers=AUTH, timeout=10).json()["count"] == DEFAULT_COUNTS["contacts"]
         proc.send_signal(signal.SIGTERM)
@@ -409,10 +421,6 @@ def test_cli_starts_writes_ready_file_and_stops_on_sigterm(tmp_path: Path):
         assert proc.returncode == 0, err
         assert out.strip() == f"CRM simulator listening on {url} (api key: {KEY})"
         assert KEY not in err  # quiet by default, and never logs the token
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # --------------------------------------------------------------------------- the real API family's shape
@@ -626,21 +634,8 @@ def test_cli_flags_for_the_real_api_family(tmp_path: Path):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)
 
-    ready = tmp_path / "ready"
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "crm_assets.simulator", "--port", "0", "--ready-file", str(ready),
-         "--records", "jobs=5,tasks=20", "--api-key", KEY, "--key-field", "jnid", "--invoices", "7",
-         "--default-sort-direction", "desc"],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
-    try:
-        for _ in range(100):
-            if ready.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        url = ready.read_text().strip()
+    with _cli_simulator(tmp_path, "--key-field", "jnid", "--invoices", "7",
+                        "--default-sort-direction", "desc") as (proc, url):
         body = requests.get(url + "/v1/invoices", headers=AUTH, params={"size": 100}, timeout=10).json()
         assert body["count"] == 7
         assert [r["jnid"] for r in body["results"]] == [f"inv_{i:08d}" for i in range(6, -1, -1)]
@@ -649,7 +644,3 @@ def test_cli_flags_for_the_real_api_family(tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
