@@ -20,7 +20,7 @@ each in its own subprocess, measuring wall time, peak memory of the whole proces
 
 For each: wall time of the process (start to exit, imports included), the sync time measured
 inside it where there is one, records (distinct ids) and rows (every row of every table of the
-dataset, child tables included, dlt's own `_dlt_*` tables excluded; for a, rows = records),
+dataset (child tables, were there any, included), dlt's own `_dlt_*` tables excluded; for a, rows = records),
 records/s and rows/s on the wall time, peak RSS of the process tree (VmRSS of the process and all
 its descendants summed, polled every ~50 ms), VmHWM of the main process (polled likewise), CPU
 seconds of the tree (rusage) and of the simulator (/proc), and completeness: distinct ids
@@ -681,7 +681,7 @@ def render(report: dict[str, Any]) -> str:
             f"| {_f(s['cpu_seconds'])} | {_f(s['api_cpu_seconds'])} | {s['completeness_total']:.2%} |")
     lines += ["", "wall s: process start to exit (interpreter, imports, Dagster's CLI included); sync s: measured "
               "inside (a: the reads; b, c': pipeline.run; c: the Dagster run, RUN_START to RUN_SUCCESS). "
-              "Rates use wall s. rows: every row of every table of the dataset incl. child tables, dlt's _dlt_* "
+              "Rates use wall s. rows: every row of every table of the dataset (child tables incl.), dlt's _dlt_* "
               "tables excluded; for (a) rows = records (distinct ids read). Peak RSS tree: VmRSS of the process and all its "
               "descendants summed, polled every 50 ms. CPU s: user+sys of the process tree; API CPU s: the "
               "simulator's, during the variant (same 2 cores).", ""]

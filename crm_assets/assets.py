@@ -28,7 +28,7 @@ from .sources.crm import (
 from .sources.crm.settings import RETRY_STATUSES
 from .sources.crm_pipeline import DATASET_NAME, crm_pipeline
 from .sources.destination import run_options, selected_destination
-from .sources.readback import refuse_bigint_dates, schema_changes, table_row_counts
+from .sources.readback import refuse_earlier_layout, schema_changes, table_row_counts
 from .sources.run_lock import exclusive_run
 from .sources.tuning import sync_tuning
 from .translator import CrmTranslator
@@ -147,7 +147,7 @@ def crm_sync_assets(
                 if config.full_refresh:
                     options["refresh"] = "drop_resources"
                 else:
-                    refuse_bigint_dates(pipeline, selected)
+                    refuse_earlier_layout(pipeline, selected)
                 results = list(
                     dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
                 )

@@ -116,6 +116,7 @@ from .warehouses import (  # noqa: E402, F401
     any_warehouse,
     api_state,
     assert_exact,
+    assert_lists_as_in_api,
     pg_warehouse,
     postgres_server,
     query,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dagster import AssetKey
 
+from .warehouses import CHILD_TABLES_SQL
 from .conftest import (
     RESOURCES,
     SMALL_COUNTS,
     assert_exact,
+    assert_lists_as_in_api,
     failure_message,
     query,
     run_sync,
@@ -122,23 +124,32 @@ def test_full_refresh_reloads_the_selected_resource_and_leaves_the_others_alone(
     assert simulator.stats()["records_served"]["jobs"] <= 6  # the reset cursor was stored again
 
 
-def test_a_warehouse_with_bigint_dates_says_to_run_a_full_refresh_which_moves_it_over(
+def test_a_warehouse_from_an_earlier_version_says_to_run_a_full_refresh_which_moves_it_over(
     start_simulator, crm_env, warehouse
 ):
-    """A warehouse from before dates landed as timestamps: the first sync names the columns and the
-    way over instead of the warehouse's conversion error; a full refresh reloads them typed."""
-    from crm_assets.sources.crm import crm
+    """A warehouse an earlier version loaded, with dates as BIGINT epoch seconds and lists in child
+    tables (dlt's defaults): the first sync names both and the way over instead of loading a mix;
+    a full refresh reloads the resource in this version's layout."""
+    import dlt
+
     from crm_assets.sources.crm_pipeline import crm_pipeline
 
     simulator = start_simulator()
     crm_env(simulator)
-    old = crm().with_resources("jobs")
-    old.resources["jobs"].apply_hints(columns={
-        "date_created": {"data_type": "bigint"}, "date_updated": {"data_type": "bigint", "dedup_sort": "desc"},
-    })
-    crm_pipeline().run(old)
+
+    @dlt.source(name="crm")  # the source's name is the schema's, whose resources a full refresh drops
+    def earlier_crm():
+        @dlt.resource(name="jobs", primary_key="id",
+                      write_disposition={"disposition": "merge", "strategy": "delete-insert"})
+        def jobs():
+            yield simulator.records("jobs")
+
+        return jobs
+
+    crm_pipeline().run(earlier_crm())
     assert query(warehouse, "SELECT data_type FROM information_schema.columns WHERE table_schema = 'crm' AND table_name = 'jobs' "
                             "AND column_name = 'date_updated'") == [("BIGINT",)]
+    assert {"jobs__tags", "jobs__related"} <= {row[0] for row in query(warehouse, CHILD_TABLES_SQL)}
     simulator.mutate("jobs", edit=3)
     jobs = [AssetKey(["crm", "jobs"])]
 
@@ -147,10 +158,12 @@ def test_a_warehouse_with_bigint_dates_says_to_run_a_full_refresh_which_moves_it
     assert not failed.success
     message = failure_message(failed)
     assert "crm.jobs.date_created, crm.jobs.date_updated hold epoch seconds as BIGINT" in message
+    assert "crm.jobs__related, crm.jobs__tags hold lists as child tables" in message
     assert "full_refresh" in message
     refreshed = run_sync(selection=jobs, run_config={"ops": {"crm_sync_assets": {"config": {"full_refresh": True}}}})
     assert refreshed.success
     assert_exact(warehouse, simulator, resources=["jobs"])
+    assert_lists_as_in_api(lambda sql: query(warehouse, sql), simulator, resources=["jobs"])
 
 
 def test_a_new_field_becomes_a_column_and_the_materialization_says_so(
@@ -203,7 +216,7 @@ def test_a_frozen_schema_fails_naming_the_table_and_column(
     assert table_state(warehouse, "jobs") == before
 
 
-def test_hard_delete_removes_deactivated_records_and_their_child_rows(
+def test_hard_delete_removes_deactivated_records_lists_and_all(
     start_simulator, crm_env, any_warehouse, monkeypatch
 ):
     simulator = start_simulator()
@@ -220,8 +233,8 @@ def test_hard_delete_removes_deactivated_records_and_their_child_rows(
     remaining = set(any_warehouse.table_ids("jobs"))
     assert remaining == {r["id"] for r in simulator.records("jobs") if r["is_active"]}
     assert not remaining & set(deactivated)
-    orphans = any_warehouse.query(
-        "SELECT COUNT(*) FROM crm.jobs__tags t LEFT JOIN crm.jobs j ON t._dlt_root_id = j._dlt_id "
-        "WHERE j._dlt_id IS NULL"
-    )
-    assert orphans == [(0,)]
+    # a record is one row (its lists inside it): nothing of a deleted record is left elsewhere
+    assert any_warehouse.query(
+        "SELECT COUNT(*) FROM crm.jobs WHERE tags IS NULL AND related IS NULL"
+    ) == [(0,)]
+    assert any_warehouse.query(CHILD_TABLES_SQL) == []

@@ -10,9 +10,10 @@ installed or started, the tests that need it fail; they never skip.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -63,6 +64,30 @@ def assert_exact(warehouse: Path, simulator: CrmSimulator, resources=RESOURCES, 
         ids = table_ids(warehouse, resource, key)
         assert len(ids) == len(set(ids)), f"{resource}: duplicate {key}s in the table"
         assert table_state(warehouse, resource, key) == api_state(simulator, resource, key), resource
+
+
+# every list the simulator's records carry, by resource
+LIST_FIELDS = {"jobs": ("related", "tags"), "contacts": ("tags",), "tasks": ("assignees",),
+               "activities": (), "files": ("related",)}
+CHILD_TABLES_SQL = (
+    "SELECT table_name FROM information_schema.tables WHERE table_schema = 'crm' AND table_name LIKE '%\\_\\_%' ESCAPE '\\'"
+)
+
+
+def assert_lists_as_in_api(run_query: Callable[[str], list[tuple]], simulator: CrmSimulator,
+                           resources=RESOURCES, key: str = "id") -> None:
+    """Every list sits in its record's row as the JSON text of the API's list, and no child
+    table was made of one. `run_query` reads the warehouse (DuckDB or PostgreSQL)."""
+    assert run_query(CHILD_TABLES_SQL) == []
+    for resource in resources:
+        fields = LIST_FIELDS[resource]
+        if not fields:
+            continue
+        rows = run_query(f"SELECT {key}, {', '.join(fields)} FROM crm.{resource}")
+        landed = {row[0]: tuple(None if text is None else json.loads(text) for text in row[1:]) for row in rows}
+        expected = {record[key]: tuple(record.get(field) for field in fields)
+                    for record in simulator.records(resource)}
+        assert landed == expected, resource
 
 
 # --- the warehouses ---------------------------------------------------------------------------

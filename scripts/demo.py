@@ -96,12 +96,8 @@ def main() -> int:
             (rows,) = connection.execute(f"SELECT COUNT(*) FROM crm.{endpoint.name}").fetchone()
             (ids,) = connection.execute(f"SELECT COUNT(DISTINCT {key}) FROM crm.{endpoint.name}").fetchone()
             print(f"  crm.{endpoint.name:<11} {rows:>7} rows ({ids} distinct {key}s)")
-        children = connection.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'crm' "
-            "AND table_name LIKE '%\\_\\_%' ESCAPE '\\' AND table_name NOT LIKE '\\_dlt%' ESCAPE '\\' "
-            "ORDER BY 1"
-        ).fetchall()
-        print(f"  child tables: {', '.join('crm.' + name for (name,) in children)}")
+        (tags,) = connection.execute("SELECT tags FROM crm.jobs WHERE tags <> '[]' LIMIT 1").fetchone()
+        print(f"  lists stay in their record's row as JSON text, e.g. crm.jobs.tags = {tags}")
     print(f"\nDatabase: {database}")
     print(f"Try: {Path(sys.executable).parent / 'python'} -c \"import duckdb; "
           f"print(duckdb.connect('{database}', read_only=True).sql('select * from crm.jobs limit 5'))\"")

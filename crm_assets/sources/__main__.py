@@ -12,7 +12,7 @@ from typing import Optional
 from .crm import configured_endpoints, crm, find_crm_error
 from .crm_pipeline import DATASET_NAME, crm_pipeline
 from .destination import run_options
-from .readback import database_location, refuse_bigint_dates, table_row_counts
+from .readback import database_location, refuse_earlier_layout, table_row_counts
 from .run_lock import exclusive_run
 from .tuning import sync_tuning
 
@@ -21,7 +21,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with exclusive_run(), sync_tuning():
         pipeline = crm_pipeline()
         try:
-            refuse_bigint_dates(pipeline, configured_endpoints())
+            refuse_earlier_layout(pipeline, configured_endpoints())
             load_info = pipeline.run(crm(), **run_options(pipeline))
         except Exception as exc:  # dlt wraps our errors: show ours, plainly
             print(f"crm sync failed: {find_crm_error(exc) or exc}", file=sys.stderr)

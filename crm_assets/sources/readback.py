@@ -1,5 +1,5 @@
-"""Reading a sync's result back from the warehouse: row counts, what a load added, the date
-columns' types, where the data is."""
+"""Reading a sync's result back from the warehouse: row counts, what a load added, what an
+earlier version left, where the data is."""
 
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ def table_row_counts(pipeline: Pipeline, tables: Iterable[str]) -> dict[str, Opt
     return counts
 
 
-def columns_not_timestamps(pipeline: Pipeline, columns: dict[str, Iterable[str]]) -> list[str]:
-    """`table.column` of the given ones that exist in the destination with a type other than a
-    timestamp: a warehouse loaded before epoch seconds landed as timestamps holds them as BIGINT."""
-    wanted = {(table, column) for table, names in columns.items() for column in names}
+def _dataset_columns(pipeline: Pipeline) -> list[tuple[str, str, str]]:
+    """(table, column, type) of every column in the destination dataset; none before the first load
+    or on a destination without information_schema."""
     try:
         with pipeline.sql_client() as client:
             rows = client.execute_sql(
@@ -39,28 +38,57 @@ def columns_not_timestamps(pipeline: Pipeline, columns: dict[str, Iterable[str]]
             )
     except Exception:  # no such dataset yet, or a destination without information_schema
         return []
-    return sorted(
+    return [(str(table), str(column), str(data_type)) for table, column, data_type in rows or []]
+
+
+def earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> tuple[list[str], list[str]]:
+    """What an earlier version left in the warehouse that this one would load differently:
+    (`table.column` of date columns held as something other than a timestamp, i.e. BIGINT epoch
+    seconds; child tables of lists, now JSON text in their record's row)."""
+    endpoints = list(endpoints)
+    dates = {(e.name, column) for e in endpoints for column in e.timestamp_fields}
+    names = tuple(f"{e.name}__" for e in endpoints)
+    columns = _dataset_columns(pipeline)
+    bigint_dates = sorted(
         f"{DATASET_NAME}.{table}.{column}"
-        for table, column, data_type in rows or []
-        if (table, column) in wanted and "timestamp" not in str(data_type).lower()
+        for table, column, data_type in columns
+        if (table, column) in dates and "timestamp" not in data_type.lower()
     )
+    child_tables = sorted(
+        f"{DATASET_NAME}.{table}"
+        for table, column, _ in columns
+        if column == "_dlt_parent_id" and table.startswith(names)
+    )
+    return bigint_dates, child_tables
 
 
-def refuse_bigint_dates(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
-    """Stop before loading timestamps into date columns an earlier version created as BIGINT (the
-    load would mix the two), saying how to move over: a full refresh of those resources."""
-    stale = columns_not_timestamps(pipeline, {e.name: e.timestamp_fields for e in endpoints})
-    if stale:
+def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
+    """Stop before a load would mix this version's layout with an earlier one's, saying how to
+    move over: a full refresh of those resources. Loading timestamps into BIGINT date columns, or
+    lists as JSON text next to the child tables that held them, would leave both half right."""
+    bigint_dates, child_tables = earlier_layout(pipeline, endpoints)
+    found = []
+    if bigint_dates:
+        found.append(
+            f"{', '.join(bigint_dates)} hold epoch seconds as BIGINT (dates now land as UTC timestamps)"
+        )
+    if child_tables:
+        found.append(
+            f"{', '.join(child_tables)} hold lists as child tables (lists now land as JSON text in "
+            "their record's row)"
+        )
+    if found:
         raise CrmConfigurationError(
-            f"{', '.join(stale)} hold epoch seconds as BIGINT, loaded by a version that kept dates as "
-            "numbers; they now land as UTC timestamps. Reload those assets once with a full refresh "
-            "(launchpad config `full_refresh: true`, or dg launch --assets <asset> --config-json "
+            f"The warehouse was loaded by an earlier version: {'; '.join(found)}. Reload those "
+            "assets once with a full refresh (launchpad config `full_refresh: true`, or dg launch "
+            "--assets <asset> --config-json "
             '\'{"ops": {"crm_sync_assets": {"config": {"full_refresh": true}}}}\')'
         )
 
 
 def schema_changes(pipeline: Pipeline, resource: str) -> dict[str, list[str]]:
-    """What the last load added to a resource's tables (its own and its `<resource>__*` children).
+    """What the last load added to a resource's tables (its own, and any `<resource>__*` child
+    table dlt's normalizer made of a list the source did not encode).
 
     Returns {"new_tables": [...], "new_columns": ["table.column (type)", ...],
     "variant_columns": [...]}: a variant column (`<column>__v_<type>`) is dlt's answer to a

@@ -17,8 +17,7 @@ user has not configured it, and puts everything back when the block ends, also o
 - the garbage collector runs less often (STEP_GC_THRESHOLDS): a sync allocates millions of
   short-lived dicts that reference counting frees anyway;
 - glibc keeps at most two malloc arenas (as MALLOC_ARENA_MAX=2 would), and each dlt step hands
-  the heap memory freed by the previous one back to the system (`crm_pipeline`'s collector);
-- dlt's extract may write the Arrow pages' child tables (`arrow_pages.nested_tables_from_extract`).
+  the heap memory freed by the previous one back to the system (`crm_pipeline`'s collector).
 
 Syncs overlapping in one process share one application: the first to start applies, the last to
 end restores.
@@ -35,8 +34,6 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Optional
 
 import dlt
-
-from .crm.arrow_pages import nested_tables_from_extract
 
 # dlt setting -> the environment variable dlt reads it from, and its value during a sync
 DLT_SETTINGS: dict[str, tuple[str, str]] = {
@@ -97,7 +94,6 @@ def _apply(undo: ExitStack) -> None:
     if libc is not None and hasattr(libc, "mallopt") and "MALLOC_ARENA_MAX" not in os.environ:
         libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
         undo.callback(libc.mallopt, _M_ARENA_MAX, 0)
-    undo.enter_context(nested_tables_from_extract())
 
 
 def _configured(key: str) -> Any:

@@ -18,7 +18,7 @@ import dlt
 from dlt.sources import DltResource
 from dlt.sources.rest_api import rest_api_resources
 
-from .arrow_pages import ArrowPages, can_write_nested_tables
+from .arrow_pages import ArrowPages
 from .dlt_columns import ROOT_COLUMNS
 from .catalog import BUILT_IN, Endpoint, build_endpoints, configured_endpoints
 from .config import check_settings, connection_settings
@@ -31,6 +31,7 @@ from .errors import (
     find_crm_error,
 )
 from .http import CrmSession
+from .lists_as_json import ListsAsJson
 from .paginator import UPDATED_SINCE_PARAM, KeysetPaginator
 from .settings import BACKOFF_FACTOR, CURSOR_FIELD, MAX_RETRIES, REQUEST_TIMEOUT
 
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 # With `hard_delete=True`, records the API lists as `is_active: false` are removed from the
-# tables (and their child tables) through dlt's `hard_delete` column hint on this column.
+# tables through dlt's `hard_delete` column hint on this column.
 HARD_DELETE_COLUMN = "_crm_deleted"
 
 
@@ -78,8 +79,8 @@ def _mark_deleted(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-# `schema_contract="freeze"`: a new column on an existing table fails the run. New tables (the
-# first load, a new nested list) are still created, and a field whose type varies still gets a
+# `schema_contract="freeze"`: a new column on an existing table fails the run (a new list field
+# too: it is a column). New tables (the first load) are still created, and a field whose type varies still gets a
 # variant column: the API contract says types vary between records, so that is no surprise.
 FROZEN_SCHEMA_CONTRACT = {"tables": "evolve", "columns": "freeze", "data_type": "evolve"}
 
@@ -178,8 +179,9 @@ def crm(
         # not with rest_api's `parallelized: True`: dlt 1.31 loses that flag for resources that
         # depend on no other one, and reads them one after the other (test_sync.py checks this).
         resource.parallelize()
-    if arrow_pages and can_write_nested_tables():
-        for resource in resources:
+    for resource in resources:
+        resource.add_map(ListsAsJson())  # one row per record (lists_as_json.py)
+        if arrow_pages:
             resource.apply_hints(columns=ROOT_COLUMNS)
             resource.add_step(ArrowPages(resource))
     return resources

@@ -1,4 +1,4 @@
-"""Building one page's Arrow tables exactly as dlt's normalizer would (see arrow_pages.py).
+"""Building one page's Arrow table exactly as dlt's normalizer would (see arrow_pages.py).
 
 Imported by the `ArrowPages` step on its first page, not with the code location: pyarrow's C++
 side picks its memory pool when pyarrow is first imported, and a sync (sources/tuning.py) wants
@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from dlt.common.libs.pyarrow import get_py_arrow_datatype
 from dlt.common.schema.utils import autodetect_sc_type
 
-from .dlt_columns import CHILD_COLUMNS, ROOT_COLUMNS
+from .dlt_columns import ROOT_COLUMNS
 
 # The Python type of a column's values, by the column's dlt type. A column of any other dlt type
 # (timestamp, decimal, json, ...) takes no value here (but see _EPOCH): its records go through
@@ -63,11 +63,10 @@ def _takeable(kind: type, value: Any) -> bool:
     """A value of a type this step builds, within its Arrow type's range."""
     return kind in _TAKEN_KINDS and (kind is not int or _INT64[0] <= value <= _INT64[1])
 
+
 # dlt shortens longer identifiers on some destinations (PostgreSQL: 63): left to dlt.
 _MAX_NAME = 63
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError, TypeError)
-
-Tables = list[tuple[str, pa.Table]]
 
 
 def random_row_keys(n: int) -> pa.Array:
@@ -103,20 +102,18 @@ class ColumnTypes:
             for column, spec in hinted.items()
             if spec.get("data_type")
         }
-        for name, table in schema.tables.items():
-            if name == resource or name.startswith(f"{resource}__"):
-                columns = table.get("columns", {})
-                self.tables.setdefault(name, {}).update(
-                    # a hinted timestamp the stored schema holds as one stays epoch seconds; one
-                    # it holds otherwise (bigint from before the hint) is dlt's to reconcile
-                    (column, _EPOCH if name == resource and column in epoch and _epoch_column(spec, caps)
-                     else _PY_TYPES.get(spec["data_type"], _NOT_TAKEN))
-                    for column, spec in columns.items()
-                    if spec.get("data_type")
-                )
-                self.not_null.setdefault(name, set()).update(
-                    column for column, spec in columns.items() if spec.get("nullable") is False
-                )
+        columns = schema.tables.get(resource, {}).get("columns", {})
+        self.tables[resource].update(
+            # a hinted timestamp the stored schema holds as one stays epoch seconds; one it holds
+            # otherwise (bigint from before the hint) is dlt's to reconcile
+            (column, _EPOCH if column in epoch and _epoch_column(spec, caps)
+             else _PY_TYPES.get(spec["data_type"], _NOT_TAKEN))
+            for column, spec in columns.items()
+            if spec.get("data_type")
+        )
+        self.not_null[resource].update(
+            column for column, spec in columns.items() if spec.get("nullable") is False
+        )
         # the root table's columns built from epoch seconds (learn() adds plain types only)
         self.epoch = frozenset(column for column, kind in self.tables[resource].items() if kind is _EPOCH)
 
@@ -205,24 +202,12 @@ class _RecordCheck:
                 if kind is not int or not _EPOCH_RANGE[0] <= value <= _EPOCH_RANGE[1]:
                     raise _Rejected
                 continue
-            if kind is dict or kind is list:
+            if kind is list:  # a child table for dlt's normalizer (lists_as_json.py encodes them)
+                raise _Rejected
+            if kind is dict:
                 if name in known:  # dlt would store it in that column (as JSON), not flatten it
                     raise _Rejected
-                if kind is dict:
-                    self._record(table, value, name + "__", new, added)
-                    continue
-                child = f"{table}__{name}"
-                known_value = self.types.tables.get(child, {}).get("value")
-                for element in value:
-                    element_kind = type(element)
-                    if element is None or (element_kind is known_value and element_kind is not int):
-                        continue
-                    if element_kind is dict:
-                        self._record(child, element, "", new, added)
-                    elif element_kind is list:
-                        raise _Rejected
-                    else:
-                        self._value(child, "value", element, element_kind, new, added)
+                self._record(table, value, name + "__", new, added)
                 continue
             self._value(table, name, value, kind, new, added)
 
@@ -238,14 +223,7 @@ class _RecordCheck:
             kind = type(value)
             if kind is dict:
                 self._first_seen(table, value, name + "__", new)
-            elif kind is list:
-                child = f"{table}__{name}"
-                for element in value:
-                    if type(element) is dict:
-                        self._first_seen(child, element, "", new)
-                    elif element is not None and type(element) is not list:
-                        self._register(child, "value", element, plain, new)
-            else:
+            elif kind is not list:  # a list is a child table's
                 self._register(table, name, value, plain, new)
 
     def _register(self, table: str, name: str, value: Any, plain: bool, new: dict[str, dict[str, type]]) -> None:
@@ -285,19 +263,8 @@ class _PageTypes:
                 return False
             if pa.types.is_null(arrow_type):
                 continue
-            if pa.types.is_struct(arrow_type) or pa.types.is_list(arrow_type):
-                if name in known:
-                    return False
-                if pa.types.is_struct(arrow_type):
-                    if not self.match(table, arrow_type, name + "__"):
-                        return False
-                    continue
-                child = f"{table}__{name}"
-                element = arrow_type.value_type
-                if pa.types.is_struct(element):
-                    if not self.match(child, element):
-                        return False
-                elif not pa.types.is_null(element) and not self._leaf(child, "value", element):
+            if pa.types.is_struct(arrow_type):
+                if name in known or not self.match(table, arrow_type, name + "__"):
                     return False
                 continue
             if not self._leaf(table, name, arrow_type):
@@ -320,15 +287,13 @@ class _PageTypes:
             return True
         return expected is py_type
 
-    def new_columns_plain(self, tables: Tables) -> bool:
+    def new_columns_plain(self, table: pa.Table) -> bool:
         """dlt would infer nothing but the Python type from each new column's first value."""
-        built = dict(tables)
-        for table, columns in self.new.items():
-            data = built.get(table)
+        for columns in self.new.values():
             for name in columns:
-                if data is None or name not in data.column_names:
+                if name not in table.column_names:
                     continue
-                values = data.column(name).drop_null()
+                values = table.column(name).drop_null()
                 if len(values) and not self.types.plain_new_column(name, values[0].as_py()):
                     return False
         return True
@@ -343,36 +308,39 @@ def _flatten(array: pa.StructArray, prefix: str, out: list[tuple[str, pa.Array]]
             out.append((prefix + field.name, child))
 
 
-def build_tables(resource: str, array: pa.StructArray, load_id: str,
-                 not_null: Optional[dict[str, set[str]]] = None,
-                 parents: Optional[dict[str, str]] = None,
-                 epoch: frozenset[str] = frozenset()) -> Optional[Tables]:
-    """The resource's table (first) and its child tables, from a page's struct array; None if a
-    column the schema declares not null holds a null (dlt's normalizer then raises its error) or
-    an `epoch` column (root table, int64 seconds, built as timestamps) holds seconds dlt makes no
-    timestamp of. `parents` receives each child table's parent (a list inside an object is a child
-    of the object's table: `jobs__location__tags`'s parent is `jobs`)."""
-    ids = random_row_keys(len(array))
-    tables: Tables = []
+def build_table(resource: str, array: pa.StructArray, load_id: str,
+                not_null: frozenset[str] = frozenset(), epoch: frozenset[str] = frozenset()) -> Optional[pa.Table]:
+    """The resource's table from a page's struct array, nested objects flattened; None if a column
+    declared not null holds a null (dlt's normalizer then raises its error), if an `epoch` column
+    (int64 seconds, built as timestamps) holds seconds dlt makes no timestamp of, or if a list is
+    left (a child table, dlt's normalizer's to build)."""
+    leaves: list[tuple[str, pa.Array]] = []
+    _flatten(array, "", leaves)
+    names: list[str] = []
+    columns: list[pa.Array] = []
     try:
-        _build(resource, array, ids, ids, tables, {} if parents is None else parents, epoch)
+        for name, leaf in leaves:
+            if pa.types.is_null(leaf.type):
+                continue
+            if pa.types.is_list(leaf.type):
+                raise _Rejected
+            names.append(name)
+            columns.append(_epoch_timestamps(leaf) if name in epoch else leaf)
     except _Rejected:
         return None
-    root = tables[0][1].append_column("_dlt_id", ids)
-    root = root.append_column("_dlt_load_id", pa.array([load_id] * len(array), pa.string()))
-    tables[0] = (resource, root)
+    table = pa.Table.from_arrays(columns, names=names)
+    table = table.append_column("_dlt_id", random_row_keys(len(array)))
+    table = table.append_column("_dlt_load_id", pa.array([load_id] * len(array), pa.string()))
     # columns declared not null are typed so (dlt otherwise warns of the mismatch on every page)
-    for position, (name, table) in enumerate(tables):
-        required = (not_null or {}).get(name, set()) | (ROOT_COLUMNS.keys() if position == 0 else CHILD_COLUMNS.keys())
-        fields = []
-        for field, column in zip(table.schema, table.columns):
-            if field.name in required:
-                if column.null_count:
-                    return None
-                field = field.with_nullable(False)
-            fields.append(field)
-        tables[position] = (name, table.cast(pa.schema(fields)))
-    return tables
+    required = not_null | ROOT_COLUMNS.keys()
+    fields = []
+    for field, column in zip(table.schema, table.columns):
+        if field.name in required:
+            if column.null_count:
+                return None
+            field = field.with_nullable(False)
+        fields.append(field)
+    return table.cast(pa.schema(fields))
 
 
 def _epoch_timestamps(seconds: pa.Array) -> pa.Array:
@@ -384,54 +352,16 @@ def _epoch_timestamps(seconds: pa.Array) -> pa.Array:
     return seconds.cast(pa.timestamp("s", tz="UTC")).cast(_EPOCH_TYPE)
 
 
-def _build(name: str, array: pa.StructArray, ids: pa.Array, root_ids: pa.Array, tables: Tables,
-           parent_of: dict[str, str], epoch: frozenset[str] = frozenset()) -> None:
-    leaves: list[tuple[str, pa.Array]] = []
-    _flatten(array, "", leaves)
-    position = len(tables)
-    tables.append((name, None))  # type: ignore[arg-type]  # this table first, then its children
-    names: list[str] = []
-    columns: list[pa.Array] = []
-    for leaf_name, leaf in leaves:
-        if pa.types.is_null(leaf.type):
-            continue
-        if not pa.types.is_list(leaf.type):
-            names.append(leaf_name)
-            columns.append(_epoch_timestamps(leaf) if leaf_name in epoch else leaf)
-            continue
-        values = pc.list_flatten(leaf)
-        if pa.types.is_null(values.type) or len(values) == 0:
-            continue
-        parents = pc.list_parent_indices(leaf)
-        offsets = leaf.offsets.cast(pa.int64())
-        list_idx = pc.subtract(
-            pc.add(pa.array(range(len(values)), pa.int64()), offsets[0]), pc.take(offsets, parents)
-        )
-        if not pa.types.is_struct(values.type):
-            values = pa.StructArray.from_arrays([values], names=["value"])
-        child_ids = random_row_keys(len(values))
-        child_root_ids = pc.take(root_ids, parents)
-        child = f"{name}__{leaf_name}"
-        parent_of[child] = name
-        child_position = len(tables)
-        _build(child, values, child_ids, child_root_ids, tables, parent_of)
-        table = tables[child_position][1]
-        table = table.append_column("_dlt_parent_id", pc.take(ids, parents))
-        table = table.append_column("_dlt_list_idx", list_idx)
-        table = table.append_column("_dlt_id", child_ids)
-        table = table.append_column("_dlt_root_id", child_root_ids)
-        tables[child_position] = (child, table)
-    tables[position] = (name, pa.Table.from_arrays(columns, names=names))
-
-
-def page_tables(
-    name: str, records: list[dict], types: ColumnTypes, load_id: str, parents: dict[str, str], whole_page: bool
-) -> tuple[Tables, list[dict], bool]:
-    """(tables, records left to dlt, whether the page was mixed) for one page of resource `name`.
+def page_table(
+    name: str, records: list[dict], types: ColumnTypes, load_id: str, whole_page: bool
+) -> tuple[Optional[pa.Table], list[dict], bool]:
+    """(table or None, records left to dlt, whether the page was mixed) for one page of resource
+    `name`.
 
     The whole page is typed by pyarrow in one go unless `whole_page` is False (after a mixed page:
     a resource whose field types vary is likely to have more), then record by record.
     """
+    not_null = frozenset(types.not_null.get(name, ()))
     array = None
     if whole_page:
         try:
@@ -441,21 +371,21 @@ def page_tables(
     if array is not None and pa.types.is_struct(array.type):
         page = _PageTypes(types)
         if page.match(name, array.type):
-            tables = build_tables(name, array, load_id, types.not_null, parents, types.epoch)
-            if tables is not None and page.new_columns_plain(tables):
+            table = build_table(name, array, load_id, not_null, types.epoch)
+            if table is not None and page.new_columns_plain(table):
                 types.learn(page.new)
-                return tables, [], False
+                return table, [], False
     # a mixed page: record by record
     taken, left = _RecordCheck(name, types).split(records)
     mixed = bool(left)
     if not taken:
-        return [], records, mixed
+        return None, records, mixed
     try:
         array = pa.array(taken)
     except _ARROW_ERRORS:
-        return [], records, mixed
+        return None, records, mixed
     page = _PageTypes(types)
     if not pa.types.is_struct(array.type) or not page.match(name, array.type):
-        return [], records, mixed
-    tables = build_tables(name, array, load_id, types.not_null, parents, types.epoch)
-    return (tables, left, mixed) if tables is not None else ([], records, mixed)
+        return None, records, mixed
+    table = build_table(name, array, load_id, not_null, types.epoch)
+    return (table, left, mixed) if table is not None else (None, records, mixed)

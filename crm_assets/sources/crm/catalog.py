@@ -65,7 +65,7 @@ _SETTINGS = {"resources": RESOURCES_SETTING, "primary_key": PRIMARY_KEY_SETTING}
 RESOURCE_FIELDS = ("path", "data_selector", "primary_key", "page_size", "epoch_fields", "description")
 
 # Table names as dlt keeps them unchanged (snake_case), short enough for PostgreSQL's 63-character
-# identifiers with a child table's suffix; `__` is dlt's separator for child tables.
+# identifiers with what dlt appends to them.
 _TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 # Field names that are their own column names under dlt's snake_case naming, so a key or an epoch
 # field names the same thing in a record, a column hint and the checks' SQL.
