@@ -39,8 +39,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import dlt
-
-from dlt.common.storages.load_package import load_package_state
 from dlt.extract.items_transform import ItemTransform
 
 
@@ -77,7 +75,7 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
         if types is None:
             return None, records
         try:
-            load_id = load_package_state()["load_id"]
+            load_id = dlt.current.load_package_state()["load_id"]
         except Exception:  # no load package (not extracting in a pipeline)
             return None, records
         from .arrow_tables import page_table
