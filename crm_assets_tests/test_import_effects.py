@@ -99,7 +99,7 @@ def test_a_sync_puts_back_everything_it_tunes(start_simulator, crm_env, warehous
     )
     assert _differences(result["before"], result["after"]) == {}
     tuned = _differences(result["before"], result["during"])
-    assert {"gc_frozen", "gc_threshold", "environ", "arrow_pool"} <= set(tuned), tuned
+    assert {"gc_threshold", "environ", "dlt_secrets", "arrow_pool"} <= set(tuned), tuned
     assert "dlt_functions" not in tuned  # a sync replaces none of dlt's functions either
 
     # and a real sync in this process: the tuning is undone whether or not it was applied

@@ -16,21 +16,11 @@ from dlt.common.runtime.collector import LogCollector
 from dlt.pipeline.pipeline import Pipeline
 
 from .destination import CrmDestinationError, destination_for, duckdb_path, selected_destination
-from .tuning import release_freed_memory_during_a_sync
 
 PIPELINE_NAME = "crm_warehouse"
 DATASET_NAME = "crm"
 
 logger = logging.getLogger(__name__)
-
-
-class _StepCollector(LogCollector):
-    """dlt's progress log (to the `crm_assets.sources.progress` logger, which Dagster runs show)
-    that, as each step starts during a sync, hands the heap memory freed by the previous one back
-    to the OS: the extract's parsed pages would otherwise still count while DuckDB loads."""
-
-    def on_start_trace_step(self, trace: Any, step: Any, pipeline: Any) -> None:
-        release_freed_memory_during_a_sync()
 
 
 def _pipelines_dir_for(path: str) -> str:
@@ -66,7 +56,8 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
                 destination=destination,
                 dataset_name=DATASET_NAME,
                 pipelines_dir=pipelines_dir,
-                progress=_StepCollector(
+                # dlt's progress log, to a logger Dagster runs show
+                progress=LogCollector(
                     log_period=15.0, logger=logging.getLogger("crm_assets.sources.progress"),
                     dump_system_stats=False,
                 ),

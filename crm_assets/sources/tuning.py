@@ -2,22 +2,16 @@
 
 Importing the project changes nothing in the process: other code locations, tests and dlt
 pipelines may share it. A sync (`with sync_tuning(): pipeline.run(...)`) applies what measurably
-pays (figures in benchmarks/README.md), each only where the
-user has not configured it, and puts everything back when the block ends, also on failure:
+pays (figures in benchmarks/README.md), each only where the user has not configured it, and puts
+everything back when the block ends, also on failure:
 
-- the garbage collector: what is alive when the sync starts (Dagster, dlt, the definitions) is
-  frozen out of its sight, so its collections during the sync walk only the sync's own objects;
-- dlt settings: no gzip of dlt's intermediate files, the merge's staging tables emptied after
-  each load (no second copy of every table in `crm_staging`), and DuckDB capped at 128 MB and one
-  thread per query (a sync of 1,000,000 records stays under 500 MB), through dlt's own
-  environment variables, set only while unset and removed afterwards;
-- pyarrow allocates through the C library's malloc, whose freed page memory goes back to the
-  system before the load step (mimalloc, its default, keeps it); Arrow's C++ side picks its pool
-  once, at its first allocation, so in a process whose first sync comes first it stays malloc;
 - the garbage collector runs less often (STEP_GC_THRESHOLDS): a sync allocates millions of
   short-lived dicts that reference counting frees anyway;
-- glibc keeps at most two malloc arenas (as MALLOC_ARENA_MAX=2 would), and each dlt step hands
-  the heap memory freed by the previous one back to the system (`crm_pipeline`'s collector).
+- DuckDB is capped at 128 MB and one thread per query (a sync of 1,000,000 records stays under
+  500 MB), through dlt's own environment variable, set only while unset and removed afterwards;
+- pyarrow allocates through the C library's malloc, whose freed page memory goes back to the
+  system before the load step (mimalloc, its default, keeps it); Arrow's C++ side picks its pool
+  once, at its first allocation, so in a process whose first sync comes first it stays malloc.
 
 Syncs overlapping in one process share one application: the first to start applies, the last to
 end restores.
@@ -27,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -37,9 +30,6 @@ import dlt
 
 # dlt setting -> the environment variable dlt reads it from, and its value during a sync
 DLT_SETTINGS: dict[str, tuple[str, str]] = {
-    "data_writer.disable_compression": ("DATA_WRITER__DISABLE_COMPRESSION", "true"),
-    # the merge's staging copy of each loaded table is emptied after the load, not kept
-    "load.truncate_staging_dataset": ("LOAD__TRUNCATE_STAGING_DATASET", "true"),
     "destination.duckdb.credentials.global_config": (
         "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG",
         '{"memory_limit": "128MB", "threads": 1}',
@@ -48,8 +38,6 @@ DLT_SETTINGS: dict[str, tuple[str, str]] = {
 # Python's default (700, 10, 10) starts a full collection, walking every object of the process,
 # every ~70,000 allocations while the heap grows.
 STEP_GC_THRESHOLDS = (50_000, 20, 100)
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # glibc's mallopt() parameter number; 0 restores glibc's own default
 
 _lock = threading.Lock()
 _active = 0
@@ -80,9 +68,6 @@ def sync_tuning() -> Iterator[None]:
 
 
 def _apply(undo: ExitStack) -> None:
-    if gc.get_freeze_count() == 0:  # someone else's freeze is theirs to manage
-        gc.freeze()
-        undo.callback(gc.unfreeze)
     undo.callback(gc.set_threshold, *gc.get_threshold())
     gc.set_threshold(*STEP_GC_THRESHOLDS)
     for key, (variable, value) in DLT_SETTINGS.items():
@@ -90,10 +75,6 @@ def _apply(undo: ExitStack) -> None:
             os.environ[variable] = value
             undo.callback(os.environ.pop, variable, None)
     _use_system_allocator_for_arrow(undo)
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt") and "MALLOC_ARENA_MAX" not in os.environ:
-        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
-        undo.callback(libc.mallopt, _M_ARENA_MAX, 0)
 
 
 def _configured(key: str) -> Any:
@@ -118,24 +99,3 @@ def _use_system_allocator_for_arrow(undo: ExitStack) -> None:
     previous = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     undo.callback(pa.set_memory_pool, previous)
-
-
-def _libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def release_freed_memory_during_a_sync() -> None:
-    """Inside `sync_tuning()`, hand the C heap's freed memory back to the OS (glibc's malloc_trim);
-    a no-op elsewhere."""
-    if _active == 0:
-        return
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
