@@ -20,6 +20,7 @@ Freshness is not a check here but Dagster's own `FreshnessPolicy` on the assets
 # No `from __future__ import annotations`: Dagster checks the context annotation at runtime.
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 from datetime import timedelta
 
@@ -203,13 +204,11 @@ def _table_missing(key: AssetCheckKey, table: str) -> AssetCheckResult:
 )
 def crm_table_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheckResult]:
     keys = sorted(context.selected_asset_check_keys, key=lambda k: k.to_user_string())
-    # The API's counts first: its retries can take seconds, and the warehouse (locked against
-    # loads while the checks read it) need not wait for them.
-    api_counts = {
-        key.asset_key.path[-1]: _api_count(_ENDPOINTS_BY_NAME[key.asset_key.path[-1]])
-        for key in keys
-        if key.name == ROW_COUNT_MATCHES_API
-    }
+    # The API's counts first, all at once: its retries can take seconds, and the warehouse
+    # (locked against loads while the checks read it) need not wait for them.
+    counted = [key.asset_key.path[-1] for key in keys if key.name == ROW_COUNT_MATCHES_API]
+    with ThreadPoolExecutor(max_workers=max(1, len(counted))) as pool:
+        api_counts = dict(zip(counted, pool.map(_api_count, (_ENDPOINTS_BY_NAME[name] for name in counted))))
     with reader() as query:  # one connection for all of them
         for key in keys:
             table = key.asset_key.path[-1]
