@@ -7,8 +7,10 @@ nothing about an import.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 from .conftest import assert_exact, run_sync
@@ -55,7 +57,10 @@ SNAPSHOT = textwrap.dedent(
 
 def _run(body: str) -> dict:
     code = SNAPSHOT + textwrap.dedent(body)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # a temporary folder of its own: other processes' crm_* folders are not this import's doing
+    with tempfile.TemporaryDirectory() as own_tmp:
+        env = {**os.environ, "TMPDIR": own_tmp}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
