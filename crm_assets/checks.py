@@ -208,7 +208,8 @@ def crm_table_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheck
     # (locked against loads while the checks read it) need not wait for them.
     counted = [key.asset_key.path[-1] for key in keys if key.name == ROW_COUNT_MATCHES_API]
     with ThreadPoolExecutor(max_workers=max(1, len(counted))) as pool:
-        api_counts = dict(zip(counted, pool.map(_api_count, (_ENDPOINTS_BY_NAME[name] for name in counted))))
+        counts = pool.map(_api_count, [_ENDPOINTS_BY_NAME[name] for name in counted])
+        api_counts = dict(zip(counted, counts))
     with reader() as query:  # one connection for all of them
         for key in keys:
             table = key.asset_key.path[-1]

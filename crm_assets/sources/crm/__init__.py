@@ -80,8 +80,8 @@ def _mark_deleted(record: dict[str, Any]) -> dict[str, Any]:
 
 
 # `schema_contract="freeze"`: a new column on an existing table fails the run (a new list field
-# too: it is a column). New tables (the first load) are still created, and a field whose type varies still gets a
-# variant column: the API contract says types vary between records, so that is no surprise.
+# too: it is a column). New tables (the first load) are still created, and a field whose type
+# varies still gets a variant column: the API contract says types vary between records.
 FROZEN_SCHEMA_CONTRACT = {"tables": "evolve", "columns": "freeze", "data_type": "evolve"}
 
 
