@@ -31,17 +31,20 @@ def sim():
         yield s
 
 
+def _getter(simulator: CrmSimulator, session: requests.Session):
+    def get(resource: str, **params):
+        return session.get(simulator.url + simulator.resources[resource][0], params=params, timeout=10)
+
+    return get
+
+
 @pytest.fixture()
 def api(sim):
     """A fresh simulator state per test, and a keep-alive session with the right key."""
     sim.reset()
     with requests.Session() as session:
         session.headers.update(AUTH)
-
-        def get(resource: str, **params):
-            return session.get(sim.url + RESOURCES[resource][0], params=params, timeout=10)
-
-        yield get
+        yield _getter(sim, session)
 
 
 def rng(field: str, **ops) -> str:
@@ -427,13 +430,6 @@ def test_cli_starts_writes_ready_file_and_stops_on_sigterm(tmp_path: Path):
 # All opt-in (SimulatorConfig.key_field, counts["invoices"], default_sort_*); the tests above run on
 # the defaults and must not see any of it.
 SMALL = {"jobs": 60, "contacts": 40, "tasks": 90, "activities": 30, "files": 25}
-
-
-def _getter(simulator: CrmSimulator, session: requests.Session):
-    def get(resource: str, **params):
-        return session.get(simulator.url + simulator.resources[resource][0], params=params, timeout=10)
-
-    return get
 
 
 @pytest.fixture(scope="module")
