@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dagster import (
     AssetKey,
     Backoff,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     DefaultScheduleStatus,
     DefaultSensorStatus,
@@ -26,7 +28,6 @@ from dagster import (
     build_sensor_context,
     instance_for_test,
 )
-from dagster._core.test_utils import create_run_for_test
 
 from crm_assets import sensors
 from crm_assets.assets import WAREHOUSE_POOL
@@ -40,6 +41,11 @@ from .conftest import API_KEY, RESOURCES, failure_message
 
 REPO = Path(__file__).resolve().parent.parent
 CONTACTS = AssetKey(["crm", "contacts"])
+
+
+def _run_of(instance: DagsterInstance, job_name: str, status: DagsterRunStatus) -> DagsterRun:
+    """A run record in the instance, as if a run of `job_name` were under way."""
+    return instance.add_run(DagsterRun(job_name=job_name, run_id=str(uuid.uuid4()), status=status))
 
 
 # --- definitions ---------------------------------------------------------------------------
@@ -167,7 +173,7 @@ def test_the_change_sensor_waits_while_a_sync_is_queued_or_running(
     crm_env(simulator)
     _, cursor = evaluate(instance, None)
     simulator.mutate("contacts", edit=2)
-    run = create_run_for_test(instance, job_name="crm_sync", status=DagsterRunStatus.STARTED)
+    run = _run_of(instance, "crm_sync", DagsterRunStatus.STARTED)
 
     waiting, kept = evaluate(instance, cursor)
 
@@ -221,7 +227,7 @@ def test_a_sensor_requested_subset_runs_only_that_assets_load_and_checks(start_s
 def test_the_schedule_requests_a_sync_unless_one_is_still_under_way(instance):
     assert isinstance(crm_sync_schedule(build_schedule_context(instance=instance)), RunRequest)
 
-    run = create_run_for_test(instance, job_name="crm_sync", status=DagsterRunStatus.STARTING)
+    run = _run_of(instance, "crm_sync", DagsterRunStatus.STARTING)
     skipped = crm_sync_schedule(build_schedule_context(instance=instance))
 
     assert isinstance(skipped, SkipReason) and run.run_id in skipped.skip_message
