@@ -38,13 +38,17 @@ def _getter(simulator: CrmSimulator, session: requests.Session):
     return get
 
 
-@pytest.fixture()
-def api(sim):
-    """A fresh simulator state per test, and a keep-alive session with the right key."""
-    sim.reset()
+def _fresh_api(simulator: CrmSimulator):
+    """The simulator reset to its seed, and a GET helper on a keep-alive session with the key."""
+    simulator.reset()
     with requests.Session() as session:
         session.headers.update(AUTH)
-        yield _getter(sim, session)
+        yield _getter(simulator, session)
+
+
+@pytest.fixture()
+def api(sim):
+    yield from _fresh_api(sim)
 
 
 def rng(field: str, **ops) -> str:
@@ -441,10 +445,7 @@ def invoicing():
 
 @pytest.fixture()
 def inv_api(invoicing):
-    invoicing.reset()
-    with requests.Session() as session:
-        session.headers.update(AUTH)
-        yield _getter(invoicing, session)
+    yield from _fresh_api(invoicing)
 
 
 def test_records_can_be_keyed_by_jnid_with_references_unchanged(sim):
