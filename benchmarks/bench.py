@@ -442,49 +442,32 @@ class Runner:
     @staticmethod
     def _kill_group(proc: subprocess.Popen) -> None:
         """Stop a child we started in its own session, with everything it started."""
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                return
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                try:
-                    if os.waitpid(proc.pid, os.WNOHANG)[0]:
-                        return
-                except ChildProcessError:
-                    return
-                time.sleep(0.05)
+        from crm_assets.simulator.process import stop_group
+
+        stop_group(proc, ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)))
 
     def start_simulator(self, counts: dict[str, int], latency_ms: float, page_cap: Optional[int]) -> str:
-        ready = self.tmp / "simulator.url"
-        cmd = [sys.executable, "-m", "crm_assets.simulator", "--port", "0", "--api-key", API_KEY,
-               "--ready-file", str(ready), "--latency-ms", str(latency_ms),
-               "--records", ",".join(f"{name}={counts[name]}" for name in RESOURCE_NAMES)]
+        from crm_assets.simulator.process import start_simulator  # here: the workers import this file
+
+        args = ["--latency-ms", str(latency_ms),
+                "--records", ",".join(f"{name}={counts[name]}" for name in RESOURCE_NAMES)]
         if page_cap:
-            cmd += ["--page-cap", str(page_cap)]
-        with open(self.tmp / "simulator.log", "wb") as log:  # the child keeps its own copy of the fd
-            self.simulator = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not ready.exists() or not ready.read_text().strip():
-            if self.simulator.poll() is not None or time.monotonic() > deadline:
-                tail = (self.tmp / "simulator.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the CRM simulator did not start:\n{tail}")
-            time.sleep(0.05)
-        return ready.read_text().strip()
+            args += ["--page-cap", str(page_cap)]
+        log = self.tmp / "simulator.log"
+        with open(log, "wb") as output:  # the child keeps its own copy of the fd
+            try:
+                self.simulator, url = start_simulator(self.tmp / "simulator.url", *args, api_key=API_KEY,
+                                                      cwd=ROOT, output=output)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n{log.read_text(errors='replace')[-2000:]}") from None
+        return url
 
     def stop_all(self) -> None:
         if self.current is not None and self.current.returncode is None:
             self._kill_group(self.current)
             self.current = None
-        if self.simulator is not None and self.simulator.poll() is None:
-            self.simulator.terminate()
-            try:
-                self.simulator.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.simulator.kill()
-                self.simulator.wait(timeout=10)
+        if self.simulator is not None:
+            self._kill_group(self.simulator)
         self.simulator = None
 
 

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from crm_assets.simulator import DEFAULT_COUNTS, KNOWN_RESOURCES, RESOURCES, CrmSimulator, SimulatorConfig
+from crm_assets.simulator.process import start_simulator, stop_group
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -428,6 +429,55 @@ def test_cli_starts_writes_ready_file_and_stops_on_sigterm(tmp_path: Path):
         assert proc.returncode == 0, err
         assert out.strip() == f"CRM simulator listening on {url} (api key: {KEY})"
         assert KEY not in err  # quiet by default, and never logs the token
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting for its parent is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until_stopped(pid: int, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _running(pid)
+
+
+def test_start_simulator_returns_once_it_serves_and_stop_group_ends_it(tmp_path: Path):
+    proc, url = start_simulator(tmp_path / "url", "--records", "jobs=5", api_key=KEY)
+    try:
+        assert requests.get(url + "/v1/jobs", headers=AUTH, timeout=10).json()["count"] == 5
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 0  # SIGTERM: the simulator shuts down cleanly
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/v1/jobs", headers=AUTH, timeout=5)
+
+
+def test_start_simulator_fails_fast_when_the_simulator_exits(tmp_path: Path):
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not start .*exit code 2"):
+        start_simulator(tmp_path / "url", "--no-such-option", api_key=KEY, output=subprocess.DEVNULL)
+    assert time.monotonic() - started < 30
+
+
+def test_stop_group_stops_what_the_leader_started_and_escalates(tmp_path: Path):
+    child = tmp_path / "child.pid"
+    # a leader that ignores SIGTERM, like its child (ignored signals survive exec)
+    leader = subprocess.Popen(["sh", "-c", f"trap '' TERM; sleep 60 & echo $! > {child}; wait"],
+                              start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not (child.exists() and child.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(child.read_text())
+
+    stop_group(leader, ((signal.SIGTERM, 0.5), (signal.SIGKILL, 5.0)))
+
+    assert leader.returncode == -signal.SIGKILL
+    assert _wait_until_stopped(pid)
 
 
 # --------------------------------------------------------------------------- the real API family's shape

@@ -32,6 +32,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from crm_assets.checks import ID_IS_NOT_NULL, ID_IS_UNIQUE, ROW_COUNT_MATCHES_API
 from crm_assets.simulator import CrmSimulator, SimulatorConfig
+from crm_assets.simulator.process import stop_group
 
 from .conftest import API_KEY, RESOURCES, SMALL_COUNTS
 
@@ -53,21 +54,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a process we started and everything it started (its own process group)."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 class DagsterUi:
@@ -152,7 +138,7 @@ def dagster_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUi]:
         yield ui
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_group(process, ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)))
         simulator.stop()
 
 

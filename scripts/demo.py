@@ -17,27 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from crm_assets.simulator.process import start_simulator, stop_group
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "demo-key"
-
-
-def start_simulator(workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    ready = workdir / "simulator.url"
-    ready.unlink(missing_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "crm_assets.simulator", "--port", "0", "--api-key", API_KEY,
-         "--ready-file", str(ready), *extra],
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 30
-    while not ready.exists() or not ready.read_text().strip():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit("the CRM simulator did not start")
-        time.sleep(0.1)
-    return process, ready.read_text().strip()
-
-
 DATABASE = ROOT / "crm_warehouse.duckdb"
 FULL_REFRESH = '{"ops": {"crm_sync_assets": {"config": {"full_refresh": true}}}}'
 
@@ -60,7 +43,7 @@ def main() -> int:
     database = DATABASE
     home = prepare_instance()
     # the simulator caps pages at 250 records, below the 1000 we ask for: the sync must not care
-    simulator, url = start_simulator(workdir, "--page-cap", "250")
+    simulator, url = start_simulator(workdir / "simulator.url", "--page-cap", "250", api_key=API_KEY, cwd=ROOT)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the simulator
     print(f"CRM simulator at {url}", flush=True)
     env = {
@@ -81,8 +64,7 @@ def main() -> int:
         print(f"demo failed: dg launch exited with {exc.returncode}", file=sys.stderr)
         return 1
     finally:
-        simulator.terminate()
-        simulator.wait(timeout=10)
+        stop_group(simulator)
 
     import duckdb
 

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import (  # noqa: E402
-    API_KEY,
-    DATABASE,
-    ROOT,
-    prepare_instance,
-    start_simulator,
-)
+from demo import API_KEY, DATABASE, ROOT, prepare_instance  # noqa: E402
+
+from crm_assets.simulator.process import start_simulator, stop_group  # noqa: E402
+
+# `dagster dev` and its webserver, daemon and code servers: gently, then firmly
+STOP_DAGSTER = ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 
 
 def say_what_the_warehouse_holds(database: Path) -> None:
@@ -31,27 +30,10 @@ def say_what_the_warehouse_holds(database: Path) -> None:
               flush=True)
 
 
-def _stop_group(process: subprocess.Popen) -> None:
-    """Stop `dagster dev` and its webserver, daemon and code servers: gently, then firmly."""
-    for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            os.killpg(process.pid, signal.SIGTERM)  # children left behind by the leader
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        return
-
-
 def main() -> int:
     home = prepare_instance()
     say_what_the_warehouse_holds(DATABASE)
-    simulator, url = start_simulator(home, "--page-cap", "250")
+    simulator, url = start_simulator(home / "simulator.url", "--page-cap", "250", api_key=API_KEY, cwd=ROOT)
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -77,9 +59,8 @@ def main() -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        _stop_group(dagster)
-        simulator.terminate()
-        simulator.wait(timeout=10)
+        stop_group(dagster, STOP_DAGSTER)
+        stop_group(simulator)
 
 
 if __name__ == "__main__":
