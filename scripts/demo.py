@@ -43,7 +43,12 @@ def main() -> int:
     database = DATABASE
     home = prepare_instance()
     # the simulator caps pages at 250 records, below the 1000 we ask for: the sync must not care
-    simulator, url = start_simulator(workdir / "simulator.url", "--page-cap", "250", api_key=API_KEY, cwd=ROOT)
+    try:
+        simulator, url = start_simulator(workdir / "simulator.url", "--page-cap", "250",
+                                         api_key=API_KEY, cwd=ROOT)
+    except RuntimeError as exc:  # the simulator's own error is on the terminal above
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the simulator
     print(f"CRM simulator at {url}", flush=True)
     env = {

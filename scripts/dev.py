@@ -33,7 +33,12 @@ def say_what_the_warehouse_holds(database: Path) -> None:
 def main() -> int:
     home = prepare_instance()
     say_what_the_warehouse_holds(DATABASE)
-    simulator, url = start_simulator(home / "simulator.url", "--page-cap", "250", api_key=API_KEY, cwd=ROOT)
+    try:
+        simulator, url = start_simulator(home / "simulator.url", "--page-cap", "250",
+                                         api_key=API_KEY, cwd=ROOT)
+    except RuntimeError as exc:  # the simulator's own error is on the terminal above
+        print(f"make dev failed: {exc}", file=sys.stderr)
+        return 1
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),

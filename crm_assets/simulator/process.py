@@ -34,14 +34,17 @@ def start_simulator(
     ready_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "crm_assets.simulator", "--port", "0", "--api-key", api_key,
                "--ready-file", str(ready_file), *args]
-    process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT if output else None,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output,
+                               stderr=None if output is None else subprocess.STDOUT,
+                               start_new_session=True)
     deadline = time.monotonic() + timeout
     while not ready_file.exists() or not ready_file.read_text().strip():
         if process.poll() is not None or time.monotonic() > deadline:
+            exited = process.returncode is not None
             stop_group(process)
-            raise RuntimeError(f"the CRM simulator did not start within {timeout:.0f}s "
-                               f"(exit code {process.returncode}): {' '.join(command)}")
+            what = (f"exited with code {process.returncode}" if exited
+                    else f"did not serve within {timeout:.0f}s")
+            raise RuntimeError(f"the CRM simulator (python -m crm_assets.simulator {' '.join(args)}) {what}")
         time.sleep(0.05)
     return process, ready_file.read_text().strip()
 
