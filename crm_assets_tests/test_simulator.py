@@ -692,3 +692,107 @@ def test_cli_flags_for_the_real_api_family(tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
+
+
+# --------------------------------------------------------------------------- an API that does not do what it is asked
+# All opt-in (mutate's null_cursor, missing_cursor, silent_edit, delete); nothing above sees any of it.
+def _by_updated(records: list[dict]) -> list[str]:
+    """Ids in (date_updated, id) order, records without a date_updated left out."""
+    valued = [r for r in records if r.get("date_updated") is not None]
+    return [r["id"] for r in sorted(valued, key=lambda r: (r["date_updated"], r["id"]))]
+
+
+def test_records_without_a_cursor_are_ranged_out_and_sorted_last(sim, api):
+    reply = requests.post(sim.url + "/_admin/mutate", timeout=10,
+                          json={"resource": "jobs", "null_cursor": 3, "missing_cursor": 3}).json()
+    assert set(reply) == {"edited", "inserted", "deactivated", "null_cursor", "missing_cursor"}
+    null, missing = reply["null_cursor"], reply["missing_cursor"]
+    assert len(null) == len(missing) == 3 and not set(null) & set(missing)
+    cursorless = sorted(null + missing)
+    recs = sim.records("jobs")
+    assert [r["id"] for r in recs] == sim.ids("jobs") and len(recs) == 60  # still listed by the admin side
+    by_id = {r["id"]: r for r in recs}
+    assert all(by_id[i]["date_updated"] is None for i in null)
+    assert all("date_updated" not in by_id[i] for i in missing)
+
+    # Unfiltered: every record, as the API serves them (null, or no key at all).
+    got, _ = read_all(api, "jobs", size=7)
+    assert [r["id"] for r in got] == sim.ids("jobs") and got == recs
+    # No range on date_updated matches them, and count agrees.
+    valued = [r["id"] for r in recs if r["id"] not in cursorless]
+    since = rng("date_updated", gte=0)
+    assert api("jobs", size=0, filter=since).json()["count"] == 54
+    assert [r["id"] for r in read_all(api, "jobs", size=7, filter=since)[0]] == valued
+    got, _ = read_all(api, "jobs", size=7, filter=since, sort_field="date_updated", sort_direction="desc")
+    assert [r["id"] for r in got] == _by_updated(recs)[::-1]
+
+    # Sorted on date_updated they come after every record with a value, in both directions.
+    got, _ = read_all(api, "jobs", size=7, sort_field="date_updated")
+    assert [r["id"] for r in got] == _by_updated(recs) + cursorless
+    got, _ = read_all(api, "jobs", size=7, sort_field="date_updated", sort_direction="desc")
+    assert [r["id"] for r in got] == _by_updated(recs)[::-1] + cursorless[::-1]
+
+    # date_created treats them as any other record, filtered and sorted.
+    lo, hi = by_id[cursorless[0]]["date_created"], by_id[cursorless[-1]]["date_created"]
+    between = rng("date_created", gte=lo, lte=hi)
+    inside = [r for r in recs if lo <= r["date_created"] <= hi]
+    assert api("jobs", size=0, filter=between).json()["count"] == len(inside)
+    assert [r["id"] for r in read_all(api, "jobs", size=7, filter=between)[0]] == [r["id"] for r in inside]
+    got, _ = read_all(api, "jobs", size=7, filter=between, sort_field="date_updated", sort_direction="desc")
+    assert [r["id"] for r in got] == _by_updated(inside)[::-1] + cursorless[::-1]
+
+    # An ordinary edit gives them a value again (edit=60: every job).
+    edited = sim.mutate("jobs", edit=60)["edited"]
+    assert set(cursorless) <= set(edited)
+    assert api("jobs", size=0, filter=since).json()["count"] == 60
+    assert all(isinstance(r["date_updated"], int) for r in api("jobs", size=60).json()["results"])
+
+
+def test_the_adversary_copes_with_records_without_a_cursor(sim, api):
+    assert len(sim.mutate("files", null_cursor=25)["null_cursor"]) == 25  # not one file has a cursor
+    before = set(sim.ids("files"))
+    sim.configure(insert_every=1, delete_every=2)
+    page = api("files", size=30, sort_field="date_updated").json()["files"]
+    (new,) = set(sim.ids("files")) - before
+    # It copies another record's date_updated; that one has none, so it takes its own date_created.
+    assert page[0]["id"] == new and page[0]["date_updated"] == page[0]["date_created"]
+    assert [r["id"] for r in page[1:]] == sorted(before)  # the rest: no cursor, in id order
+    body = api("files", **{"from": 10, "size": 5}, sort_field="date_updated", sort_direction="desc").json()
+    assert body["count"] == 26 and len(sim.ids_ever("files")) - len(sim.ids("files")) == 1
+
+
+def test_silent_edit_changes_a_record_but_not_its_date_updated(sim, api):
+    before = {r["id"]: r for r in sim.records("jobs")}
+    cursor = max(r["date_updated"] for r in before.values())
+    out = sim.mutate("jobs", silent_edit=4)
+    assert set(out) == {"edited", "inserted", "deactivated", "silently_edited"} and len(out["silently_edited"]) == 4
+    now = {r["id"]: r for r in api("jobs", size=60).json()["results"]}
+    for i in out["silently_edited"]:
+        assert now[i]["name"] != before[i]["name"] and "(silent edit" in now[i]["name"]
+        assert {**now[i], "name": before[i]["name"]} == before[i]  # date_updated included: unchanged
+    assert api("jobs", size=0, filter=rng("date_updated", gt=cursor)).json()["count"] == 0  # invisible to a cursor
+
+
+def test_delete_removes_records_from_every_listing(sim, api):
+    out = requests.post(sim.url + "/_admin/mutate", json={"resource": "jobs", "delete": 5, "edit": 2},
+                        timeout=10).json()
+    deleted = out["deleted"]
+    assert len(deleted) == 5 and not set(deleted) & set(out["edited"])
+    assert int(max(deleted)[4:]) - int(min(deleted)[4:]) > 30  # spread over the dataset
+    live = sim.ids("jobs")
+    assert len(live) == 55 and not set(deleted) & set(live) and len(sim.ids_ever("jobs")) == 60
+    assert api("jobs", size=0).json()["count"] == 55
+    for sort in ("date_created", "date_updated"):
+        got, _ = read_all(api, "jobs", size=7, sort_field=sort)
+        assert sorted(r["id"] for r in got) == live
+    assert requests.get(sim.url + "/_admin/ids", params={"resource": "jobs"}, timeout=10).json()["ids"] == live
+
+    # Never an already-deleted record.
+    again = sim.mutate("jobs", delete=40)["deleted"]
+    assert again and set(again) <= set(live) and len(set(again)) == len(again)
+    assert api("jobs", size=0).json()["count"] == 55 - len(again) == len(sim.ids("jobs"))
+    for bad in ({"delete": -1}, {"null_cursor": "3"}, {"silent_edit": True}):
+        reply = requests.post(sim.url + "/_admin/mutate", json={"resource": "jobs", **bad}, timeout=10)
+        assert reply.status_code == 400 and "error" in reply.json()
+    with pytest.raises(ValueError):
+        sim.mutate("jobs", missing_cursor=-2)

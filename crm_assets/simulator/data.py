@@ -11,6 +11,9 @@ key field is named ``jnid``, since only its name changes); inserted records get
 indices after all generated ones and a ``date_created`` from a strictly increasing "now" clock that
 lies above every generated date; edits never change ``date_created``.  The adversary's changes
 (``insert_anywhere``, ``delete``) end that invariant for the dataset, and queries then sort.
+
+``date_updated`` may be null or absent on a mutated record (``Store.mutate``'s ``null_cursor`` and
+``missing_cursor``); ``date_created`` never is.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ class Dataset:
         self.query_cache: dict[Any, list[int]] = {}
         self.deleted: set[int] = set()  # hard-deleted indices: gone from every listing
         self.ordered = True  # index order == (date_created, id) order, deleted records aside
+        self.cursorless = False  # some record has had its date_updated nulled or removed
         self._orders: dict[str, tuple[int, list[int], list[int]]] = {}  # field -> (version, keys, indices)
         self._extra = getattr(self, "_fields_" + resource)
 
@@ -154,10 +158,11 @@ class Dataset:
             return generated_date_created(i)
         return self.overlay[i]["date_created"]
 
-    def date_updated(self, i: int) -> int:
+    def date_updated(self, i: int) -> int | None:
+        """None for a record whose date_updated is null or absent."""
         rec = self.overlay.get(i)
         if rec is not None:
-            return rec["date_updated"]
+            return rec.get("date_updated")
         # Same formula as generate(), without building the record (used by full scans).
         return generated_date_created(i) + (_mix(self.salt + i) >> 24) % MAX_UPDATE_OFFSET
 
@@ -166,12 +171,20 @@ class Dataset:
         return [i for i in range(self.total) if i not in self.deleted]
 
     def order_by(self, field: str) -> tuple[list[int], list[int]]:
-        """(values, indices) of the live records sorted on (field, id), built once per version."""
+        """(values, indices) of the live records sorted on (field, id), built once per version.
+
+        Records without a value (date_updated null or absent) have none in ``values``: they are
+        ``indices[len(values):]``, in id order, after every record with one."""
         cached = self._orders.get(field)
         if cached is None or cached[0] != self.version:
             if field == "date_created" and self.ordered:  # index order already
                 indices = self.live()
                 cached = (self.version, [self.date_created(i) for i in indices], indices)
+            elif field == "date_updated" and self.cursorless:
+                pairs = [(self.date_updated(i), i) for i in self.live()]
+                missing = [i for v, i in pairs if v is None]  # index order == id order
+                pairs = sorted(p for p in pairs if p[0] is not None)
+                cached = (self.version, [v for v, _ in pairs], [i for _, i in pairs] + missing)
             else:
                 value = self.date_updated if field == "date_updated" else self.date_created
                 pairs = sorted((value(i), i) for i in self.live())
@@ -301,8 +314,10 @@ class Store:
         self._last_now = max(int(time.time()), self._last_now + 1, floor)
         return self._last_now
 
-    def _pick(self, ds: Dataset, n: int, salt: int, want_active: bool = False) -> list[int]:
-        """n distinct indices spread over the dataset: one per equal-width bucket."""
+    def _pick(self, ds: Dataset, n: int, salt: int, want_active: bool = False,
+              exclude: frozenset[int] | set[int] = frozenset()) -> list[int]:
+        """n distinct indices spread over the dataset: one per equal-width bucket (fewer when a
+        bucket holds nothing to pick). Never a deleted index nor one in ``exclude``."""
         total, n = ds.total, min(n, ds.total)
         picked = []
         for k in range(max(n, 0)):
@@ -311,7 +326,7 @@ class Store:
             off = _mix(salt + k) % width
             for j in range(width):  # walk the bucket (wrapping) for an active record if asked
                 idx = start + (off + j) % width
-                if idx in ds.deleted:
+                if idx in ds.deleted or idx in exclude:
                     continue
                 if not want_active or ds.get(idx)["is_active"]:
                     picked.append(idx)
@@ -319,11 +334,27 @@ class Store:
         return picked
 
     def mutate(self, resource: str, edit: int = 0, insert: int = 0, deactivate: int = 0,
-               add_field: dict | None = None) -> dict[str, list[str]]:
+               add_field: dict | None = None, null_cursor: int | None = None,
+               missing_cursor: int | None = None, silent_edit: int | None = None,
+               delete: int | None = None) -> dict[str, list[str]]:
+        """Change n records of each kind; the reply lists their ids under "edited", "inserted", ...
+
+        edit, insert and deactivate move date_updated to "now" (one tick per call). The other kinds
+        play an API that breaks its own promises; each one's reply key appears only when it is given
+        (so the replies existing callers read stay as they were): null_cursor ("null_cursor":
+        date_updated becomes null), missing_cursor ("missing_cursor": the key goes), silent_edit
+        ("silently_edited": the name changes, date_updated does not) and delete ("deleted": hard
+        deletes). A later edit gives a record without a cursor a value again.
+        """
         if resource not in self.datasets:
             raise ValueError(f"unknown resource {resource!r}")
         if min(edit, insert, deactivate) < 0:
             raise ValueError("edit, insert and deactivate must be >= 0")
+        dishonest = {k: v for k, v in (("null_cursor", null_cursor), ("missing_cursor", missing_cursor),
+                                       ("silent_edit", silent_edit), ("delete", delete)) if v is not None}
+        for k, v in dishonest.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{k} must be an integer >= 0, got {v!r}")
         if add_field is not None and (not isinstance(add_field, dict) or not isinstance(add_field.get("name"), str)):
             raise ValueError('add_field must be {"name": <str>, "value": <any>}')
         ds = self.datasets[resource]
@@ -337,6 +368,7 @@ class Store:
             if add_field is not None:
                 rec[add_field["name"]] = copy.deepcopy(add_field.get("value"))
 
+        touched: set[int] = set()  # indices this call changed
         edited = []
         for idx in self._pick(ds, edit, salt):
             rec = copy.deepcopy(ds.get(idx))  # copy: a served overlay dict is never changed in place
@@ -344,6 +376,7 @@ class Store:
             rec["date_updated"] = now
             extra(rec)
             ds.overlay[idx] = rec
+            touched.add(idx)
             edited.append(rec[key])
 
         inserted = []
@@ -355,6 +388,7 @@ class Store:
             extra(rec)
             ds.overlay[idx] = rec
             ds.total += 1
+            touched.add(idx)
             inserted.append(rec[key])
 
         deactivated = []
@@ -363,7 +397,44 @@ class Store:
             rec["is_active"] = False
             rec["date_updated"] = now
             ds.overlay[idx] = rec
+            touched.add(idx)
             deactivated.append(rec[key])
 
+        reply = {"edited": edited, "inserted": inserted, "deactivated": deactivated}
+
+        # Each kind below picks records no earlier kind of this call touched, so every id is in one
+        # list only and a test can tell what happened to it.
+        def change(n: int, bit: int, how) -> list[str]:
+            ids = []
+            for idx in self._pick(ds, n, salt ^ bit, exclude=touched):
+                rec = copy.deepcopy(ds.get(idx))
+                how(rec, idx)
+                ds.overlay[idx] = rec
+                touched.add(idx)
+                ids.append(rec[key])
+            return ids
+
+        def null(rec: dict, idx: int) -> None:
+            rec["date_updated"] = None
+            ds.cursorless = True  # order_by now looks for records without a value
+
+        def missing(rec: dict, idx: int) -> None:
+            rec.pop("date_updated", None)
+            ds.cursorless = True
+
+        def silent(rec: dict, idx: int) -> None:
+            # Some CRMs change a record (or what hangs off it) without moving date_updated.
+            rec["name"] = f"{NAMES[(salt + idx) % len(NAMES)]} (silent edit {seq})"
+
+        for name, reply_key, bit, how in (("null_cursor", "null_cursor", 0x0001, null),
+                                          ("missing_cursor", "missing_cursor", 0x0002, missing),
+                                          ("silent_edit", "silently_edited", 0x0003, silent)):
+            if name in dishonest:
+                reply[reply_key] = change(dishonest[name], bit, how)
+        if "delete" in dishonest:
+            victims = self._pick(ds, dishonest["delete"], salt ^ 0x0004, exclude=touched)
+            for idx in victims:
+                ds.delete(idx)
+            reply["deleted"] = [ds.record_id(i) for i in victims]
         ds.changed()
-        return {"edited": edited, "inserted": inserted, "deactivated": deactivated}
+        return reply

@@ -5,6 +5,11 @@ case (date_created bounds only, sorted on date_created, in an ``ordered`` datase
 range found by binary search, because index order == (date_created, id) order (see data.py).
 Otherwise the dataset's order on the sort field (built once per dataset version) is cut by binary
 search on that field's bounds and filtered on the other's; the result is cached per query.
+
+A record without a date_updated (null or absent) is treated as Elasticsearch treats a missing
+value: no range on date_updated matches it, and a listing sorted on date_updated serves it after
+every record with a value, in both directions (``missing: _last``), ties broken on id in the
+listing's direction like any other tie.
 """
 
 from __future__ import annotations
@@ -123,6 +128,19 @@ class OrderSlice:
         return self.indices[self.hi - 1 - pos if self.desc else self.lo + pos]
 
 
+class Chain:
+    """One listing, then another: the records with a value of the sort field, then those without."""
+
+    def __init__(self, head, tail):
+        self.head, self.tail, self.split = head, tail, len(head)
+
+    def __len__(self) -> int:
+        return self.split + len(self.tail)
+
+    def at(self, pos: int) -> int:
+        return self.head.at(pos) if pos < self.split else self.tail.at(pos - self.split)
+
+
 def plan(ds: Dataset, bounds: Bounds, sort_field: str, desc: bool):
     """The ordered listing of record indices matching a query."""
     (dc_lo, dc_hi), (du_lo, du_hi) = bounds
@@ -137,8 +155,12 @@ def plan(ds: Dataset, bounds: Bounds, sort_field: str, desc: bool):
     own, other = ((dc_lo, dc_hi), (du_lo, du_hi)) if sort_field == "date_created" else ((du_lo, du_hi), (dc_lo, dc_hi))
     lo = 0 if own[0] is None else bisect_left(values, own[0])
     hi = len(values) if own[1] is None else bisect_left(values, own[1])
+    # Records without a value of the sort field (indices[len(values):]) are listed only when no
+    # range is on that field, and after all the others.
+    valueless = own == (None, None) and len(indices) > len(values)
     if other == (None, None):
-        return OrderSlice(indices, lo, hi, desc)
+        listing = OrderSlice(indices, lo, hi, desc)
+        return Chain(listing, OrderSlice(indices, len(values), len(indices), desc)) if valueless else listing
 
     key = (ds.version, bounds, sort_field, desc)
     cached = ds.query_cache.get(key)
@@ -146,9 +168,13 @@ def plan(ds: Dataset, bounds: Bounds, sort_field: str, desc: bool):
         value = ds.date_created if sort_field == "date_updated" else ds.date_updated
         olo = -math.inf if other[0] is None else other[0]
         ohi = math.inf if other[1] is None else other[1]
-        cached = [i for i in indices[lo:hi] if olo <= value(i) < ohi]
+        # `v is not None`: a range on date_updated never matches a record without one.
+        cached = [i for i in indices[lo:hi] if (v := value(i)) is not None and olo <= v < ohi]
         if desc:
             cached.reverse()  # reversing an ascending (key, id) order gives descending on both
+        if valueless:
+            rest = [i for i in indices[len(values):] if olo <= value(i) < ohi]
+            cached += rest[::-1] if desc else rest
         if len(ds.query_cache) >= _CACHE_SIZE:
             ds.query_cache.pop(next(iter(ds.query_cache)))
         ds.query_cache[key] = cached

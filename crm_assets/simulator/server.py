@@ -271,10 +271,15 @@ class CrmSimulator:
             return self._live_config()
 
     def mutate(self, resource: str, edit: int = 0, insert: int = 0, deactivate: int = 0,
-               add_field: Optional[dict] = None) -> dict[str, list[str]]:
+               add_field: Optional[dict] = None, null_cursor: Optional[int] = None,
+               missing_cursor: Optional[int] = None, silent_edit: Optional[int] = None,
+               delete: Optional[int] = None) -> dict[str, list[str]]:
+        """See Store.mutate: the kinds, and the reply's keys (the last four only when given)."""
         with self._lock:
             return self._store.mutate(resource, edit=edit, insert=insert, deactivate=deactivate,
-                                      add_field=add_field)
+                                      add_field=add_field, null_cursor=null_cursor,
+                                      missing_cursor=missing_cursor, silent_edit=silent_edit,
+                                      delete=delete)
 
     def reset(self) -> None:
         """Back to the seeded data and the config given at construction; clears stats."""
@@ -451,7 +456,10 @@ class CrmSimulator:
         live = ds.total - len(ds.deleted)
         if cfg.insert_every and n % cfg.insert_every == 0 and live:
             a, b = self._random_live(ds), self._random_live(ds)
-            ds.insert_anywhere(ds.date_created(a), ds.date_updated(b))
+            updated = ds.date_updated(b)
+            # b without a date_updated (mutate's null_cursor, missing_cursor): then the new record
+            # is an import never edited since, updated when it was created.
+            ds.insert_anywhere(ds.date_created(a), ds.date_created(a) if updated is None else updated)
         if cfg.delete_every and n % cfg.delete_every == 0 and live > 1:
             self._deletes[resource] += 1
             listing = plan(ds, bounds, sort_field, desc)
@@ -498,7 +506,8 @@ class CrmSimulator:
         if route == ("POST", "/_admin/mutate"):
             if not isinstance(body, dict) or "resource" not in body:
                 return _error(400, 'expected {"resource": ..., "edit": n, "insert": n, "deactivate": n}')
-            args = {k: body[k] for k in ("edit", "insert", "deactivate") if k in body}
+            args = {k: body[k] for k in ("edit", "insert", "deactivate", "null_cursor", "missing_cursor",
+                                         "silent_edit", "delete") if k in body}
             for k, v in args.items():
                 if not isinstance(v, int) or isinstance(v, bool):
                     return _error(400, f"{k} must be an integer")
