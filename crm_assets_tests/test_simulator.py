@@ -695,11 +695,50 @@ def test_cli_flags_for_the_real_api_family(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- an API that does not do what it is asked
-# All opt-in (mutate's null_cursor, missing_cursor, silent_edit, delete); nothing above sees any of it.
+# All opt-in (SimulatorConfig.ignore_sort, ignore_filter, fields_param; mutate's null_cursor,
+# missing_cursor, silent_edit, delete); nothing above sees any of it.
 def _by_updated(records: list[dict]) -> list[str]:
     """Ids in (date_updated, id) order, records without a date_updated left out."""
     valued = [r for r in records if r.get("date_updated") is not None]
     return [r["id"] for r in sorted(valued, key=lambda r: (r["date_updated"], r["id"]))]
+
+
+def test_ignore_sort_serves_the_default_order_for_the_named_resources_only(sim, api):
+    asc = sim.ids("jobs")
+    by_updated = _by_updated(sim.records("contacts"))
+    sim.configure(ignore_sort=["jobs"])
+    got = api("jobs", size=60, sort_field="date_updated", sort_direction="desc").json()["results"]
+    assert [r["id"] for r in got] == asc  # asked date_updated desc, served date_created asc
+    got = api("contacts", size=60, sort_field="date_updated", sort_direction="desc").json()["results"]
+    assert [r["id"] for r in got] == by_updated[::-1]  # the others still sort as asked
+
+    # Filters, from/size and count still apply; the sort parameters are not even read.
+    cut = sim.records("jobs")[30]["date_created"]
+    body = api("jobs", **{"from": 2, "size": 5}, filter=rng("date_created", gte=cut), sort_direction="desc").json()
+    assert body["count"] == 30 and [r["id"] for r in body["results"]] == asc[32:37]
+    assert api("jobs", sort_direction="up").status_code == 200
+    assert api("contacts", sort_direction="up").status_code == 400
+
+    # The default order is the simulator's, whatever it is set to; "*" is every resource.
+    sim.configure(ignore_sort=["*"], default_sort_field="date_updated", default_sort_direction="desc")
+    got = api("contacts", size=60, sort_field="date_created", sort_direction="asc").json()["results"]
+    assert [r["id"] for r in got] == by_updated[::-1]
+
+
+def test_ignore_filter_serves_and_counts_the_whole_resource(sim, api):
+    first_second = rng("date_created", lt=1_600_000_007)
+    sim.configure(ignore_filter=["tasks"])
+    assert api("tasks", size=0, filter=first_second).json() == {"count": 12_000, "results": []}
+    body = api("tasks", **{"from": 100, "size": 5}, filter=first_second, sort_direction="desc").json()
+    assert body["count"] == 12_000
+    assert [r["id"] for r in body["results"]] == sim.ids("tasks")[::-1][100:105]  # sort and paging apply
+    assert api("jobs", size=0, filter=first_second).json()["count"] == 3  # the others filter
+    # The parameter is not read at all: a malformed filter is no 400 where it is ignored.
+    assert api("tasks", size=0, filter="{not json").json()["count"] == 12_000
+    assert api("jobs", filter="{not json").status_code == 400
+
+    sim.configure(ignore_filter=["*"])
+    assert api("jobs", size=0, filter=first_second).json()["count"] == 60
 
 
 def test_records_without_a_cursor_are_ranged_out_and_sorted_last(sim, api):
@@ -796,3 +835,35 @@ def test_delete_removes_records_from_every_listing(sim, api):
         assert reply.status_code == 400 and "error" in reply.json()
     with pytest.raises(ValueError):
         sim.mutate("jobs", missing_cursor=-2)
+
+
+def test_the_fields_parameter_projects_records_only_when_enabled(sim, api):
+    whole = api("jobs", **{"from": 50, "size": 10}).json()["results"]
+    assert api("jobs", **{"from": 50, "size": 10}, fields="id,name").json()["results"] == whole  # off: ignored
+
+    sim.configure(fields_param=True)
+    wanted = {"id", "name", "date_updated", "priority"}  # priority: only jobs 54.. carry it
+    body = api("jobs", **{"from": 50, "size": 10}, fields="id, name,priority,date_updated").json()
+    assert body["count"] == 60
+    assert body["results"] == [{k: v for k, v in r.items() if k in wanted} for r in whole]
+    assert [("priority" in r) for r in body["results"]] == [False] * 4 + [True] * 6
+    assert api("jobs", size=0, fields="id").json() == {"count": 60, "results": []}
+    assert api("jobs", **{"from": 50, "size": 10}, fields="").json()["results"] == whole  # names nothing
+
+    (gone,) = sim.mutate("jobs", missing_cursor=1)["missing_cursor"]
+    got = {r["id"]: r for r in api("jobs", size=60, fields="id,date_updated").json()["results"]}
+    assert got[gone] == {"id": gone} and all(set(r) == {"id", "date_updated"} for i, r in got.items() if i != gone)
+
+
+def test_dishonest_config_is_validated(sim):
+    sim.reset()  # the config given at construction: all of it off
+    config = sim.configure()
+    assert (config["ignore_sort"], config["ignore_filter"], config["fields_param"]) == ([], [], False)
+    for bad in ({"ignore_sort": ["nope"]}, {"ignore_filter": ["invoices"]},  # not served here
+                {"ignore_sort": "jobs"}, {"fields_param": "yes"}):
+        with pytest.raises(ValueError):
+            sim.configure(**bad)
+    assert requests.post(sim.url + "/_admin/config", json={"ignore_filter": ["nope"]}, timeout=10).status_code == 400
+    assert sim.configure(ignore_sort={"tasks", "jobs"}, ignore_filter=["*"])["ignore_sort"] == ["jobs", "tasks"]
+    sim.reset()
+    assert sim.configure()["ignore_filter"] == []

@@ -6,7 +6,8 @@
 Data is deterministic per seed and generated lazily, so counts up to millions are cheap.  Faults
 (rate limits, 5xx, dropped connections, page caps, offset drift, corrupt bodies) are opt-in, and so
 is the real API family's shape (records keyed by ``jnid``, an ``invoices`` resource, a descending
-default sort).
+default sort, a ``fields`` parameter) and an API that does not do what it is asked (a sort or filter
+ignored, records without a ``date_updated``, edits that do not move it, hard deletes).
 """
 
 from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, OPTIONAL_RESOURCES, RESOURCES

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, OPTIONAL_RESOURCES, RESOURCES, Store
-from .query import DIRECTIONS, SORT_FIELDS, Drift, QueryError, parse_filter, plan
+from .query import DIRECTIONS, NO_BOUNDS, SORT_FIELDS, Drift, QueryError, parse_filter, plan
 
 try:  # optional speed-up; the output is the same JSON
     import orjson
@@ -80,18 +80,30 @@ class SimulatorConfig:
     fail_resources: dict[str, int] = field(default_factory=dict)  # resource -> status, always
     corrupt: dict[str, str] = field(default_factory=dict)  # resource -> html | no_key | truncated
     forbidden: list[str] = field(default_factory=list)  # resources answering 403
+    # An API that does not do what it is asked: resource names, or ["*"] for every served resource.
+    # The parameter is not read at all for them, so a bad value is no 400 either.
+    ignore_sort: list[str] = field(default_factory=list)  # the default sort, whatever is asked
+    ignore_filter: list[str] = field(default_factory=list)  # the whole resource, count included
+    # `fields=a,b` keeps only those keys of each record, as the real API family documents; off, the
+    # parameter is unknown and ignored like any other.
+    fields_param: bool = False
     verbose: bool = False  # one stderr line per request
 
 
 LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "latency_ms",
                "drift_every", "repeat_every", "insert_every", "delete_every", "count_capped", "fail_resources", "corrupt", "forbidden", "verbose",
-               "result_window", "max_size", "default_size", "default_sort_field", "default_sort_direction")
+               "result_window", "max_size", "default_size", "default_sort_field", "default_sort_direction",
+               "ignore_sort", "ignore_filter", "fields_param")
 
 
 def _check_config(c: SimulatorConfig) -> None:
     """Raise ValueError on nonsense, so a typo in a test fails loudly instead of doing nothing."""
     # Accept any iterable for the list fields (e.g. a set), but store JSON-friendly lists.
     c.forbidden = sorted(set(c.forbidden))
+    for name in ("ignore_sort", "ignore_filter"):
+        if isinstance(getattr(c, name), str):  # "jobs" would otherwise read as j, o, b, s
+            raise ValueError(f'{name} must be a list of resources or ["*"], got {getattr(c, name)!r}')
+        setattr(c, name, sorted(set(getattr(c, name))))
     c.fault_kinds = [str(k) for k in c.fault_kinds]
     def pos_int(name: str, v: Any, minimum: int = 1, optional: bool = True) -> None:
         if v is None and optional:
@@ -131,6 +143,10 @@ def _check_config(c: SimulatorConfig) -> None:
     if any(v not in CORRUPT_KINDS for v in c.corrupt.values()):
         raise ValueError(f"corrupt values must be one of {list(CORRUPT_KINDS)}")
     resources("forbidden", c.forbidden)
+    resources("ignore_sort", [r for r in c.ignore_sort if r != "*"])
+    resources("ignore_filter", [r for r in c.ignore_filter if r != "*"])
+    if not isinstance(c.fields_param, bool):
+        raise ValueError(f"fields_param must be true or false, got {c.fields_param!r}")
     pos_int("result_window", c.result_window, optional=False)
     pos_int("max_size", c.max_size, optional=False)
     pos_int("default_size", c.default_size, minimum=0, optional=False)
@@ -150,6 +166,11 @@ def _check_config(c: SimulatorConfig) -> None:
 def _served(c: SimulatorConfig) -> list[str]:
     """The resources a config serves: the five, then any optional one its counts name."""
     return list(RESOURCES) + [r for r in OPTIONAL_RESOURCES if r in c.counts]
+
+
+def _names(resources: list[str], resource: str) -> bool:
+    """Whether a config's list of resources (["*"]: all of them) names this one."""
+    return resource in resources or "*" in resources
 
 
 def _empty_stats(resources: list[str]) -> dict[str, dict]:
@@ -381,16 +402,24 @@ class CrmSimulator:
             return _error(400, f"result window is too large, from + size must be less than or equal to: "
                                f"[{cfg.result_window}] but was [{start + size}]. See the scroll api for a "
                                f"more efficient way to request large data sets.")
-        try:
-            bounds = parse_filter(params.get("filter"))
-        except QueryError as exc:
-            return _error(400, str(exc))
-        sort_field = params.get("sort_field", cfg.default_sort_field)
-        direction = params.get("sort_direction", cfg.default_sort_direction)
-        if sort_field not in SORT_FIELDS:
-            return _error(400, f"sort_field must be one of {list(SORT_FIELDS)}")
-        if direction not in DIRECTIONS:
-            return _error(400, f"sort_direction must be one of {list(DIRECTIONS)}")
+        if _names(cfg.ignore_filter, resource):
+            bounds = NO_BOUNDS
+        else:
+            try:
+                bounds = parse_filter(params.get("filter"))
+            except QueryError as exc:
+                return _error(400, str(exc))
+        if _names(cfg.ignore_sort, resource):
+            sort_field, direction = cfg.default_sort_field, cfg.default_sort_direction
+        else:
+            sort_field = params.get("sort_field", cfg.default_sort_field)
+            direction = params.get("sort_direction", cfg.default_sort_direction)
+            if sort_field not in SORT_FIELDS:
+                return _error(400, f"sort_field must be one of {list(SORT_FIELDS)}")
+            if direction not in DIRECTIONS:
+                return _error(400, f"sort_direction must be one of {list(DIRECTIONS)}")
+        # Top-level keys only; `fields=` naming nothing is the whole record, as no parameter is.
+        fields = {f.strip() for f in params.get("fields", "").split(",")} - {""} if cfg.fields_param else None
 
         with self._lock:
             if size == 0:
@@ -438,6 +467,8 @@ class CrmSimulator:
             if cfg.count_capped:
                 count = min(count, cfg.result_window)
 
+        if fields:  # a key the record lacks stays absent
+            records = [{k: v for k, v in r.items() if k in fields} for r in records]
         corrupt = cfg.corrupt.get(resource) if size > 0 else None
         if corrupt == "html":
             return _Reply(200, b"<!DOCTYPE html><html><body><h1>Maintenance</h1></body></html>", "text/html")
