@@ -867,3 +867,29 @@ def test_dishonest_config_is_validated(sim):
     assert sim.configure(ignore_sort={"tasks", "jobs"}, ignore_filter=["*"])["ignore_sort"] == ["jobs", "tasks"]
     sim.reset()
     assert sim.configure()["ignore_filter"] == []
+
+
+def test_cli_flags_for_an_api_that_does_not_do_what_it_is_asked(tmp_path: Path):
+    from crm_assets.simulator.__main__ import build_parser
+
+    help_text = build_parser().format_help()
+    for flag in ("--ignore-sort RESOURCES", "--ignore-filter RESOURCES", "--fields-param"):
+        assert flag in help_text
+    assert build_parser().parse_args(["--ignore-sort", "all", "--ignore-filter", "jobs, tasks"]).ignore_filter == [
+        "jobs", "tasks"]
+    for bad in (["--ignore-sort", "nope"], ["--ignore-filter", ","]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+    with _cli_simulator(tmp_path, "--ignore-sort", "all", "--ignore-filter", "jobs", "--fields-param") as (proc, url):
+        def get(resource: str, **params) -> dict:
+            return requests.get(url + f"/v1/{resource}", headers=AUTH, params=params, timeout=10).json()
+
+        nothing = rng("date_created", lt=1_500_000_000)
+        assert get("jobs", size=0, filter=nothing)["count"] == 5  # filter ignored
+        assert get("tasks", size=0, filter=nothing)["count"] == 0
+        assert get("tasks", sort_direction="desc", fields="id")["results"] == [
+            {"id": f"tsk_{i:08d}"} for i in range(10)]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err

@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from .data import DEFAULT_COUNTS, KEY_FIELDS, RESOURCES
+from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, RESOURCES
 from .query import DIRECTIONS, SORT_FIELDS
 from .server import FAULT_KINDS, CrmSimulator, SimulatorConfig
 
@@ -35,6 +35,18 @@ def _parse_kinds(text: str) -> list[str]:
     if not kinds or bad:
         raise argparse.ArgumentTypeError(f"fault kinds must be from {list(FAULT_KINDS)}, got {text!r}")
     return kinds
+
+
+def _parse_resources(text: str) -> list[str]:
+    """``all`` (every served resource) or ``jobs,tasks``."""
+    if text.strip() == "all":
+        return ["*"]
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in names if r not in KNOWN_RESOURCES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or resource names from {list(KNOWN_RESOURCES)}, got {text!r}")
+    return names
 
 
 def _non_negative(text: str) -> int:
@@ -79,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete-every", type=int, default=None,
                    help="before every N-th page, a hard delete (alternately before and after 'from')")
     p.add_argument("--count-capped", action="store_true", help="'count' stops at the result window")
+    dishonest = p.add_argument_group(
+        "an API that does not do what it is asked",
+        "RESOURCES: comma-separated names (jobs,tasks), or 'all' for every resource served.")
+    dishonest.add_argument("--ignore-sort", type=_parse_resources, default=[], metavar="RESOURCES",
+                           help="for these resources, ignore sort_field and sort_direction and serve the "
+                                "default sort (--default-sort-field, --default-sort-direction) whatever is asked")
+    dishonest.add_argument("--ignore-filter", type=_parse_resources, default=[], metavar="RESOURCES",
+                           help="for these resources, ignore the filter: pages and count are of the whole resource")
+    dishonest.add_argument("--fields-param", action="store_true",
+                           help="honour fields=a,b,c: each record carries only those keys (the real API "
+                                "family documents it); without this flag the parameter is ignored")
     p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
     p.add_argument("--ready-file", default=None, help="write the URL here once listening")
     return p
@@ -94,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         page_cap=args.page_cap, latency_ms=args.latency_ms, fault_every=args.fault_every,
         fault_kinds=args.fault_kinds, retry_after=args.retry_after, drift_every=args.drift_every,
         repeat_every=args.repeat_every, insert_every=args.insert_every, delete_every=args.delete_every,
-        count_capped=args.count_capped,
+        count_capped=args.count_capped, ignore_sort=args.ignore_sort,
+        ignore_filter=args.ignore_filter, fields_param=args.fields_param,
         verbose=args.verbose,
     )
     try:
