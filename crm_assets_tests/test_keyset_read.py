@@ -1,9 +1,11 @@
-"""`KeysetRead` against an adversarial listing: every change the API contract allows, interleaved
-with page requests by Hypothesis, and the guarantee checked at the end of every read.
+"""`KeysetRead` and `ReadPlan` against an adversarial listing: every change the API contract
+allows, interleaved with page requests by Hypothesis, and the guarantee checked at the end of every
+read; and against a dishonest one, which ignores the requested order or filter.
 
 Guarantee (docs/api-contract.md): every record present in the listing for the whole read is read,
-and the read takes at most 3x the requests of an undisturbed read plus a constant; otherwise it
-fails naming the resource.
+records without a cursor value included, and the read takes at most 3x the requests of an
+undisturbed read plus a constant; otherwise it fails naming the resource. Against an API that does
+not do what it is asked, the verdict is the same: every record read, or a loud failure.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from crm_assets.sources.crm.errors import CrmApiBehaviourError, CrmError
 from crm_assets.sources.crm.keyset import SPARE_REQUESTS, CrmIncompleteReadError, KeysetRead, PageRequest
+from crm_assets.sources.crm.reach import ReadPlan
 
 WINDOW = 40
 
 
 class Listing:
-    """An in-memory API listing sorted on any date field then id, with the contract's traps."""
+    """An in-memory API listing sorted on any date field then id, with the contract's traps, and
+    optionally dishonest: `own_order` (a field it sorts on whatever is asked) or `ignore_filter`."""
 
-    def __init__(self, updated: list[int], window: int = WINDOW, created: Optional[list[int]] = None) -> None:
+    def __init__(self, updated: list[Optional[int]], window: int = WINDOW, created: Optional[list[int]] = None) -> None:
         created = created or [0] * len(updated)
         self.records: dict[str, dict] = {
             f"r{i:05d}": {"id": f"r{i:05d}", "date_updated": u, "date_created": c}
@@ -36,6 +41,8 @@ class Listing:
         self.repeat_next = False
         self.last_served: Optional[dict] = None
         self.requests = 0
+        self.own_order: Optional[str] = None
+        self.ignore_filter = False
 
     def add(self, updated: int, created: int) -> str:
         self.next_id += 1
@@ -44,12 +51,17 @@ class Listing:
         return rid
 
     def now(self) -> int:
-        return max((r["date_updated"] for r in self.records.values()), default=0) + 1
+        return max((r["date_updated"] or 0 for r in self.records.values()), default=0) + 1
 
     def serve(self, page: PageRequest) -> tuple[list[dict], int]:
         assert page.offset + page.size <= self.window, "the read asked past the result window"
         self.requests += 1
-        listing = sorted((r for r in self.records.values() if page.matches(r)), key=lambda r: (r[page.field], r["id"]))
+        field = self.own_order or page.field
+        listing = sorted(
+            (r for r in self.records.values() if self.ignore_filter or page.matches(r)),
+            # a record without a value comes last, as Elasticsearch sorts it
+            key=lambda r: (r.get(field) is None, r.get(field) or 0, r["id"]),
+        )
         take = min(page.size, self.cap or page.size)
         rows = [dict(r) for r in listing[page.offset : page.offset + take]]
         if self.repeat_next and self.last_served is not None and take >= 2:
@@ -88,10 +100,58 @@ def test_a_second_larger_than_the_window_in_both_dates_fails_naming_it():
         read_all(listing, page_size=10)
 
 
-def test_a_record_without_a_cursor_fails_naming_the_field():
-    read = KeysetRead("jobs", 10)
-    with pytest.raises(CrmIncompleteReadError, match="integer 'date_updated'"):
-        read.take([{"id": "a", "date_updated": None}], 1)
+@pytest.mark.parametrize(
+    "page, message",
+    [
+        ([{"id": "a", "date_updated": 9}, {"id": "b", "date_updated": 3}],
+         r"did not sort on date_updated as asked: the request for date_updated >= 2, sorted on "
+         r"date_updated ascending, from=0 returned id='b' \(date_updated=3\) after id='a' \(date_updated=9\)"),
+        ([{"id": "a", "date_updated": 1}], r"did not apply the requested filter: .* returned id='a' with date_updated=1"),
+        ([{"id": "a", "date_updated": None}], r"did not apply the requested filter: .* id='a' without a value for date_updated"),
+        ([{"id": "a"}], r"did not apply the requested filter: .* id='a' without a value for date_updated"),
+        ([{"id": "a", "date_updated": "5"}], r"whose 'date_updated' is not integer epoch seconds: .* date_updated='5'"),
+        ([{"id": 7, "date_updated": 5}], r"without a string 'id'"),
+    ],
+)
+def test_an_answer_that_is_not_what_was_asked_fails_saying_what_the_api_did(page, message):
+    read = KeysetRead("jobs", 10, since=2)
+    with pytest.raises(CrmApiBehaviourError, match=message):
+        read.take(page, 5)
+
+
+def test_a_page_that_looks_sorted_but_is_not_the_head_is_caught_by_the_counts():
+    """The API sorts on id, not date_updated, two records a page: its first page (r0, r1) is in
+    date_updated order, yet r2 lies between them. The next page's count is one fewer than the first
+    page implied, and the read reads the range before it again."""
+    listing = Listing([5, 9, 7])  # ids r00000, r00001, r00002
+    listing.own_order, listing.cap = "id", 2
+    seen = set()
+    read = KeysetRead("jobs", 3, result_window=listing.window)
+    while not read.done:
+        rows, count = listing.serve(read.request())
+        seen.update(r["id"] for r in rows)
+        read.take(rows, count)
+    assert seen == set(listing.records)
+    assert listing.requests == 3  # the first page, the one from date_updated 9, the range before it
+
+
+def test_records_without_a_cursor_are_read_by_date_created():
+    listing = Listing([3, None, 4, None, 8], created=[1, 2, 2, 5, 6], window=10_000)
+    plan = ReadPlan("jobs", 3, since=None, now=100, result_window=listing.window)
+    seen = set()
+    while not plan.done:
+        rows, count = listing.serve(plan.request())
+        seen.update(r["id"] for r in rows)
+        plan.take(rows, count)
+    assert seen == set(listing.records) and plan.without_cursor == 2
+
+
+def test_without_such_records_the_probe_is_two_counts():
+    listing = Listing(list(range(1, 11)), window=10_000)
+    plan = ReadPlan("jobs", 5, since=None, now=100, result_window=listing.window)
+    while not plan.done:
+        plan.take(*listing.serve(plan.request()))
+    assert plan.probe_requests == 2 and plan.records_read == 10
 
 
 def test_an_api_that_keeps_answering_empty_pages_fails_in_bounded_requests():
@@ -103,50 +163,70 @@ def test_an_api_that_keeps_answering_empty_pages_fails_in_bounded_requests():
 
 
 class AdversarialRead(RuleBasedStateMachine):
-    """One read of a listing that changes between any two of its requests (at most once each)."""
+    """One sync's read of a listing (`ReadPlan`: the probe for records without a cursor, their
+    ranges, then the keyset read) that changes between any two of its page requests (at most once
+    each); or, from an API that ignores the requested order or filter, a listing that holds still
+    with exact counts (what the read can check then: docs/api-contract.md)."""
 
     @initialize(
         cursors=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 3)), min_size=0, max_size=60),
+        without_cursor=st.lists(st.integers(0, 3), max_size=4),
         page_size=st.integers(3, 8),
         cap=st.one_of(st.none(), st.integers(3, 8)),
         count_capped=st.booleans(),
         since=st.one_of(st.none(), st.integers(0, 6)),
+        dishonest=st.sampled_from([None, None, "date_created", "id", "ignore_filter"]),
     )
-    def start(self, cursors, page_size, cap, count_capped, since):
-        self.listing = Listing([u for u, _ in cursors], created=[c for _, c in cursors])
+    def start(self, cursors, without_cursor, page_size, cap, count_capped, since, dishonest):
+        self.listing = Listing(
+            [u for u, _ in cursors] + [None] * len(without_cursor),
+            created=[c for _, c in cursors] + without_cursor,
+        )
         self.listing.cap = cap
-        self.listing.count_capped = count_capped
+        self.listing.count_capped = count_capped and dishonest is None
+        self.listing.ignore_filter = dishonest == "ignore_filter"
+        self.listing.own_order = dishonest if dishonest in ("date_created", "id") else None
+        self.honest = dishonest is None
         self.page_size = page_size
-        self.since = since
-        self.read = KeysetRead("jobs", page_size, since=since, result_window=WINDOW)
-        self.matching = lambda c: since is None or c >= since
+        self.plan = ReadPlan("jobs", page_size, since=since, now=20, result_window=WINDOW)
         # ids in the listing at the start and not removed since: what the read must return
-        self.stayed = {i for i, r in self.listing.records.items() if self.matching(r["date_updated"])}
+        self.stayed = {
+            i for i, r in self.listing.records.items()
+            if since is None or r["date_updated"] is None or r["date_updated"] >= since
+        }
         self.seen: set[str] = set()
+        self.failure: Optional[CrmError] = None
         self.changed = False
-        self.changes = 0
+        self.deletes = 0
         self.bursts = 0
+
+    def _reading(self) -> bool:
+        """Past the probe (its counts, taken one after the other, are not proof against changes
+        between them: reach.py says so) and not finished."""
+        return (
+            self.honest and bool(self.plan.reads) and not self.plan.done and self.failure is None
+            and not self.changed
+        )
 
     # -- the server's changes, at most one between two requests ----------------------------
 
     def _changed(self) -> None:
         self.changed = True
-        self.changes += 1
 
-    @precondition(lambda self: not self.changed and not self.read.done)
+    @precondition(lambda self: self._reading())
     @rule()
     def append(self):
         now = self.listing.now()
         self.listing.add(now, now)
         self._changed()
 
-    @precondition(lambda self: not self.changed and not self.read.done)
+    @precondition(lambda self: self._reading())
     @rule(updated=st.integers(0, 14), created=st.integers(0, 3))
     def insert_anywhere(self, updated, created):
         self.listing.add(updated, created)
         self._changed()
 
-    @precondition(lambda self: not self.changed and not self.read.done and self.listing.records)
+    @precondition(lambda self: self._reading() and self.listing.records)
     @rule(data=st.data(), behind=st.booleans())
     def hard_delete(self, data, behind):
         # behind the read (already read: the rest of the listing shifts back) or ahead of it
@@ -156,9 +236,10 @@ class AdversarialRead(RuleBasedStateMachine):
         victim = data.draw(st.sampled_from(pool))
         del self.listing.records[victim]
         self.stayed.discard(victim)
+        self.deletes += 1
         self._changed()
 
-    @precondition(lambda self: not self.changed and not self.read.done and self.listing.records)
+    @precondition(lambda self: self._reading() and self.listing.records)
     @rule(data=st.data())
     def edit(self, data):
         # an edit moves date_updated to now: the record stays in the listing, at its end
@@ -166,7 +247,7 @@ class AdversarialRead(RuleBasedStateMachine):
         self.listing.records[record]["date_updated"] = self.listing.now()
         self._changed()
 
-    @precondition(lambda self: not self.changed and not self.read.done)
+    @precondition(lambda self: self._reading())
     @rule(size=st.integers(2, 12), at=st.one_of(st.none(), st.integers(0, 14)), spread=st.booleans())
     def same_second_burst(self, size, at, spread):
         # records sharing one date_updated (a bulk edit: their date_created spread) or both dates
@@ -176,7 +257,7 @@ class AdversarialRead(RuleBasedStateMachine):
         self.bursts += 1
         self._changed()
 
-    @precondition(lambda self: not self.changed and not self.read.done)
+    @precondition(lambda self: self._reading())
     @rule()
     def repeat_at_next_head(self):
         self.listing.repeat_next = True
@@ -184,40 +265,53 @@ class AdversarialRead(RuleBasedStateMachine):
 
     # -- the client ---------------------------------------------------------------------------
 
-    @precondition(lambda self: not self.read.done)
+    def _next_page(self) -> None:
+        rows, count = self.listing.serve(self.plan.request())
+        self.seen.update(row["id"] for row in rows)
+        try:
+            self.plan.take(rows, count)
+        except CrmError as failure:
+            if self.honest:
+                raise
+            self.failure = failure  # a loud failure: the verdict an API that misbehaves may get
+
+    @precondition(lambda self: not self.plan.done and self.failure is None)
     @rule()
     def next_page(self):
-        rows, count = self.listing.serve(self.read.request())
-        self.seen.update(row["id"] for row in rows)
-        self.read.take(rows, count)
+        self._next_page()
         self.changed = False
 
-    @precondition(lambda self: self.read.done)
+    @precondition(lambda self: self.plan.done or self.failure is not None)
     @rule()
     def after_the_read(self):
         pass  # changes after the read ends are the next sync's business
 
     @invariant()
     def within_the_request_bound(self):
-        # the read's own budget raises before it passes this; an undisturbed read of the largest
-        # listing seen, three times over, plus the end checks of walked seconds and a constant
-        if hasattr(self, "listing"):
+        # each read's own budget raises before it passes this: an undisturbed read of the largest
+        # listing seen, three times over, plus the end checks of walked seconds and a constant, for
+        # each read of the plan; plus the probe and a range read again for each deletion
+        if hasattr(self, "listing") and self.honest:
             assert self.listing.requests <= self._bound()
 
     def _bound(self) -> int:
         records = len(self.listing.records) + self.bursts * 12
-        return 3 * (records // max(1, self.page_size - 1) + 1) + 2 * (self.bursts + 5) + SPARE_REQUESTS
+        per_read = 3 * (records // max(1, self.page_size - 1) + 1) + 2 * (self.bursts + 5) + SPARE_REQUESTS
+        return self.plan.probe_requests + max(1, len(self.plan.reads)) * per_read + self.deletes * per_read
 
     def teardown(self):
         if not hasattr(self, "listing"):
             return
-        while not self.read.done:  # the rest of the read, undisturbed
-            rows, count = self.listing.serve(self.read.request())
-            self.seen.update(row["id"] for row in rows)
-            self.read.take(rows, count)
-        missing = self.stayed - self.seen
-        assert not missing, f"records present throughout the read were not read: {sorted(missing)}"
-        assert self.listing.requests <= self._bound()
+        for _ in range(10_000):  # the rest of the read, undisturbed; it must end
+            if self.plan.done or self.failure is not None:
+                break
+            self._next_page()
+        assert self.plan.done or self.failure is not None, "the read did not end"
+        if self.failure is None:  # exact, or a loud failure: never a silent loss
+            missing = self.stayed - self.seen
+            assert not missing, f"records present throughout the read were not read: {sorted(missing)}"
+        if self.honest:
+            assert self.listing.requests <= self._bound()
 
 
 AdversarialRead.TestCase.settings = settings(

@@ -10,7 +10,7 @@ import json
 import pytest
 import requests
 
-from crm_assets.sources.crm import CrmConfigurationError, crm
+from crm_assets.sources.crm import CrmApiBehaviourError, CrmConfigurationError, crm
 from crm_assets.sources.crm.keyset import PageRequest
 from crm_assets.sources.crm.paginator import UPDATED_SINCE_PARAM, KeysetPaginator, page_params
 
@@ -18,6 +18,7 @@ from crm_assets.sources.crm.paginator import UPDATED_SINCE_PARAM, KeysetPaginato
 class _Answer:
     def __init__(self, count: int) -> None:
         self._payload = {"count": count}
+        self.url = "http://x/v1/jobs"
 
     def json(self):
         return self._payload
@@ -29,30 +30,64 @@ def _first_request(paginator: KeysetPaginator, params=None) -> requests.Request:
     return request
 
 
-def test_the_first_request_sorts_explicitly_and_filters_nothing():
-    request = _first_request(KeysetPaginator("jobs", page_size=1000))
+def _past_the_probe(paginator: KeysetPaginator, request: requests.Request, count: int) -> None:
+    """Answer the probe's two counts alike: every record has a cursor value."""
+    for _ in range(2):
+        paginator.update_state(_Answer(count), [])
+        paginator.update_request(request)
+
+
+def test_the_first_requests_count_every_record_and_those_with_a_cursor():
+    paginator = KeysetPaginator("jobs", page_size=1000)
+    request = _first_request(paginator)
     # the real API family sorts descending by default: the order is always sent
-    assert request.params == {"sort_field": "date_updated", "sort_direction": "asc", "from": 0, "size": 1000}
+    assert request.params == {"sort_field": "date_created", "sort_direction": "asc", "from": 0, "size": 0}
+    paginator.update_state(_Answer(7), [])
+    paginator.update_request(request)
+    assert request.params["size"] == 0
+    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 0}}}]}
+    paginator.update_state(_Answer(7), [])
+    paginator.update_request(request)
+    # the counts agree: the keyset read, over every record with a cursor value
+    assert request.params == {
+        "sort_field": "date_updated", "sort_direction": "asc", "from": 0, "size": 1000,
+        "filter": json.dumps({"must": [{"range": {"date_updated": {"gte": 0}}}]}, separators=(",", ":")),
+    }
 
 
 def test_the_incremental_cursor_becomes_an_inclusive_filter_and_never_reaches_the_api():
-    request = _first_request(KeysetPaginator("jobs", page_size=500), {UPDATED_SINCE_PARAM: 1_700_000_000})
+    paginator = KeysetPaginator("jobs", page_size=500)
+    request = _first_request(paginator, {UPDATED_SINCE_PARAM: 1_700_000_000})
     assert UPDATED_SINCE_PARAM not in request.params
+    _past_the_probe(paginator, request, 3)
     assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 1_700_000_000}}}]}
 
 
 def test_each_page_starts_at_the_head_of_what_is_left():
     paginator = KeysetPaginator("jobs", page_size=3)
     request = _first_request(paginator)
-    page = [{"id": f"j{i}", "date_updated": 100 + i} for i in range(3)]
-    paginator.update_state(_Answer(10), page)
+    _past_the_probe(paginator, request, 4)
+    page = [{"id": f"j{i}", "date_updated": 100 + i} for i in range(4)]
+    paginator.update_state(_Answer(4), page[:3])
     paginator.update_request(request)
     assert paginator.has_next_page
     assert request.params["from"] == 0
     assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 102}}}]}
 
-    paginator.update_state(_Answer(1), [page[-1]])  # all that is left: the read is complete
+    paginator.update_state(_Answer(2), page[2:])  # all that is left: the read is complete
     assert not paginator.has_next_page
+
+
+def test_an_answer_out_of_order_fails_naming_the_resource_the_behaviour_and_the_path():
+    paginator = KeysetPaginator("jobs", page_size=3)
+    request = _first_request(paginator)
+    _past_the_probe(paginator, request, 10)
+    page = [{"id": "j1", "date_updated": 105}, {"id": "j2", "date_updated": 101}]
+    with pytest.raises(CrmApiBehaviourError) as failure:
+        paginator.update_state(_Answer(10), page)
+    message = str(failure.value)
+    assert message.startswith("jobs: the API did not sort on date_updated as asked: GET /v1/jobs (")
+    assert "id='j2' (date_updated=101) after id='j1' (date_updated=105)" in message
 
 
 def test_a_second_read_on_its_own_holds_date_updated_and_sorts_on_date_created():

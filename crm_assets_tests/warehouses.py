@@ -53,7 +53,7 @@ def table_state(warehouse: Path, table: str, key: str = "id") -> dict[str, tuple
 
 def api_state(simulator: CrmSimulator, resource: str, key: str = "id") -> dict[str, tuple]:
     return {
-        record[key]: (record["name"], record["date_updated"], record["is_active"])
+        record[key]: (record["name"], record.get("date_updated"), record["is_active"])
         for record in simulator.records(resource)
     }
 

@@ -12,6 +12,7 @@ and which resources are read, with which key, from the settings in catalog.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import dlt
@@ -24,6 +25,7 @@ from .catalog import BUILT_IN, Endpoint, build_endpoints, configured_endpoints
 from .config import check_settings, connection_settings
 from .counts import count_records
 from .errors import (
+    CrmApiBehaviourError,
     CrmApiError,
     CrmConfigurationError,
     CrmError,
@@ -37,6 +39,8 @@ from .settings import BACKOFF_FACTOR, CURSOR_FIELD, MAX_RETRIES, REQUEST_TIMEOUT
 
 __all__ = [
     "crm",
+    "crm_resources",
+    "crm_session",
     "BUILT_IN",
     "build_endpoints",
     "check_settings",
@@ -44,18 +48,23 @@ __all__ = [
     "connection_settings",
     "core_columns",
     "count_records",
+    "CrmApiBehaviourError",
     "CrmApiError",
     "CrmConfigurationError",
     "CrmError",
     "CrmIncompleteReadError",
     "Endpoint",
     "find_crm_error",
+    "DELETED_AT_COLUMN",
     "HARD_DELETE_COLUMN",
 ]
 
 # With `hard_delete=True`, records the API lists as `is_active: false` are removed from the
 # tables through dlt's `hard_delete` column hint on this column.
 HARD_DELETE_COLUMN = "_crm_deleted"
+# Set by the audit (sources/audit.py) on a kept row whose record the API no longer lists at all (a
+# hard delete at the source). Declared on every table; a load of the record leaves it NULL again.
+DELETED_AT_COLUMN = "_crm_deleted_at"
 
 
 def core_columns(endpoint: Endpoint) -> dict[str, dict[str, Any]]:
@@ -85,8 +94,19 @@ def _mark_deleted(record: dict[str, Any]) -> dict[str, Any]:
 FROZEN_SCHEMA_CONTRACT = {"tables": "evolve", "columns": "freeze", "data_type": "evolve"}
 
 
-def _resource_config(endpoint: Endpoint, hard_delete: bool, schema_contract: Optional[str]) -> dict[str, Any]:
+def _resource_config(
+    endpoint: Endpoint,
+    hard_delete: bool,
+    schema_contract: Optional[str],
+    *,
+    incremental: bool = True,
+    paginator: Optional[KeysetPaginator] = None,
+    params: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """A resource of dlt's rest_api. The audit (audit.py) builds its own with the same hints and
+    processing steps, without the incremental cursor, with its own paginator and query parameters."""
     columns = core_columns(endpoint)
+    columns[DELETED_AT_COLUMN] = {"data_type": "timestamp", "nullable": True}
     resource: dict[str, Any] = {
         "name": endpoint.name,
         "primary_key": endpoint.primary_key,
@@ -96,20 +116,23 @@ def _resource_config(endpoint: Endpoint, hard_delete: bool, schema_contract: Opt
         "endpoint": {
             "path": endpoint.path,
             "data_selector": endpoint.data_selector,
-            "paginator": KeysetPaginator(endpoint.name, endpoint.page_size, key_field=endpoint.primary_key),
-            "params": {},
-            # The cursor is kept in dlt state, committed with the data. The paginator turns it into
-            # an inclusive `date_updated >= cursor` filter. `primary_key: []` switches off dlt's
-            # boundary de-duplication: a record edited again within the cursor's second must be
-            # reloaded, not dropped as already seen.
-            "incremental": {
-                "start_param": UPDATED_SINCE_PARAM,
-                "cursor_path": CURSOR_FIELD,
-                "initial_value": None,
-                "primary_key": [],
-            },
+            "paginator": paginator or KeysetPaginator(endpoint.name, endpoint.page_size, key_field=endpoint.primary_key),
+            "params": dict(params or {}),
         },
     }
+    if incremental:
+        # The cursor is kept in dlt state, committed with the data. The paginator turns it into
+        # an inclusive `date_updated >= cursor` filter. `primary_key: []` switches off dlt's
+        # boundary de-duplication: a record edited again within the cursor's second must be
+        # reloaded, not dropped as already seen.
+        resource["endpoint"]["incremental"] = {
+            "start_param": UPDATED_SINCE_PARAM,
+            "cursor_path": CURSOR_FIELD,
+            "initial_value": None,
+            "primary_key": [],
+            # records without a date_updated (reach.py reads them by date_created) land too
+            "on_cursor_value_missing": "include",
+        }
     if schema_contract == "freeze":
         resource["schema_contract"] = dict(FROZEN_SCHEMA_CONTRACT)
     if hard_delete:
@@ -117,6 +140,65 @@ def _resource_config(endpoint: Endpoint, hard_delete: bool, schema_contract: Opt
         resource["processing_steps"] = [{"map": _mark_deleted}]
     resource["columns"] = columns
     return resource
+
+
+def crm_session(
+    endpoints: Sequence[Endpoint],
+    schema_contract: Optional[str] = None,
+    max_retries: int = MAX_RETRIES,
+    backoff_factor: float = BACKOFF_FACTOR,
+    request_timeout: float = REQUEST_TIMEOUT,
+) -> CrmSession:
+    """The HTTP session of a source's resources, once the settings are checked."""
+    if schema_contract not in (None, "evolve", "freeze"):
+        raise CrmConfigurationError(
+            f"schema_contract must be 'evolve' or 'freeze', got {schema_contract!r}: "
+            "set SOURCES__CRM__SCHEMA_CONTRACT"
+        )
+    if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0:
+        raise CrmConfigurationError("max_retries and backoff_factor must be >= 0 and request_timeout > 0")
+    return CrmSession(
+        max_retries=max_retries,
+        backoff_factor=backoff_factor,
+        request_timeout=request_timeout,
+        endpoints=endpoints,
+    )
+
+
+def crm_resources(
+    root: str,
+    api_key: Optional[str],
+    session: CrmSession,
+    resource_configs: list[dict[str, Any]],
+    *,
+    arrow_pages: bool,
+    first_steps: Optional[dict[str, Any]] = None,
+) -> list[DltResource]:
+    """dlt resources of `resource_configs` (`_resource_config`), read in parallel, with the
+    source's processing steps: `first_steps` (resource name -> a step, right after the read),
+    lists as JSON text, then the Arrow pages step when `arrow_pages`."""
+    config: dict[str, Any] = {
+        "client": {
+            "base_url": root,
+            "auth": {"type": "bearer", "token": api_key},
+            "session": session,
+        },
+        "resources": resource_configs,
+    }
+    resources: list[DltResource] = rest_api_resources(config)  # type: ignore[arg-type]
+    for resource in resources:
+        # The resources are read at once, each page on dlt's extract thread pool. Set here,
+        # not with rest_api's `parallelized: True`: dlt 1.31 loses that flag for resources that
+        # depend on no other one, and reads them one after the other (test_sync.py checks this).
+        resource.parallelize()
+    for resource in resources:
+        if first_steps and resource.name in first_steps:
+            resource.add_step(first_steps[resource.name], insert_at=1)
+        resource.add_map(ListsAsJson())  # one row per record (lists_as_json.py)
+        if arrow_pages:
+            resource.apply_hints(columns=ROOT_COLUMNS)
+            resource.add_step(ArrowPages(resource))
+    return resources
 
 
 @dlt.source(name="crm", section="crm")
@@ -152,36 +234,6 @@ def crm(
     """
     endpoints = build_endpoints(primary_key, resources, page_sizes)
     root = check_settings(base_url, api_key)
-    if schema_contract not in (None, "evolve", "freeze"):
-        raise CrmConfigurationError(
-            f"schema_contract must be 'evolve' or 'freeze', got {schema_contract!r}: "
-            "set SOURCES__CRM__SCHEMA_CONTRACT"
-        )
-    if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0:
-        raise CrmConfigurationError("max_retries and backoff_factor must be >= 0 and request_timeout > 0")
-    session = CrmSession(
-        max_retries=max_retries,
-        backoff_factor=backoff_factor,
-        request_timeout=request_timeout,
-        endpoints=endpoints,
-    )
-    config: dict[str, Any] = {
-        "client": {
-            "base_url": root,
-            "auth": {"type": "bearer", "token": api_key},
-            "session": session,
-        },
-        "resources": [_resource_config(endpoint, hard_delete, schema_contract) for endpoint in endpoints],
-    }
-    resources: list[DltResource] = rest_api_resources(config)  # type: ignore[arg-type]
-    for resource in resources:
-        # The resources are read at once, each page on dlt's extract thread pool. Set here,
-        # not with rest_api's `parallelized: True`: dlt 1.31 loses that flag for resources that
-        # depend on no other one, and reads them one after the other (test_sync.py checks this).
-        resource.parallelize()
-    for resource in resources:
-        resource.add_map(ListsAsJson())  # one row per record (lists_as_json.py)
-        if arrow_pages:
-            resource.apply_hints(columns=ROOT_COLUMNS)
-            resource.add_step(ArrowPages(resource))
-    return resources
+    session = crm_session(endpoints, schema_contract, max_retries, backoff_factor, request_timeout)
+    configs = [_resource_config(endpoint, hard_delete, schema_contract) for endpoint in endpoints]
+    return crm_resources(root, api_key, session, configs, arrow_pages=arrow_pages)

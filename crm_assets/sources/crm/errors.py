@@ -31,6 +31,29 @@ class CrmIncompleteReadError(CrmError):
     """The API's answers do not show that every record of a resource was read."""
 
 
+class CrmApiBehaviourError(CrmError):
+    """The API did not do what a request asked (its order, its filter, the type of a field), so its
+    answers cannot show that a read is complete. Says what the API did, on which request."""
+
+    def __init__(self, resource: str, behaviour: str, page: str, example: str) -> None:
+        self.resource, self.behaviour, self.page, self.example = resource, behaviour, page, example
+        self.path: Optional[str] = None
+        super().__init__(self._message())
+
+    def at(self, path: str) -> "CrmApiBehaviourError":
+        """The same error, naming the URL path of the request that showed it."""
+        self.path = path
+        self.args = (self._message(),)
+        return self
+
+    def _message(self) -> str:
+        request = f"GET {self.path} ({self.page})" if self.path else f"the request for {self.page}"
+        return (
+            f"{self.resource}: the API {self.behaviour}: {request} returned {self.example}. "
+            "The read relies on this to show that it missed nothing, so nothing was loaded from it"
+        )
+
+
 def find_crm_error(exc: BaseException) -> Optional[CrmError]:
     """The `CrmError` behind an exception that dlt (or Dagster) has wrapped, if there is one."""
     seen: set[int] = set()

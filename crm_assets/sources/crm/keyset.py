@@ -40,10 +40,11 @@ than three times an undisturbed read of what it has read, plus a constant.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .errors import CrmConfigurationError, CrmIncompleteReadError
+from .errors import CrmApiBehaviourError, CrmConfigurationError, CrmIncompleteReadError
 
 logger = logging.getLogger("crm_assets.sources.crm")
 
@@ -59,7 +60,8 @@ MIN_PAGE_SIZE = 3
 
 @dataclass(frozen=True)
 class PageRequest:
-    """One page to ask for: bounds on `field` (inclusive), the order, an offset and a size."""
+    """One page to ask for: bounds on `field` (inclusive), the order, an offset and a size
+    (`size=0`: only the count)."""
 
     field: str  # sorted on (ascending, ties on the key) and bounded by lowest/highest
     lowest: Optional[int]
@@ -67,6 +69,7 @@ class PageRequest:
     offset: int
     size: int
     within: Optional[tuple[str, int]] = None  # another field held at one value
+    floor: Optional[tuple[str, int]] = None  # another field at least this value
 
     def matches(self, record: dict[str, Any]) -> bool:
         value = record.get(self.field)
@@ -74,7 +77,83 @@ class PageRequest:
             return False
         if self.within is not None and record.get(self.within[0]) != self.within[1]:
             return False
+        if self.floor is not None:
+            other = record.get(self.floor[0])
+            if not isinstance(other, int) or other < self.floor[1]:
+                return False
         return (self.lowest is None or value >= self.lowest) and (self.highest is None or value <= self.highest)
+
+    def describe(self) -> str:
+        parts = [f"{self.within[0]} = {self.within[1]}"] if self.within else []
+        if self.floor:
+            parts.append(f"{self.floor[0]} >= {self.floor[1]}")
+        if self.highest is not None and self.highest == self.lowest:
+            parts.append(f"{self.field} = {self.lowest}")
+        else:
+            if self.lowest is not None:
+                parts.append(f"{self.field} >= {self.lowest}")
+            if self.highest is not None:
+                parts.append(f"{self.field} <= {self.highest}")
+        where = " and ".join(parts) or "the whole listing"
+        return f"{where}, sorted on {self.field} ascending, from={self.offset}"
+
+
+def verify_page(resource: str, asked: PageRequest, records: Sequence[dict[str, Any]], key_field: str) -> None:
+    """Check that an answer is what `asked` asked for, as the read's proof assumes: every record
+    has an integer `asked.field` and a string key, lies inside the requested bounds, and the page
+    is sorted on (field, key). Raises `CrmApiBehaviourError` saying what the API did.
+
+    Every page of a sync passes here, so it works on whole columns rather than record by record."""
+    if not records:
+        return
+    field = asked.field
+    values = [record.get(field) for record in records]
+    keys = [record.get(key_field) for record in records]
+    # `type(...) is int` on purpose: a bool is no date
+    if not all(type(v) is int for v in values) or not all(type(k) is str for k in keys):
+        for record, value, key in zip(records, values, keys):
+            if type(key) is not str:
+                raise CrmApiBehaviourError(
+                    resource, f"sent a record without a string '{key_field}'", asked.describe(),
+                    f"{key_field}={key!r}",
+                )
+            if value is None and (asked.lowest is not None or asked.highest is not None):
+                raise CrmApiBehaviourError(
+                    resource, "did not apply the requested filter", asked.describe(),
+                    f"{key_field}={key!r} without a value for {field}",
+                )
+            if type(value) is not int:
+                raise CrmApiBehaviourError(
+                    resource, f"sent a record whose '{field}' is not integer epoch seconds",
+                    asked.describe(), f"{key_field}={key!r} with {field}={value!r}",
+                )
+    low, high = asked.lowest, asked.highest
+    outside = (low is not None and min(values) < low) or (high is not None and max(values) > high)
+    if not outside and (asked.within is not None or asked.floor is not None):
+        outside = not all(asked.matches(record) for record in records)
+    if outside:
+        record = next(r for r in records if not asked.matches(r))
+        shown = ", ".join(
+            f"{name}={record.get(name)!r}"
+            for name in dict.fromkeys(
+                [field] + [f for f in (asked.within, asked.floor) if f for f in (f[0],)]
+            )
+        )
+        raise CrmApiBehaviourError(
+            resource, "did not apply the requested filter", asked.describe(),
+            f"{key_field}={record.get(key_field)!r} with {shown}",
+        )
+    pairs = list(zip(values, keys))
+    if all(map(operator.le, pairs, pairs[1:])):
+        return
+    for position in range(1, len(pairs)):
+        if pairs[position] < pairs[position - 1]:
+            (before, before_key), (after, after_key) = pairs[position - 1], pairs[position]
+            raise CrmApiBehaviourError(
+                resource, f"did not sort on {field} as asked", asked.describe(),
+                f"{key_field}={after_key!r} ({field}={after}) after {key_field}={before_key!r} "
+                f"({field}={before})",
+            )
 
 
 class KeysetRead:
@@ -91,6 +170,8 @@ class KeysetRead:
         tie_field: Optional[str] = "date_created",
         key_field: str = "id",
         within: Optional[tuple[str, int]] = None,
+        until: Optional[int] = None,
+        own_budget: bool = False,
     ) -> None:
         if not MIN_PAGE_SIZE <= page_size <= result_window:
             raise CrmConfigurationError(
@@ -103,6 +184,7 @@ class KeysetRead:
         self.tie_field = tie_field
         self.key_field = key_field
         self.within = within
+        self.until = until  # the read's upper bound on the cursor, inclusive (None: open-ended)
         self.newest: Optional[Key] = None
         self.done = False
         self.requests = 0
@@ -111,23 +193,25 @@ class KeysetRead:
         self.seconds_apart = 0  # seconds read on their own (nested or walked)
         self.count: Optional[int] = None  # the last `count` the API gave
         self._mode = _HEAD
-        self._next = self._page(since, None, 0)
+        self._next = self._page(since, until, 0)
         self._walk_resume = 0  # in a walked second: where the walk goes on if its end check fails
         self._nested: Optional[KeysetRead] = None
         self._last_served: Any = None  # the key field of the previous answer's last record
+        # The count the next head page must reach, and the range before it (see _take_head).
+        self._expect: Optional[tuple[int, Optional[int], int]] = None
+        self._gap: Optional[KeysetRead] = None  # a range read again because counts fell short
+        self._gap_requests = 0  # kept by the gap reads' own budgets, not this one's
+        self._done_after_gap = False
+        self._own_budget = own_budget or within is None
 
     def request(self) -> PageRequest:
         """The page to ask for next."""
+        if self._gap is not None:
+            return self._gap.request()
         return self._nested.request() if self._nested is not None else self._next
 
     def describe(self, page: Optional[PageRequest] = None) -> str:
-        page = page or self.request()
-        parts = [f"{page.within[0]} = {page.within[1]}"] if page.within else []
-        if page.highest is not None:
-            parts.append(f"{page.field} = {page.lowest}")
-        elif page.lowest is not None:
-            parts.append(f"{page.field} >= {page.lowest}")
-        return f"{' and '.join(parts) or 'the whole listing'}, from={page.offset}"
+        return (page or self.request()).describe()
 
     def take(self, records: Sequence[dict[str, Any]], count: int, head_repeated: Optional[bool] = None) -> None:
         """Learn from the answer to `request()`: the page's records and the API's `count`."""
@@ -142,7 +226,15 @@ class KeysetRead:
             head_repeated = bool(records) and records[0].get(self.key_field) == self._last_served
             if records:
                 self._last_served = records[-1].get(self.key_field)
-        if self._nested is not None:
+        if self.within is None:  # the outermost read checks every answer once, nested reads' too
+            verify_page(self.resource, asked, records[1:] if head_repeated else records, self.key_field)
+        if self._gap is not None:
+            self._gap_requests += 1
+            self._gap.take(records, count, head_repeated)
+            if self._gap.done:
+                self._gap = None
+                self.done = self._done_after_gap
+        elif self._nested is not None:
             self._nested.take(records, count, head_repeated)
             self._after_nested()
         else:
@@ -160,21 +252,51 @@ class KeysetRead:
                 self._take_walk(asked, keys, count)
             else:
                 self._take_tail(asked, keys, count)
-        if self.within is None:  # the outermost read keeps the budget, nested reads included
+        if self._own_budget:  # the outermost read keeps the budget, nested reads included
             self._check_budget(asked)
+        if self.within is None:
+            if self.done and self.records_read >= 2 and self.stride < 2:
+                raise CrmApiBehaviourError(
+                    self.resource, "served one record a page at most", asked.describe(),
+                    f"{len(records)} record(s) ({self.records_read} read in {self.requests} requests); "
+                    "a page of one record cannot show the order the read relies on",
+                )
 
     # -- the three ways of reading ---------------------------------------------------------
 
     def _take_head(self, asked: PageRequest, keys: list[Key], count: int, in_run: int) -> None:
-        # from=0 of `cursor >= lowest`: the head of what is left, connected by construction.
+        # from=0 of `cursor >= lowest`: the head of what is left, connected by construction, if
+        # the API sorts as asked. A page can look sorted and still not be the head (an API that
+        # serves another order which happens to agree with this one on the page): the counts
+        # show it. The previous head page held some records of `count`; what it did not hold
+        # lies beyond its last key, so this page, starting at that key's second, must count at
+        # least those plus that second's records it held. Fewer: records were deleted since, or
+        # that page skipped some. Which one, the range before this page says when read again.
+        expect, self._expect = self._expect, None
+        if expect is not None and count < min(expect[0], self.result_window):
+            low, high = expect[1], expect[2]
+            logger.info(
+                "%s: the API counts %d records from %s=%d on, %d fewer than its previous page showed; "
+                "reading %s again from %s to %d", self.resource, count, self.cursor_field, high + 1,
+                expect[0] - count, self.cursor_field, "the start" if low is None else low, high,
+            )
+            self._gap = KeysetRead(
+                self.resource, self.page_size, since=low, until=high, result_window=self.result_window,
+                cursor_field=self.cursor_field, tie_field=self.tie_field, key_field=self.key_field,
+                within=self.within, own_budget=True,
+            )
         self._advance(keys)
         if in_run >= count and count < self.result_window:
-            self.done = True
+            self.done = self._gap is None
+            self._done_after_gap = True
             return
         if not keys:
             return  # `count` says more match but none came back: ask again (the budget counts it)
         last_second = keys[-1][0]
         if asked.lowest is None or last_second > asked.lowest:
+            if count < self.result_window:
+                at_last_second = sum(1 for key in keys if key[0] == last_second)
+                self._expect = (count - len(keys) + at_last_second, asked.lowest, last_second - 1)
             self._head(last_second)
             return
         # The whole page is one second: read it on its own.
@@ -199,19 +321,22 @@ class KeysetRead:
             # a repeat comes with the record at `from` when there is one: alone, it is that record
             return asked.offset >= count
         if self._mode is _HEAD:  # connected anyway; only a record beyond `newest` misleads
-            return self.newest is None or self._key(records[0]) > self.newest
+            head = records[0].get(self.cursor_field), records[0].get(self.key_field)
+            if type(head[0]) is not int or type(head[1]) is not str:
+                return True  # from another listing altogether
+            return self.newest is None or head > self.newest
         return True
 
     def _keys(self, records: Sequence[dict[str, Any]], asked: PageRequest) -> list[Key]:
-        """The distinct keys of the records that match the request, sorted. Every page of a sync
-        passes here, so it works on whole columns rather than record by record."""
+        """The distinct keys of the records that match the request, sorted. The page has passed
+        `verify_page`, but for a repeated head record, which may belong to another listing.
+        Every page of a sync passes here, so it works on whole columns rather than record by record."""
         cursors = [record.get(self.cursor_field) for record in records]
         ids = [record.get(self.key_field) for record in records]
+        pairs: Any = zip(cursors, ids)
         # `type(...) is int` on purpose: a bool is no cursor
         if not all(type(c) is int for c in cursors) or not all(type(i) is str for i in ids):
-            for record in records:
-                self._key(record)  # raises, naming the record
-        pairs: Any = zip(cursors, ids)
+            pairs = [(c, i) for c, i in pairs if type(c) is int and type(i) is str]
         if asked.within is not None:
             field, value = asked.within
             pairs = (p for p, r in zip(pairs, records) if r.get(field) == value)
@@ -263,15 +388,6 @@ class KeysetRead:
 
     # -- state ----------------------------------------------------------------------------
 
-    def _key(self, record: dict[str, Any]) -> Key:
-        cursor, key = record.get(self.cursor_field), record.get(self.key_field)
-        if not isinstance(cursor, int) or isinstance(cursor, bool) or not isinstance(key, str):
-            raise CrmIncompleteReadError(
-                f"{self.resource}: a record without an integer '{self.cursor_field}' and a string "
-                f"'{self.key_field}' ({self.key_field}={key!r}): the listing cannot be read in order"
-            )
-        return cursor, key
-
     def _advance(self, keys: list[Key]) -> int:
         """Move `newest` over a connected page; returns how many of its keys were new."""
         new = [k for k in keys if self.newest is None or k > self.newest]
@@ -286,7 +402,9 @@ class KeysetRead:
 
     def _head(self, lowest: int) -> None:
         self._mode = _HEAD
-        self._next = self._page(lowest, None, 0)
+        if self.until is not None and lowest > self.until:
+            self.done = True  # past the read's upper bound: all of it is read
+        self._next = self._page(lowest, self.until, 0)
 
     def _walk(self, second: int, offset: int) -> None:
         if offset + MIN_PAGE_SIZE > self.result_window:
@@ -309,9 +427,9 @@ class KeysetRead:
         read = self.records_read + (self._nested.records_read if self._nested is not None else 0)
         undisturbed = -(-read // max(1, self.stride - 1)) + 1
         allowed = 3 * undisturbed + 2 * self.seconds_apart + SPARE_REQUESTS
-        if not self.done and self.requests >= allowed:
+        if not self.done and self.requests - self._gap_requests >= allowed:
             raise CrmIncompleteReadError(
                 f"{self.resource}: could not show a complete read within {self.requests} requests: "
-                f"{read} records read, stuck at {self.describe(asked)} where the API "
-                f"counts {self.count}; the listing kept changing faster than it could be read"
+                f"{read} records read; for {self.describe(asked)} the API counts {self.count} "
+                f"records, and its pages have not shown them all"
             )

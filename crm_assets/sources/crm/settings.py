@@ -6,6 +6,8 @@ from __future__ import annotations
 # The incremental cursor and the order every listing is read in (keyset.py): every edit moves
 # `date_updated` forward, so an edit moves a record ahead of the read, never behind it.
 CURSOR_FIELD = "date_updated"
+# The order records without a cursor value are read in (reach.py); every record has it.
+CREATED_FIELD = "date_created"
 
 # The API's hard limits (api-contract.md).
 RESULT_WINDOW = 10_000

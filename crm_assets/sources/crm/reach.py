@@ -1,0 +1,189 @@
+"""A sync's read of one resource: the records a cursor cannot reach, then the keyset read.
+
+No HTTP and no dlt here, like keyset.py: `ReadPlan` says which request comes next (`request()`)
+and learns from each answer (`take()`); `KeysetPaginator` (paginator.py) drives it over HTTP.
+
+The keyset read filters on `date_updated >= <cursor>` (at least `0`), and a record whose
+`date_updated` is null (never edited, or imported) matches no range on it: no incremental read
+ever sees it. So before the keyset read, a probe compares two counts per resource: every record,
+and every record with `date_updated >= 0`. Where they differ, the difference lies in records
+without a cursor value. The probe narrows them down to `date_created` ranges by halving (a range
+of many pages holding such records is split in two, each half counted again), and each range is
+read on its own, in `date_created` order, with the keyset read's proof.
+
+A count at the result window may be only a lower bound, so a range counted there is split as well,
+until its counts can be trusted. Without records lacking a cursor and with counts below the
+window, the probe is two `size=0` requests.
+
+Those ranges are read *before* the keyset read on `date_updated`, for the sake of the incremental
+cursor (the largest `date_updated` loaded): a range read also returns records that have a
+`date_updated`, as they were when read. Any of them edited since is read again by the keyset read
+that follows, which ends later; so the largest `date_updated` loaded is still one the keyset read
+reached, with everything before it read.
+
+The probe's two counts are taken one after the other: a record created or deleted between them
+shifts the difference. One created makes a range be read for nothing; one deleted can hide a record
+without a cursor until the next sync's probe (or the audit) finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from typing import Any, Optional, Sequence
+
+from .keyset import KeysetRead, PageRequest
+
+logger = logging.getLogger("crm_assets.sources.crm")
+
+Answer = tuple[Sequence[dict[str, Any]], int, Optional[bool]]
+Steps = Generator[PageRequest, Answer, Any]
+# A range of `date_created` holding records without a cursor is read whole once it is at most this
+# many pages: counting its two halves (four requests) would cost about as much as reading it.
+SPLIT_ABOVE_PAGES = 4
+
+
+class ReadPlan:
+    """The requests of one resource's read in a sync; see the module docstring."""
+
+    def __init__(
+        self,
+        resource: str,
+        page_size: int,
+        *,
+        since: Optional[int],
+        now: int,
+        result_window: int = 10_000,
+        cursor_field: str = "date_updated",
+        created_field: str = "date_created",
+        key_field: str = "id",
+    ) -> None:
+        self.resource = resource
+        self.page_size = page_size
+        self.since = since
+        self.now = now
+        self.result_window = result_window
+        self.cursor_field = cursor_field
+        self.created_field = created_field
+        self.key_field = key_field
+        self.reads: list[KeysetRead] = []  # the range reads, then the keyset read
+        self.without_cursor = 0  # records without a cursor value, as the probe counted them
+        self.probe_requests = 0
+        self.done = False
+        self._last_served: Any = None  # the key of the previous answer's last record
+        self._steps = self._plan()
+        self._next = next(self._steps)
+
+    @property
+    def read(self) -> KeysetRead:
+        """The read under way (or the last one)."""
+        return self.reads[-1]
+
+    @property
+    def requests(self) -> int:
+        return self.probe_requests + sum(read.requests for read in self.reads)
+
+    @property
+    def records_read(self) -> int:
+        return sum(read.records_read for read in self.reads)
+
+    def request(self) -> PageRequest:
+        return self._next
+
+    def take(self, records: Sequence[dict[str, Any]], count: int) -> None:
+        """Learn from the answer to `request()`: the page's records and the API's `count`."""
+        # The API may serve the previous answer's last record again at a page's head, whichever
+        # listing that answer was of: the reads set such a record aside.
+        head_repeated = bool(records) and records[0].get(self.key_field) == self._last_served
+        if records:
+            self._last_served = records[-1].get(self.key_field)
+        try:
+            self._next = self._steps.send((records, count, head_repeated))
+        except StopIteration:
+            self.done = True
+
+    def describe(self) -> str:
+        return self._next.describe()
+
+    # -- the plan ---------------------------------------------------------------------------
+
+    def _plan(self) -> Steps:
+        for lowest, highest in (yield from self._probe()):
+            yield from self._drive(self._read(self.created_field, lowest, highest))
+        yield from self._drive(self._read(self.cursor_field, max(self.since or 0, 0), None))
+
+    def _read(self, field: str, since: int, until: Optional[int]) -> KeysetRead:
+        keyset = field == self.cursor_field
+        read = KeysetRead(
+            self.resource, self.page_size, since=since, until=until, result_window=self.result_window,
+            cursor_field=field, tie_field=self.created_field if keyset else None, key_field=self.key_field,
+        )
+        self.reads.append(read)
+        return read
+
+    @staticmethod
+    def _drive(read: KeysetRead) -> Steps:
+        while not read.done:
+            records, count, head_repeated = yield read.request()
+            read.take(records, count, head_repeated)
+
+    def _count(self, lowest: Optional[int], highest: Optional[int], with_cursor: bool) -> Steps:
+        floor = (self.cursor_field, 0) if with_cursor else None
+        _, count, _ = yield PageRequest(self.created_field, lowest, highest, 0, 0, floor=floor)
+        self.probe_requests += 1
+        return count
+
+    def _trusted(self, count: int) -> bool:
+        return count != self.result_window  # at the window, a count may be only a lower bound
+
+    def _probe(self) -> Steps:
+        """The `date_created` ranges (inclusive; None: open) that hold records without a cursor."""
+        every = yield from self._count(None, None, False)
+        with_cursor = yield from self._count(None, None, True)
+        if self._trusted(every) and self._trusted(with_cursor) and every <= with_cursor:
+            return []
+        # where the listing starts: the first record in date_created order, if nothing is counted
+        # before it (a page of one record cannot show that the API sorted it); else from 0
+        first, _, _ = yield PageRequest(self.created_field, None, None, 0, 1)
+        self.probe_requests += 1
+        start = first[0].get(self.created_field) if first else None
+        if type(start) is not int:
+            start = 0
+        elif start > 0 and (yield from self._count(None, start - 1, False)) > 0:
+            start = 0
+        found: list[tuple[int, Optional[int]]] = []
+        pending: list[tuple[int, Optional[int], int, int]] = [(start, None, every, with_cursor)]
+        while pending:
+            lowest, highest, every, with_cursor = pending.pop()
+            trusted = self._trusted(every) and self._trusted(with_cursor)
+            if trusted and every <= with_cursor:
+                continue
+            halves = self._halves(lowest, highest)
+            # read whole: a range of few pages, or one that cannot be halved (a second counted
+            # at the window among them: its read fails, naming it, if it cannot be read)
+            if halves is None or (trusted and every <= SPLIT_ABOVE_PAGES * self.page_size):
+                self.without_cursor += max(0, every - with_cursor)
+                found.append((lowest, highest))
+                continue
+            for low, high in halves:
+                every_half = yield from self._count(low, high, False)
+                with_cursor_half = yield from self._count(low, high, True)
+                pending.append((low, high, every_half, with_cursor_half))
+        if found:
+            logger.info(
+                "%s: %d record(s) have no %s; reading %d %s range(s) for them",
+                self.resource, self.without_cursor, self.cursor_field, len(found), self.created_field,
+            )
+        return sorted(found, key=lambda r: r[0])
+
+    def _halves(self, lowest: int, highest: Optional[int]) -> Optional[list[tuple[int, Optional[int]]]]:
+        """Two halves of a range, or None where it cannot be halved (one second, or all of it
+        later than now)."""
+        if highest is None:
+            if lowest > self.now:
+                return None
+            return [(lowest, self.now), (self.now + 1, None)]
+        if lowest >= highest:
+            return None
+        middle = (lowest + highest) // 2
+        return [(lowest, middle), (middle + 1, highest)]
