@@ -33,6 +33,16 @@ Reading in `date_updated` order also keeps the incremental cursor safe: an edit 
 the end of the listing, ahead of the read, so the largest cursor read never passes a record that
 was left behind.
 
+All of this assumes the API sorts and filters as asked, so every answer is checked first
+(`verify_page`): sorted on (field, key), inside the requested bounds, integer dates and string
+keys; anything else fails the read, saying what the API did. A page can look sorted and still not
+be the head of the listing (an API in an order of its own that agrees with this one on the page);
+the counts show it: a head page must count at least what the previous head page showed beyond its
+end. Where it counts fewer (records deleted meanwhile, or a page that skipped some), the range
+before it is read again, as a read of its own with its own budget.
+
+A read may be bounded above (`until`): it then ends past that value of its cursor field.
+
 The read gives up, naming the resource, the range and the counts, once it has used more requests
 than three times an undisturbed read of what it has read, plus a constant.
 """
@@ -133,12 +143,8 @@ def verify_page(resource: str, asked: PageRequest, records: Sequence[dict[str, A
         outside = not all(asked.matches(record) for record in records)
     if outside:
         record = next(r for r in records if not asked.matches(r))
-        shown = ", ".join(
-            f"{name}={record.get(name)!r}"
-            for name in dict.fromkeys(
-                [field] + [f for f in (asked.within, asked.floor) if f for f in (f[0],)]
-            )
-        )
+        names = [field] + [other[0] for other in (asked.within, asked.floor) if other]
+        shown = ", ".join(f"{name}={record.get(name)!r}" for name in dict.fromkeys(names))
         raise CrmApiBehaviourError(
             resource, "did not apply the requested filter", asked.describe(),
             f"{key_field}={record.get(key_field)!r} with {shown}",
