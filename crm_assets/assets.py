@@ -129,13 +129,14 @@ def _is_transient(error: CrmError) -> bool:
 def crm_sync_assets(
     context: AssetExecutionContext, dlt: DagsterDltResource, config: CrmSyncConfig
 ) -> Iterator[MaterializeResult]:
+    names = {key.path[-1] for key in context.selected_asset_keys}
     try:
         source = crm()
         selected_destination()
+        # the run's own settings (the definitions' may be older): what the stored tables must take
+        selected = [endpoint for endpoint in configured_endpoints() if endpoint.name in names]
     except CrmConfigurationError as exc:
         raise Failure(description=str(exc), allow_retries=False) from None
-    names = {key.path[-1] for key in context.selected_asset_keys}
-    selected = [endpoint for endpoint in CRM_ENDPOINTS if endpoint.name in names]
     if config.full_refresh:
         context.log.info("Full refresh: dropping and reloading %s" % ", ".join(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))

@@ -238,3 +238,35 @@ def test_hard_delete_removes_deactivated_records_lists_and_all(
         "SELECT COUNT(*) FROM crm.jobs WHERE tags IS NULL AND related IS NULL"
     ) == [(0,)]
     assert any_warehouse.query(CHILD_TABLES_SQL) == []
+
+
+def test_a_changed_primary_key_is_refused_before_any_request_and_a_full_refresh_lands_it(
+    start_simulator, crm_env, any_warehouse, monkeypatch
+):
+    """The README's real-API example over a warehouse `make demo` left: records keyed by `jnid`
+    would fail deep in the load (`id` is NOT NULL); the sync names the change and the way over
+    instead, and touches nothing."""
+    jobs, tasks = AssetKey(["crm", "jobs"]), AssetKey(["crm", "tasks"])
+    simulator = start_simulator()
+    crm_env(simulator)
+    assert run_sync(selection=[jobs, tasks]).success
+    before = {name: any_warehouse.table_state(name) for name in ("jobs", "tasks")}
+
+    jnid = start_simulator(key_field="jnid")  # the same seeded records, keyed by jnid
+    crm_env(jnid)
+    monkeypatch.setenv("SOURCES__CRM__PRIMARY_KEY", "jnid")
+    failed = run_sync(selection=[jobs, tasks], raise_on_error=False)
+
+    assert not failed.success
+    message = failure_message(failed)
+    assert "crm.jobs is keyed by `id`, the settings now say `jnid`" in message, message
+    assert "crm.tasks is keyed by `id`, the settings now say `jnid`" in message, message
+    assert "SOURCES__CRM__PRIMARY_KEY" in message
+    assert "dg launch --assets crm/jobs,crm/tasks --config-json" in message and "full_refresh" in message
+    assert sum(jnid.stats()["requests"].values()) == 0  # refused before any request
+    assert {name: any_warehouse.table_state(name) for name in ("jobs", "tasks")} == before
+
+    refreshed = run_sync(selection=[jobs, tasks],
+                         run_config={"ops": {"crm_sync_assets": {"config": {"full_refresh": True}}}})
+    assert refreshed.success
+    any_warehouse.assert_exact(jnid, resources=["jobs", "tasks"], key="jnid")

@@ -1,5 +1,5 @@
 """Reading a sync's result back from the warehouse: row counts, what a load added, what an
-earlier version left, where the data is."""
+earlier version or other settings left, where the data is."""
 
 from __future__ import annotations
 
@@ -27,50 +27,76 @@ def table_row_counts(pipeline: Pipeline, tables: Iterable[str]) -> dict[str, Opt
     return counts
 
 
-def _dataset_columns(pipeline: Pipeline) -> list[tuple[str, str, str]]:
-    """(table, column, type) of every column in the destination dataset; none before the first load
-    or on a destination without information_schema."""
+def _dataset_columns(pipeline: Pipeline) -> list[tuple[str, str, str, bool]]:
+    """(table, column, type, nullable) of every column in the destination dataset; none before the
+    first load or on a destination without information_schema."""
     try:
         with pipeline.sql_client() as client:
             rows = client.execute_sql(
-                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
                 f"WHERE table_schema = '{DATASET_NAME}'"
             )
     except Exception:  # no such dataset yet, or a destination without information_schema
         return []
-    return [(str(table), str(column), str(data_type)) for table, column, data_type in rows or []]
+    return [
+        (str(table), str(column), str(data_type), str(nullable).upper() not in ("NO", "FALSE", "0"))
+        for table, column, data_type, nullable in rows or []
+    ]
 
 
-def earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> tuple[list[str], list[str]]:
-    """What an earlier version left in the warehouse that this one would load differently:
-    (`table.column` of date columns held as something other than a timestamp, i.e. BIGINT epoch
-    seconds; child tables of lists, now JSON text in their record's row)."""
-    endpoints = list(endpoints)
-    dates = {(e.name, column) for e in endpoints for column in e.timestamp_fields}
-    names = tuple(f"{e.name}__" for e in endpoints)
+def earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> tuple[list[str], list[str], list[str]]:
+    """What the warehouse holds that these settings would load differently: (`table.column` of
+    epoch-second columns held as something other than a timestamp, e.g. BIGINT from an earlier
+    version or from before a field was declared; child tables of lists, now JSON text in their
+    record's row; tables keyed by another field than the configured primary key)."""
+    by_name = {e.name: e for e in endpoints}
+    names = tuple(f"{name}__" for name in by_name)
     columns = _dataset_columns(pipeline)
     bigint_dates = sorted(
         f"{DATASET_NAME}.{table}.{column}"
-        for table, column, data_type in columns
-        if (table, column) in dates and "timestamp" not in data_type.lower()
+        for table, column, data_type, _ in columns
+        if table in by_name and column in by_name[table].timestamp_fields
+        and "timestamp" not in data_type.lower()
     )
-    child_tables = sorted(
+    child_tables = sorted({
         f"{DATASET_NAME}.{table}"
-        for table, column, _ in columns
+        for table, column, _, _ in columns
         if column == "_dlt_parent_id" and table.startswith(names)
+    })
+    # dlt declares a table's primary key NOT NULL, and no other column of a table this source
+    # loads but its own `_dlt_*` ones: a NOT NULL column that is not the configured key is the
+    # key an earlier load used
+    stored_keys: dict[str, set[str]] = {}
+    for table, column, _, nullable in columns:
+        if table in by_name and not nullable and not column.startswith("_dlt"):
+            stored_keys.setdefault(table, set()).add(column)
+    changed_keys = sorted(
+        f"{DATASET_NAME}.{table} is keyed by `{', '.join(sorted(keys))}`, the settings now say "
+        f"`{by_name[table].primary_key}`"
+        for table, keys in stored_keys.items()
+        if by_name[table].primary_key not in keys
     )
-    return bigint_dates, child_tables
+    return bigint_dates, child_tables, changed_keys
 
 
 def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
-    """Stop before a load would mix this version's layout with an earlier one's, saying how to
-    move over: a full refresh of those resources. Loading timestamps into BIGINT date columns, or
-    lists as JSON text next to the child tables that held them, would leave both half right."""
-    bigint_dates, child_tables = earlier_layout(pipeline, endpoints)
+    """Stop before a load would mix what the warehouse holds with what these settings load, naming
+    each difference and the way over: a full refresh of those resources. Loading timestamps into
+    BIGINT date columns, lists as JSON text next to the child tables that held them, or records
+    keyed by `jnid` into a table whose `id` is NOT NULL would leave both half right, or fail
+    deep in the load."""
+    endpoints = list(endpoints)
+    bigint_dates, child_tables, changed_keys = earlier_layout(pipeline, endpoints)
     found = []
+    if changed_keys:
+        found.append(
+            f"{'; '.join(changed_keys)} (SOURCES__CRM__PRIMARY_KEY, or the resource's primary_key "
+            "in SOURCES__CRM__RESOURCES)"
+        )
     if bigint_dates:
         found.append(
-            f"{', '.join(bigint_dates)} hold epoch seconds as BIGINT (dates now land as UTC timestamps)"
+            f"{', '.join(bigint_dates)} hold epoch seconds as BIGINT (these settings land them as "
+            "UTC timestamps)"
         )
     if child_tables:
         found.append(
@@ -78,10 +104,17 @@ def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
             "their record's row)"
         )
     if found:
+        named = " ".join(bigint_dates + child_tables + changed_keys)
+        assets = ",".join(
+            f"crm/{e.name}" for e in endpoints
+            if f"{DATASET_NAME}.{e.name} " in named or f"{DATASET_NAME}.{e.name}." in named
+            or f"{DATASET_NAME}.{e.name}__" in named
+        )
         raise CrmConfigurationError(
-            f"The warehouse was loaded by an earlier version: {'; '.join(found)}. Reload those "
-            "assets once with a full refresh (launchpad config `full_refresh: true`, or dg launch "
-            "--assets <asset> --config-json "
+            f"The warehouse holds tables these settings cannot load into: {'; '.join(found)}. "
+            "Nothing was requested or loaded. Reload those assets once with a full refresh "
+            "(launchpad config `full_refresh: true`, or dg launch "
+            f"--assets {assets} --config-json "
             '\'{"ops": {"crm_sync_assets": {"config": {"full_refresh": true}}}}\')'
         )
 
