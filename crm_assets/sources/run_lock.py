@@ -1,9 +1,14 @@
-"""One run of the pipeline at a time on this machine.
+"""One run of the pipeline at a time on this machine, and a DuckDB file no one else holds.
 
 Two runs of the same dlt pipeline at once share its working folder (dagster-dlt even deletes it
 at the start of every run) and, on DuckDB, a file that admits a single writer. The second run
 therefore waits for the first, saying so in the log, instead of corrupting either. Across
 machines, Dagster's `crm_warehouse` pool does the same job.
+
+A DuckDB file can also be held by a process that is no run at all: an analyst's notebook or the
+DuckDB CLI with the file open. DuckDB then refuses every other connection, and dlt reports it as a
+credentials problem. So a run waits for the file too, naming the process that holds it every so
+often, up to `CRM_WAREHOUSE_WAIT_SECONDS`, then fails saying what to do.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,16 +25,26 @@ from typing import Optional
 
 from dlt.common.pipeline import get_dlt_pipelines_dir
 
-from .crm.errors import CrmError
+from .crm.errors import CrmConfigurationError, CrmError
 from .crm_pipeline import PIPELINE_NAME
+from .destination import duckdb_path, selected_destination
 
 logger = logging.getLogger("crm_assets.sources.run_lock")
 
 DEFAULT_WAIT_SECONDS = 3600.0
+WAREHOUSE_WAIT_ENV = "CRM_WAREHOUSE_WAIT_SECONDS"
+DEFAULT_WAREHOUSE_WAIT_SECONDS = 300.0
+WAREHOUSE_WAIT_LOG_EVERY = 15.0  # seconds between two lines naming the process still holding it
+# DuckDB's own words: 'Conflicting lock is held in /usr/bin/python3 (PID 1234)'
+_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
 
 
 class CrmRunLockTimeout(CrmError):
     """Another run kept the pipeline for longer than this run was willing to wait."""
+
+
+class CrmWarehouseBusy(CrmRunLockTimeout):
+    """Another process kept the DuckDB file open for longer than this run was willing to wait."""
 
 
 def lock_path(pipelines_dir: Optional[str] = None) -> str:
@@ -66,6 +82,67 @@ def exclusive_run(
         if announced:
             logger.warning("The other run finished after %.1fs; starting", time.monotonic() - started)
         try:
+            wait_for_duckdb_file()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def warehouse_wait_seconds() -> float:
+    raw = os.environ.get(WAREHOUSE_WAIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WAREHOUSE_WAIT_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise CrmConfigurationError(f"{WAREHOUSE_WAIT_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return seconds
+
+
+def wait_for_duckdb_file(wait_seconds: Optional[float] = None) -> None:
+    """Return once the sync's DuckDB file can be opened for writing (at once when the warehouse is
+    not a DuckDB file, or the file does not exist yet); wait while another process holds it."""
+    try:
+        path = duckdb_path() if selected_destination() == "duckdb" else None
+    except CrmError:
+        return  # an unknown destination: the run fails on it with its own message
+    if path is None or not os.path.exists(path):
+        return
+    import duckdb  # only for a DuckDB warehouse, and only at run time
+
+    limit = warehouse_wait_seconds() if wait_seconds is None else wait_seconds
+    started = time.monotonic()
+    next_line = started
+    held = False
+    while True:
+        try:
+            duckdb.connect(path).close()
+        except duckdb.IOException as exc:
+            holder = _HOLDER.search(str(exc))
+            if holder is None:
+                raise  # not a lock: DuckDB's own error says what is wrong with the file
+            held = True
+            who = f"{holder['program']} (PID {holder['pid']})"
+            waited = time.monotonic() - started
+            if waited >= limit:
+                raise CrmWarehouseBusy(
+                    f"The DuckDB file {path} has been held by {who} for {waited:.0f}s, past "
+                    f"{WAREHOUSE_WAIT_ENV}={limit:.0f}: a process keeps it open (a notebook, the DuckDB "
+                    "CLI, a BI tool), and DuckDB admits no other connection meanwhile. Close it there, "
+                    "then run the sync again; a reader that stays open between syncs should open the "
+                    "file read-only (duckdb.connect(path, read_only=True)) and close it before the "
+                    "next sync."
+                ) from None
+            if time.monotonic() >= next_line:
+                logger.warning(
+                    "The DuckDB file %s is held by %s; waiting for it to be closed (%.0fs so far, up "
+                    "to %.0fs: %s)", path, who, waited, limit, WAREHOUSE_WAIT_ENV,
+                )
+                next_line = time.monotonic() + WAREHOUSE_WAIT_LOG_EVERY
+            time.sleep(0.5)
+            continue
+        if held:
+            logger.warning("The DuckDB file %s was closed after %.1fs; starting", path, time.monotonic() - started)
+        return
