@@ -3,7 +3,10 @@
 # No `from __future__ import annotations` here: Dagster reads the config class from the signature.
 
 
+import atexit
 import logging
+import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,8 +116,9 @@ def _source_logs_in(context: AssetExecutionContext) -> Iterator[None]:
 
 def _is_transient(error: CrmError) -> bool:
     """Worth another attempt by the run's retry policy: the API was down, not wrong. A host name
-    that does not resolve is a wrong base URL far more often than an outage."""
-    if not isinstance(error, CrmApiError) or error.unresolvable:
+    that does not resolve is a wrong base URL far more often than an outage; an API that refused
+    the run's first connection is not running there (http.py)."""
+    if not isinstance(error, CrmApiError) or error.unresolvable or error.unreachable:
         return False
     return error.status is None or error.status in RETRY_STATUSES
 
@@ -136,7 +140,7 @@ def crm_sync_assets(
         # the run's own settings (the definitions' may be older): what the stored tables must take
         selected = [endpoint for endpoint in configured_endpoints() if endpoint.name in names]
     except CrmConfigurationError as exc:
-        raise Failure(description=str(exc), allow_retries=False) from None
+        raise _failure(str(exc), allow_retries=False) from None
     if config.full_refresh:
         context.log.info("Full refresh: dropping and reloading %s" % ", ".join(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))
@@ -159,12 +163,13 @@ def crm_sync_assets(
         except Exception as exc:
             error = find_crm_error(exc)
             if error is not None:
-                raise Failure(description=str(error), allow_retries=_is_transient(error)) from None
+                raise _failure(str(error), allow_retries=_is_transient(error)) from None
             violation = _contract_violation(exc)
             if violation is not None:
-                raise Failure(description=violation, allow_retries=False) from None
+                raise _failure(violation, allow_retries=False) from None
             raise
 
+    _unresolved_failure.clear()
     for result, table in zip(results, tables, strict=True):
         metadata = dict(result.metadata or {})
         metadata["dagster/row_count"] = counts.get(table)
@@ -180,6 +185,28 @@ def crm_sync_assets(
         elif new_columns and not changes[table]["new_tables"]:
             context.log.info(f"{table}: new column(s) {', '.join(new_columns)}")
         yield MaterializeResult(asset_key=result.asset_key, metadata=metadata)
+
+
+# The command lines that run the assets in their own process and end with their own words
+# ("Error: Materialization failed.") below every stack trace: `dg launch`, `dagster asset materialize`.
+_CLI_RUNS = {("dg", "launch"), ("dagster", "asset")}
+_unresolved_failure: list[str] = []  # the last sync's failure in this process, until one succeeds
+
+
+def _say_failure_last() -> None:
+    if _unresolved_failure:
+        print(f"crm sync failed: {_unresolved_failure[-1]}", file=sys.stderr, flush=True)
+
+
+def _failure(description: str, allow_retries: bool) -> Failure:
+    """The step's failure: its description is the one line that says what to do. From a command
+    line that runs the assets itself, that line is also the last one it prints (unless a retry
+    of the step succeeded)."""
+    if tuple(os.path.basename(arg) for arg in sys.argv[:2]) in _CLI_RUNS:
+        if not _unresolved_failure:
+            atexit.register(_say_failure_last)
+        _unresolved_failure.append(description)
+    return Failure(description=description, allow_retries=allow_retries)
 
 
 def _contract_violation(exc: BaseException) -> Optional[str]:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from dagster import AssetKey
@@ -22,6 +27,9 @@ from .conftest import (
     table_ids,
     table_state,
 )
+
+REPO = Path(__file__).resolve().parent.parent
+DG = str(Path(sys.executable).parent / "dg")
 
 
 def _materializations(result) -> dict[str, dict]:
@@ -223,11 +231,95 @@ def test_an_unreachable_api_fails_once_naming_the_address_and_the_setting(where,
     assert message.count(base_url) == 1  # said once, not repeated down the cause chain
 
 
+def _refused(warehouse, monkeypatch) -> str:
+    base_url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("SOURCES__CRM__BASE_URL", base_url)
+    monkeypatch.setenv("SOURCES__CRM__API_KEY", API_KEY)
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(warehouse))
+    monkeypatch.delenv("SOURCES__CRM__BACKOFF_FACTOR")  # the real policy: 2, 4 and 8 s
+    return base_url
+
+
+def test_a_refused_first_connection_fails_at_once_through_materialize_and_the_crm_sync_job(
+    warehouse, monkeypatch
+):
+    """No HTTP retry and no op retry: an API that never answered is not running at that address."""
+    from dagster import DagsterEventType, DagsterInstance
+
+    from crm_assets.definitions import defs
+
+    base_url = _refused(warehouse, monkeypatch)
+
+    started = time.monotonic()
+    result = run_sync(raise_on_error=False)
+    assert time.monotonic() - started < 10
+    assert not result.success
+    message = failure_message(result)
+    assert f"the connection was refused at {base_url}" in message, message
+    assert "before the API answered any request" in message and "SOURCES__CRM__BASE_URL" in message
+
+    with DagsterInstance.ephemeral() as instance:
+        started = time.monotonic()
+        job = defs.resolve_job_def("crm_sync").execute_in_process(instance=instance, raise_on_error=False)
+        elapsed = time.monotonic() - started
+        retries = instance.all_logs(job.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)
+    assert not job.success and elapsed < 10, elapsed
+    assert not retries
+    assert f"the connection was refused at {base_url}" in failure_message(job)
+
+
+def test_dg_launch_against_a_refused_port_ends_with_the_one_line_that_says_what_to_do(
+    warehouse, tmp_path, monkeypatch
+):
+    base_url = _refused(warehouse, monkeypatch)
+    (tmp_path / "dagster_home").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "API_KEY"}
+    env["DAGSTER_HOME"] = str(tmp_path / "dagster_home")
+
+    started = time.monotonic()
+    launched = subprocess.run([DG, "launch", "--assets", "*"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    assert launched.returncode != 0
+    assert time.monotonic() - started < 60  # the CLI's own start-up included; no retry waits
+    last = launched.stderr.strip().splitlines()[-1]
+    assert last.startswith("crm sync failed: ") and f"refused at {base_url}" in last, launched.stderr[-2000:]
+    assert "SOURCES__CRM__BASE_URL" in last
+    assert "Traceback" not in last
+
+
+def test_a_connection_dropped_after_the_api_answered_is_retried_as_transient(start_simulator):
+    """The same refusal once the API has answered (here: it stopped mid-run) is an outage: the
+    HTTP retries run, and the error leaves the op's retry policy free to try again."""
+    import copy
+
+    from crm_assets.assets import _is_transient
+    from crm_assets.sources.crm import CrmApiError
+    from crm_assets.sources.crm.http import CrmSession
+
+    simulator = start_simulator()
+    session = CrmSession(backoff_factor=0.01)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    url = f"{simulator.url}/v1/jobs?size=3"
+    assert session.get(url, headers=headers).status_code == 200
+    other_copy = copy.deepcopy(session)  # dlt and Dagster copy sessions: the copy knows too
+    simulator.stop()
+
+    with pytest.raises(CrmApiError) as raised:
+        other_copy.get(url, headers=headers)
+    assert "after 3 retries" in str(raised.value) and not raised.value.unreachable
+    assert _is_transient(raised.value)
+    with pytest.raises(CrmApiError) as first:
+        CrmSession(backoff_factor=0.01).get(url, headers=headers)  # a new run's first request
+    assert first.value.unreachable and not _is_transient(first.value)
+
+
 def test_a_host_that_does_not_resolve_is_not_worth_a_retry_and_a_refusal_is():
     from crm_assets.assets import _is_transient
     from crm_assets.sources.crm import CrmApiError
 
     assert not _is_transient(CrmApiError("x", resource="jobs", path="/v1/jobs", unresolvable=True))
+    assert not _is_transient(CrmApiError("x", resource="jobs", path="/v1/jobs", unreachable=True))
     assert _is_transient(CrmApiError("x", resource="jobs", path="/v1/jobs"))
 
 

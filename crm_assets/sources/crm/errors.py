@@ -18,13 +18,16 @@ class CrmApiError(CrmError):
 
     def __init__(
         self, message: str, *, resource: str, path: str, status: Optional[int] = None,
-        unresolvable: bool = False,
+        unresolvable: bool = False, unreachable: bool = False,
     ):
         super().__init__(message)
         self.resource = resource
         self.path = path
         self.status = status
         self.unresolvable = unresolvable  # the base URL's host name does not resolve
+        # refused or unresolvable before the API answered anything: a wrong URL or an API that is
+        # not running, which no retry mends
+        self.unreachable = unreachable
 
 
 class CrmIncompleteReadError(CrmError):

@@ -4,13 +4,20 @@ response checks.
 `CrmSession` retries 429/5xx/connection errors (at most `max_retries` times, exponential backoff,
 `Retry-After` honoured but never `0`), fails at once on any other 4xx, and checks that a 200 really
 is a page of records before dlt sees it. Errors name the resource and the URL path, never the key.
+
+A connection refused, or a host name that does not resolve, before the API has answered any
+request of the session is a wrong base URL or an API that is not running: no retry can change
+that, so it fails at once, naming the address (`CrmApiError.unreachable`). Once the API has
+answered, the same failure is an outage in the middle of a read, and is retried.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -36,6 +43,12 @@ except ImportError:  # pragma: no cover
     _loads = json.loads
 
 logger = logging.getLogger("crm_assets.sources.crm")
+
+# The sessions (by `CrmSession.token`) that have had an answer from the API. Kept here, not on the
+# session: dlt and Dagster copy a source's session, and each resource may read through its own copy
+# of one run's session.
+_ANSWERED: set[str] = set()
+_ANSWERED_LOCK = threading.Lock()
 
 def _endpoint_for(endpoints: Sequence[Endpoint], url: str) -> tuple[Optional[Endpoint], str]:
     """The endpoint a URL belongs to: the longest path its own path ends with (`/v2/invoices`
@@ -92,6 +105,7 @@ class CrmSession(requests.Session):
         "backoff_factor",
         "max_retry_delay",
         "request_timeout",
+        "token",
     ]
 
     def __init__(
@@ -108,8 +122,19 @@ class CrmSession(requests.Session):
         self.backoff_factor = backoff_factor
         self.max_retry_delay = max_retry_delay
         self.request_timeout = request_timeout
+        self.token = uuid.uuid4().hex  # shared by every copy of this session (_ANSWERED)
         self.headers["Accept"] = "application/json"
         self.headers["User-Agent"] = "crm_assets (dlt rest_api)"
+
+    @property
+    def answered(self) -> bool:
+        """The API has answered a request of this session (or of a copy of it)."""
+        return self.token in _ANSWERED
+
+    def _answered_now(self) -> None:
+        if self.token not in _ANSWERED:
+            with _ANSWERED_LOCK:
+                _ANSWERED.add(self.token)
 
     def backoff_seconds(self, retry_number: int) -> float:
         """The wait before retry `retry_number` (1, 2, ...) when the API names none."""
@@ -133,17 +158,26 @@ class CrmSession(requests.Session):
                 response = exc.response
             except (ConnectionError, Timeout, ChunkedEncodingError) as exc:
                 failure = _connection_failure(exc)
+                parts = urlsplit(request.url or "")
+                address = f"{parts.scheme}://{parts.netloc}"
+                unresolvable = "does not resolve" in failure
+                if (unresolvable or "refused" in failure) and not self.answered:
+                    raise CrmApiError(
+                        f"{resource}: {failure} at {address} (GET {path}) before the API answered "
+                        "any request: check SOURCES__CRM__BASE_URL and that the API is running",
+                        resource=resource, path=path, unresolvable=unresolvable, unreachable=True,
+                    ) from None
                 if retry >= self.max_retries:
-                    parts = urlsplit(request.url or "")
                     raise CrmApiError(
                         f"{resource}: GET {path} failed after {retry} retries: {failure} at "
-                        f"{parts.scheme}://{parts.netloc}; check SOURCES__CRM__BASE_URL",
+                        f"{address}; check SOURCES__CRM__BASE_URL",
                         resource=resource,
                         path=path,
-                        unresolvable="does not resolve" in failure,
+                        unresolvable=unresolvable,
                     ) from None
                 wait = self.backoff_seconds(retry + 1)
             if response is not None:
+                self._answered_now()
                 if response.status_code not in RETRY_STATUSES or retry >= self.max_retries:
                     return self._checked(response, endpoint, resource, path, retry)
                 failure = f"HTTP {response.status_code}"
