@@ -5,9 +5,11 @@ Three checks per table, built from the configured endpoints so a new resource ge
 * `id_is_unique`          blocking, ERROR: the merge on the primary key (`id`, or the configured
                           one such as `jnid`) must leave one row per key.
 * `id_is_not_null`        blocking, ERROR: every row has its primary key.
-* `row_count_matches_api` WARN: rows in the table vs the API's own `count` (one `size=0`
-                          request). Only a warning: records can be created between the load and
-                          the check, and deactivated records are removed when `hard_delete` is on.
+* `row_count_matches_api` WARN: rows in the table (but those the audit marked deleted) vs the
+                          API's own `count` (one `size=0` request). Only a warning: records can be
+                          created between the load and the check, and deactivated records are
+                          removed when `hard_delete` is on. A failure makes crm_audit_sensor
+                          request an audit (audit.py) of that table.
 
 They are one `@multi_asset_check` (one step, one pool slot) rather than fifteen steps: the
 warehouse admits one user at a time (DuckDB: a single writer), so the checks take the same
@@ -40,7 +42,7 @@ from dagster import (
 
 from .assets import CRM_ENDPOINTS, WAREHOUSE_POOL
 from .constants import ASSET_KEY_PREFIX, FRESHNESS_FAIL_AFTER_MINUTES, FRESHNESS_WARN_AFTER_MINUTES
-from .sources.crm import CrmError, Endpoint, count_records
+from .sources.crm import DELETED_AT_COLUMN, CrmError, Endpoint, count_records
 from .warehouse import DatabaseUndefinedRelation, Query, reader
 
 ID_IS_UNIQUE = "id_is_unique"
@@ -103,6 +105,12 @@ _SQL_DUPLICATE_SAMPLE = (
 )
 _SQL_NULL_IDS = "SELECT COUNT(*) FROM {table} WHERE {key} IS NULL"
 _SQL_ROWS = "SELECT COUNT(*) FROM {table}"
+# rows the audit marked deleted (`_crm_deleted_at`: records the API no longer lists) are not counted
+_SQL_LIVE_ROWS = f"SELECT COUNT(*) FROM {{table}} WHERE {DELETED_AT_COLUMN} IS NULL"
+_SQL_HAS_DELETED_AT = (
+    "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = 'crm' "
+    f"AND table_name = '{{name}}' AND column_name = '{DELETED_AT_COLUMN}'"
+)
 
 
 def _id_is_unique(query: Query, key: AssetCheckKey, endpoint: Endpoint) -> AssetCheckResult:
@@ -153,7 +161,8 @@ def _row_count_matches_api(
     query: Query, key: AssetCheckKey, endpoint: Endpoint, api_count: Union[int, CrmError]
 ) -> AssetCheckResult:
     table = endpoint.name
-    ((rows,),) = query(_SQL_ROWS, table)
+    ((marks,),) = query(_SQL_HAS_DELETED_AT.replace("{name}", table), table)
+    ((rows,),) = query(_SQL_LIVE_ROWS if marks else _SQL_ROWS, table)
     if isinstance(api_count, CrmError):
         return AssetCheckResult(
             asset_key=key.asset_key,
