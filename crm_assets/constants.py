@@ -11,6 +11,8 @@ OWNERS = ["team:data-engineering"]
 # Hourly, on the hour, evaluated in UTC. Change it here; `dagster dev` picks it up on reload.
 CRM_SYNC_CRON = "0 * * * *"
 SCHEDULE_TIMEZONE = "UTC"
+# The audit (job crm_audit): daily at 03:30 UTC, between two hourly syncs.
+CRM_AUDIT_CRON = "30 3 * * *"
 
 # crm_sync's op retry policy: at most 3 retries, 30 s base delay, exponential (30, 90, 210 s)
 # with +/- 30 s jitter. Only transient API failures are retried (assets.py raises

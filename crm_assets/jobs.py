@@ -1,4 +1,4 @@
-"""Jobs over the `crm` group: the sync (load + checks) and the checks on their own."""
+"""Jobs over the `crm` group: the sync (load + checks), the checks on their own, and the audit."""
 
 from dagster import (
     AssetSelection,
@@ -13,6 +13,7 @@ from dagster import (
 )
 
 from .assets import WAREHOUSE_POOL
+from .audit import crm_audit_checks
 from .constants import GROUP_NAME, SYNC_MAX_RETRIES, SYNC_RETRY_DELAY_SECONDS, WAREHOUSE_RUN_TAG
 
 # Runs carrying this tag wait in the run queue while another one is in progress (dagster.yaml:
@@ -20,10 +21,13 @@ from .constants import GROUP_NAME, SYNC_MAX_RETRIES, SYNC_RETRY_DELAY_SECONDS, W
 # step by step, also for ad-hoc materializations launched from the UI.
 WAREHOUSE_RUN_TAGS = {WAREHOUSE_RUN_TAG: WAREHOUSE_POOL}
 
+# The audit's checks (`warehouse_matches_api`) list the whole API: they run in `crm_audit` only.
+AUDIT_CHECKS = AssetSelection.checks(crm_audit_checks)
+
 crm_sync = define_asset_job(
     name="crm_sync",
     # a group selection includes the checks that target the group's assets: they run after the load
-    selection=AssetSelection.groups(GROUP_NAME),
+    selection=AssetSelection.groups(GROUP_NAME) - AUDIT_CHECKS,
     description=(
         "Load the CRM resources into the warehouse (merge on id), then run their checks. "
         "Transient API failures are retried up to 3 times with exponential backoff; a failed "
@@ -40,10 +44,21 @@ crm_sync = define_asset_job(
 
 crm_checks = define_asset_job(
     name="crm_checks",
-    selection=AssetSelection.all_asset_checks() & AssetSelection.groups(GROUP_NAME),
+    selection=(AssetSelection.all_asset_checks() & AssetSelection.groups(GROUP_NAME)) - AUDIT_CHECKS,
     description=(
         "Run the checks on the crm.* tables without loading anything: unique and non-null ids "
         "(fail the run) and row counts against the API (warn)."
+    ),
+    run_tags=WAREHOUSE_RUN_TAGS,
+)
+
+crm_audit = define_asset_job(
+    name="crm_audit",
+    selection=AUDIT_CHECKS,
+    description=(
+        "Prove every crm.* table equals the API and repair it where it does not: missing and stale "
+        "records are loaded again, records gone from the API are marked (_crm_deleted_at) or removed "
+        "(SOURCES__CRM__HARD_DELETE). A check fails when it cannot repair (the guard, an API error)."
     ),
     run_tags=WAREHOUSE_RUN_TAGS,
 )
@@ -59,8 +74,11 @@ ACTIVE_RUN_STATUSES = [
 
 def active_sync_runs(instance: DagsterInstance) -> list[DagsterRun]:
     """`crm_sync` runs that are queued or in progress."""
+    return active_runs(instance, crm_sync.name)
+
+
+def active_runs(instance: DagsterInstance, job_name: str) -> list[DagsterRun]:
+    """Runs of `job_name` that are queued or in progress."""
     return list(
-        instance.get_runs(
-            filters=RunsFilter(job_name=crm_sync.name, statuses=ACTIVE_RUN_STATUSES), limit=5
-        )
+        instance.get_runs(filters=RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=5)
     )

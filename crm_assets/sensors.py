@@ -1,4 +1,5 @@
-"""Sensors: sync what changed in the CRM between scheduled syncs, and report failed syncs."""
+"""Sensors: sync what changed in the CRM between scheduled syncs, report failed syncs, and audit
+the tables whose row count stopped matching the API."""
 
 import json
 import os
@@ -8,13 +9,19 @@ from typing import Any, Optional, Union
 
 import requests
 from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
     AssetKey,
+    DagsterEventType,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunFailureSensorContext,
     RunRequest,
+    RunStatusSensorContext,
     SensorEvaluationContext,
     SkipReason,
     run_failure_sensor,
+    run_status_sensor,
     sensor,
 )
 
@@ -25,7 +32,9 @@ from .constants import (
     CHANGE_SENSOR_OVERLAP_SECONDS,
 )
 from .assets import CRM_ENDPOINTS
-from .jobs import active_sync_runs, crm_sync
+from .audit import WAREHOUSE_MATCHES_API
+from .checks import ROW_COUNT_MATCHES_API
+from .jobs import active_runs, active_sync_runs, crm_audit, crm_checks, crm_sync
 from .sources.crm import CrmError, connection_settings, count_records
 from .sources.crm.http import CrmSession
 
@@ -189,3 +198,53 @@ def crm_sync_failure_sensor(context: RunFailureSensorContext) -> None:
     if response.status_code >= 300:
         raise RuntimeError(f"The alert webhook answered HTTP {response.status_code}")
     context.log.info(f"Failure alert for run {run.run_id} posted")
+
+
+def failed_row_counts(instance: Any, run_id: str) -> list[AssetKey]:
+    """The assets whose `row_count_matches_api` failed in the run, from its event log."""
+    records = instance.get_records_for_run(
+        run_id=run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION
+    ).records
+    failed = []
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        evaluation = event.event_specific_data if event is not None else None
+        if (
+            isinstance(evaluation, AssetCheckEvaluation)
+            and evaluation.check_name == ROW_COUNT_MATCHES_API
+            and not evaluation.passed
+            and evaluation.asset_key not in failed
+        ):
+            failed.append(evaluation.asset_key)
+    return failed
+
+
+@run_status_sensor(
+    name="crm_audit_sensor",
+    run_status=DagsterRunStatus.SUCCESS,
+    monitored_jobs=[crm_sync, crm_checks],
+    request_job=crm_audit,
+    default_status=DefaultSensorStatus.RUNNING,
+    description=(
+        "After a successful crm_sync or crm_checks run in which row_count_matches_api failed, "
+        "runs crm_audit for those tables (their warehouse_matches_api checks). Skips while an audit "
+        "is queued or running."
+    ),
+)
+def crm_audit_sensor(context: RunStatusSensorContext) -> Union[RunRequest, SkipReason]:
+    run_id = context.dagster_run.run_id
+    failed = failed_row_counts(context.instance, run_id)
+    if not failed:
+        return SkipReason(f"Every row_count_matches_api of run {run_id} passed")
+    active = active_runs(context.instance, crm_audit.name)
+    if active:
+        return SkipReason(
+            f"crm_audit run {active[0].run_id} is {active[0].status.value.lower()}; not requesting another"
+        )
+    tables = ", ".join(key.to_user_string() for key in failed)
+    context.log.info(f"row_count_matches_api failed in run {run_id} for {tables}: requesting crm_audit")
+    return RunRequest(
+        run_key=f"crm_audit_after_{run_id}",
+        asset_check_keys=[AssetCheckKey(key, WAREHOUSE_MATCHES_API) for key in failed],
+        tags={"crm_assets/audit_after_run": run_id},
+    )

@@ -84,7 +84,12 @@ def test_dg_lists_and_checks_the_definitions_with_no_environment(tmp_path):
     assert listed.returncode == 0, listed.stderr[-3000:]
     defs = json.loads(listed.stdout[listed.stdout.index("{"):])
     assert {a["asset_key"] for a in defs["assets"]} == {key.to_user_string() for key in EXPECTED_KEYS}
-    assert {c["name"] for c in defs["asset_checks"]} == {"id_is_unique", "id_is_not_null", "row_count_matches_api"}
+    assert {c["name"] for c in defs["asset_checks"]} == {
+        "id_is_unique", "id_is_not_null", "row_count_matches_api", "warehouse_matches_api"
+    }
+    assert {j["name"] for j in defs["jobs"]} >= {"crm_sync", "crm_checks", "crm_audit"}
+    assert {s["name"] for s in defs["schedules"]} == {"crm_sync_schedule", "crm_audit_schedule"}
+    assert {s["name"] for s in defs["sensors"]} == {"crm_change_sensor", "crm_sync_failure_sensor", "crm_audit_sensor"}
 
     checked = subprocess.run([DG, "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=180)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from dagster import (
     AssetKey,
+    AssetSelection,
     Backoff,
     DagsterInstance,
     DagsterRun,
@@ -27,6 +28,7 @@ from dagster import (
     build_schedule_context,
     build_sensor_context,
     instance_for_test,
+    materialize,
 )
 
 from crm_assets import sensors
@@ -34,8 +36,12 @@ from crm_assets.assets import WAREHOUSE_POOL
 from crm_assets.checks import CRM_FRESHNESS_POLICY
 from crm_assets.constants import CHANGE_SENSOR_INTERVAL_SECONDS, CHANGE_SENSOR_OVERLAP_SECONDS, WAREHOUSE_RUN_TAG
 from crm_assets.definitions import defs
-from crm_assets.schedules import crm_sync_schedule
-from crm_assets.sensors import crm_change_sensor, crm_sync_failure_sensor
+from crm_assets.assets import crm_sync_assets
+from crm_assets.audit import WAREHOUSE_MATCHES_API, crm_audit_checks
+from crm_assets.resources import RESOURCES as RESOURCES_BY_KEY
+from crm_assets.constants import CRM_AUDIT_CRON
+from crm_assets.schedules import crm_audit_schedule, crm_sync_schedule
+from crm_assets.sensors import crm_audit_sensor, crm_change_sensor, crm_sync_failure_sensor
 
 from .conftest import API_KEY, RESOURCES, failure_message
 
@@ -67,7 +73,17 @@ def test_the_jobs_their_selections_tags_and_retry_policy():
     assert checks.asset_layer.selected_asset_keys == set()
     assert [node.name for node in checks.nodes_in_topological_order] == ["crm_table_checks"]
     assert len(checks.asset_layer.asset_graph.asset_check_keys) == 3 * len(RESOURCES)
+    # the audit's checks run in crm_audit alone: it selects exactly them, the others none of them
+    audit = defs.resolve_job_def("crm_audit")
+    assert [node.name for node in audit.nodes_in_topological_order] == ["crm_audit_checks"]
+    assert audit.asset_layer.selected_asset_keys == set()
+    assert {(key.asset_key.path[-1], key.name) for key in audit.asset_layer.asset_graph.asset_check_keys} == {
+        (resource, WAREHOUSE_MATCHES_API) for resource in RESOURCES
+    }
     for job in (sync, checks):
+        assert WAREHOUSE_MATCHES_API not in {key.name for key in job.asset_layer.asset_graph.asset_check_keys}
+    assert audit.op_retry_policy is None
+    for job in (sync, checks, audit):
         assert job.run_tags[WAREHOUSE_RUN_TAG] == WAREHOUSE_POOL
         assert job.description
 
@@ -85,6 +101,14 @@ def test_the_schedule_and_the_sensors_as_the_ui_shows_them():
     assert change.default_status == DefaultSensorStatus.RUNNING and change.description
     failure = defs.resolve_sensor_def("crm_sync_failure_sensor")
     assert failure.default_status == DefaultSensorStatus.RUNNING and failure.description
+
+    audit = defs.resolve_schedule_def("crm_audit_schedule")
+    assert audit.cron_schedule == CRM_AUDIT_CRON == "30 3 * * *"  # daily
+    assert audit.default_status == DefaultScheduleStatus.RUNNING
+    assert audit.job_name == "crm_audit" and audit.description
+    audit_sensor = defs.resolve_sensor_def("crm_audit_sensor")
+    assert audit_sensor.default_status == DefaultSensorStatus.RUNNING and audit_sensor.description
+    assert audit_sensor.job_name == "crm_audit"
 
     graph = defs.resolve_asset_graph()
     for key in graph.asset_check_keys:
@@ -231,6 +255,69 @@ def test_the_schedule_requests_a_sync_unless_one_is_still_under_way(instance):
     skipped = crm_sync_schedule(build_schedule_context(instance=instance))
 
     assert isinstance(skipped, SkipReason) and run.run_id in skipped.skip_message
+
+
+def test_the_audit_schedule_requests_an_audit_unless_one_is_still_under_way(instance):
+    assert isinstance(crm_audit_schedule(build_schedule_context(instance=instance)), RunRequest)
+
+    run = _run_of(instance, "crm_audit", DagsterRunStatus.STARTING)
+    skipped = crm_audit_schedule(build_schedule_context(instance=instance))
+
+    assert isinstance(skipped, SkipReason) and run.run_id in skipped.skip_message
+
+
+# --- crm_audit_sensor ----------------------------------------------------------------------
+
+
+def _audit_sensor_after(result, instance):
+    context = build_run_status_sensor_context(
+        sensor_name="crm_audit_sensor",
+        dagster_event=result.get_run_success_event(),
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+    )
+    return crm_audit_sensor(context)
+
+
+def test_the_audit_sensor_requests_an_audit_of_the_tables_whose_row_count_failed(
+    start_simulator, crm_env, instance
+):
+    simulator = start_simulator()
+    crm_env(simulator)
+    checks_job = defs.resolve_job_def("crm_checks")
+    synced = defs.resolve_job_def("crm_sync").execute_in_process(instance=instance)
+    assert synced.success
+
+    quiet = _audit_sensor_after(synced, instance)
+    assert isinstance(quiet, SkipReason) and "passed" in quiet.skip_message
+
+    simulator.mutate("files", delete=2)
+    simulator.mutate("tasks", delete=1)
+    checked = checks_job.execute_in_process(instance=instance)
+    assert checked.success  # the row counts only warn
+    requested = _audit_sensor_after(checked, instance)
+
+    assert isinstance(requested, RunRequest)
+    assert requested.run_key == f"crm_audit_after_{checked.run_id}"
+    assert {(key.asset_key.path[-1], key.name) for key in requested.asset_check_keys} == {
+        ("files", WAREHOUSE_MATCHES_API), ("tasks", WAREHOUSE_MATCHES_API)
+    }
+
+    audit = _run_of(instance, "crm_audit", DagsterRunStatus.STARTED)
+    waiting = _audit_sensor_after(checked, instance)
+    assert isinstance(waiting, SkipReason) and audit.run_id in waiting.skip_message
+
+    # the requested run audits those two tables, and they equal the API again
+    instance.report_run_failed(audit)
+    result = materialize(
+        [crm_sync_assets, crm_audit_checks], selection=AssetSelection.checks(*requested.asset_check_keys),
+        resources=RESOURCES_BY_KEY, instance=instance,
+    )
+    evaluations = result.get_asset_check_evaluations()
+    assert {e.asset_check_key for e in evaluations} == set(requested.asset_check_keys)
+    assert all(e.passed for e in evaluations)
+    rechecked = checks_job.execute_in_process(instance=instance)
+    assert isinstance(_audit_sensor_after(rechecked, instance), SkipReason)
 
 
 # --- crm_sync_failure_sensor ---------------------------------------------------------------
