@@ -28,7 +28,7 @@ from .sources.crm import (
     crm,
     find_crm_error,
 )
-from .sources.crm.settings import RETRY_STATUSES
+from .sources.crm.settings import CURSOR_FIELD, RETRY_STATUSES
 from .sources.crm_pipeline import DATASET_NAME, crm_pipeline
 from .sources.destination import run_options, selected_destination
 from .sources.readback import refuse_earlier_layout, schema_changes, table_row_counts
@@ -159,6 +159,7 @@ def crm_sync_assets(
                 # read back while no other run can be writing the warehouse
                 tables = [result.asset_key.path[-1] for result in results]
                 counts = table_row_counts(pipeline, tables)
+                cursors = {table: _cursor_metadata(pipeline, table) for table in tables}
                 changes = {table: schema_changes(pipeline, table) for table in tables}
         except Exception as exc:
             error = find_crm_error(exc)
@@ -172,9 +173,15 @@ def crm_sync_assets(
     _unresolved_failure.clear()
     for result, table in zip(results, tables, strict=True):
         metadata = dict(result.metadata or {})
-        metadata["dagster/row_count"] = counts.get(table)
+        metadata["dagster/row_count"] = counts.get(table)  # rows in the table after this run
         metadata["dagster/table_name"] = f"{DATASET_NAME}.{table}"
-        metadata.setdefault("rows_loaded", 0)
+        # dagster-dlt's `rows_loaded` counts every copy of a record the read met (the merge keeps
+        # one), and its `first_run` is the pipeline's first run ever, false on a full refresh:
+        # both said something else than they seemed to
+        read = metadata.pop("rows_loaded", None)
+        metadata["crm/records_read"] = MetadataValue.int(int(getattr(read, "value", read) or 0))
+        metadata.pop("first_run", None)
+        metadata.update(cursors[table])
         for kind, entries in changes[table].items():
             metadata[f"crm/{kind}"] = MetadataValue.json(entries)
         variants, new_columns = changes[table]["variant_columns"], changes[table]["new_columns"]
@@ -207,6 +214,23 @@ def _failure(description: str, allow_retries: bool) -> Failure:
             atexit.register(_say_failure_last)
         _unresolved_failure.append(description)
     return Failure(description=description, allow_retries=allow_retries)
+
+
+def _cursor_metadata(pipeline: Pipeline, resource: str) -> dict[str, Any]:
+    """The resource's incremental cursor after the run, from dlt's state: `crm/cursor`, the newest
+    `date_updated` loaded (the next run reads from there), and `crm/full_load`, whether this run
+    read the resource from scratch (no cursor before it: its first load, or a full refresh)."""
+    incremental = (
+        pipeline.state.get("sources", {}).get(pipeline.default_schema_name, {})
+        .get("resources", {}).get(resource, {}).get("incremental", {}).get(CURSOR_FIELD)
+    )
+    if not isinstance(incremental, dict):
+        return {"crm/full_load": MetadataValue.bool(True)}
+    metadata: dict[str, Any] = {"crm/full_load": MetadataValue.bool(incremental.get("start_value") is None)}
+    last = incremental.get("last_value")
+    if isinstance(last, (int, float)) and not isinstance(last, bool):
+        metadata["crm/cursor"] = MetadataValue.timestamp(float(last))
+    return metadata
 
 
 def _contract_violation(exc: BaseException) -> Optional[str]:

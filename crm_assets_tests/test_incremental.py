@@ -270,3 +270,40 @@ def test_a_changed_primary_key_is_refused_before_any_request_and_a_full_refresh_
                          run_config={"ops": {"crm_sync_assets": {"config": {"full_refresh": True}}}})
     assert refreshed.success
     any_warehouse.assert_exact(jnid, resources=["jobs", "tasks"], key="jnid")
+
+
+def test_the_metadata_says_what_each_count_is_whether_the_load_was_full_and_where_the_cursor_is(
+    start_simulator, crm_env, warehouse
+):
+    """`dagster/row_count`: rows in the table; `crm/records_read`: records the run read (a record
+    met twice counted twice); `crm/full_load`: read from scratch; `crm/cursor`: the newest
+    `date_updated` loaded, as a timestamp. dagster-dlt's `rows_loaded` and `first_run` are gone."""
+    from dagster import TimestampMetadataValue
+
+    jobs = [AssetKey(["crm", "jobs"])]
+    simulator = start_simulator(page_cap=50)  # pages overlap by a record: read > rows
+    crm_env(simulator)
+
+    def newest() -> int:
+        return max(record["date_updated"] for record in simulator.records("jobs"))
+
+    first = _metadata(run_sync(selection=jobs), "jobs")
+    assert "rows_loaded" not in first and "first_run" not in first
+    assert first["dagster/row_count"].value == SMALL_COUNTS["jobs"]
+    assert first["crm/records_read"].value >= SMALL_COUNTS["jobs"]
+    assert first["crm/full_load"].value is True
+    assert isinstance(first["crm/cursor"], TimestampMetadataValue)
+    assert first["crm/cursor"].value == newest()
+
+    simulator.mutate("jobs", edit=2, insert=1)
+    second = _metadata(run_sync(selection=jobs), "jobs")
+    assert second["crm/full_load"].value is False
+    assert second["crm/cursor"].value == newest() > first["crm/cursor"].value
+    assert second["dagster/row_count"].value == SMALL_COUNTS["jobs"] + 1
+    assert 3 <= second["crm/records_read"].value <= 10
+
+    refresh = {"ops": {"crm_sync_assets": {"config": {"full_refresh": True}}}}
+    refreshed = _metadata(run_sync(selection=jobs, run_config=refresh), "jobs")
+    assert refreshed["crm/full_load"].value is True
+    assert refreshed["crm/cursor"].value == newest()
+    assert refreshed["crm/records_read"].value >= SMALL_COUNTS["jobs"] + 1

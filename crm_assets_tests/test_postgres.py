@@ -121,7 +121,7 @@ def test_every_record_lands_once_in_postgres_with_capped_pages_and_a_resource_ov
         assert metadata[f"crm/{name}"]["dagster/row_count"].value == counts[name]
         # rows, not fields (dlt's CSV writer would report ~16x); each page after the first
         # repeats the last record of the one before (pages of 300), merged once
-        loaded = metadata[f"crm/{name}"]["rows_loaded"].value
+        loaded = metadata[f"crm/{name}"]["crm/records_read"].value
         assert counts[name] <= loaded <= counts[name] + counts[name] // 299 + 1
     load_info = crm_pipeline().last_trace.last_load_info
     formats = {job.job_file_info.file_format
