@@ -5,8 +5,12 @@
 #   scripts/services.sh up      install postgresql / chromium if missing (apt-get), start a
 #                               private PostgreSQL on 127.0.0.1:<free port>, write its address
 #                               to .tmp/services/postgres.env; a server already up is reused
-#   scripts/services.sh down    stop that server and delete its data directory
+#   scripts/services.sh down    stop that server and delete its data directory, unless another
+#                               caller's `up` still holds it (`down --force`: stop it anyway)
 #   scripts/services.sh env     print the address file (KEY=value lines), fail if not up
+#
+# Several `make test` may share the working tree: each `up` registers its caller (the parent
+# process id) as a holder, and `down` stops the server only when no living holder is left.
 #
 # The server is a cluster of its own (initdb into a temporary directory, fsync off: test data
 # only), never the machine's `main` cluster. PostgreSQL refuses to run as root, so as root it
@@ -18,6 +22,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE_DIR="$ROOT/.tmp/services"
 PG_STATE="$STATE_DIR/postgres.env"
+HOLDERS="$STATE_DIR/holders"
+HOLDER="$PPID"  # the process that called us: its `up` and its `down` name the same holder
 PG_USER=crm
 # the data directory must be reachable by the `postgres` OS user: a world-traversable temp root
 TMP_ROOT="${TMPDIR:-/tmp}"
@@ -162,21 +168,47 @@ postgres_down() {
     log "PostgreSQL stopped"
 }
 
+# one `up` or `down` at a time in this working tree
+lock() {
+    mkdir -p "$HOLDERS"
+    exec 9>"$STATE_DIR/lock"
+    flock 9
+}
+
+# the holders whose process still lives (the others are forgotten)
+living_holders() {
+    local file
+    for file in "$HOLDERS"/*; do
+        [ -e "$file" ] || continue
+        if kill -0 "${file##*/}" 2>/dev/null; then echo "${file##*/}"; else rm -f "$file"; fi
+    done
+}
+
 case "${1:-}" in
     up)
         ensure_postgresql
         ensure_chromium
+        lock
         postgres_up
+        touch "$HOLDERS/$HOLDER"
         ;;
     down)
-        postgres_down
+        lock
+        rm -f "$HOLDERS/$HOLDER"
+        others="$(living_holders | wc -l)"
+        if [ "${2:-}" != --force ] && [ "$others" -gt 0 ]; then
+            log "PostgreSQL left running: $others other caller(s) still use it"
+        else
+            postgres_down
+            rm -f "$HOLDERS"/*
+        fi
         ;;
     env)
         pg_is_up || die "PostgreSQL is not running: run scripts/services.sh up"
         cat "$PG_STATE"
         ;;
     *)
-        echo "usage: $0 up|down|env" >&2
+        echo "usage: $0 up|down [--force]|env" >&2
         exit 2
         ;;
 esac
