@@ -35,9 +35,10 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-## make dev: simulator + dagster dev (webserver and daemon) with the five assets ready
+## make dev: simulator + dg dev (webserver and daemon) with the five assets ready; any signal that
+## stops it stops all of it.   make dev DEV_ARGS="--port 3001 --home /tmp/dagster_home"
 dev: $(STAMP)
-	$(BIN)/python scripts/dev.py
+	$(BIN)/python scripts/dev.py $(DEV_ARGS)
 
 ## make bench: simulator -> HTTP floor, seed config, project (plain dlt and via Dagster): time, rows/s, peak RSS
 ##   make bench BENCH_ARGS="--latency-ms 50"   or   BENCH_ARGS="--records 1000000 --only c2,c --json bench.json"

@@ -25,14 +25,16 @@ DATABASE = ROOT / "crm_warehouse.duckdb"
 FULL_REFRESH = '{"ops": {"crm_sync_assets": {"config": {"full_refresh": true}}}}'
 
 
-def prepare_instance() -> Path:
-    """.dagster_home/ with the repository's dagster.yaml (and telemetry off when
-    DAGSTER_DISABLE_TELEMETRY says so: Dagster itself only reads its own file for that)."""
-    home = ROOT / ".dagster_home"
-    home.mkdir(exist_ok=True)
+def prepare_instance(home: Path = ROOT / ".dagster_home") -> Path:
+    """DAGSTER_HOME (.dagster_home/) with the repository's dagster.yaml, without the UI's
+    first-visit pop-up (`nux`), and with telemetry off when DAGSTER_DISABLE_TELEMETRY says so
+    (Dagster and dg only read their instance's file for that: the variable stops the upload, not
+    the event files)."""
+    home.mkdir(parents=True, exist_ok=True)
     settings = (ROOT / "dagster.yaml").read_text() if (ROOT / "dagster.yaml").exists() else ""
+    settings += "\n# added by scripts/demo.py: a local instance\nnux:\n  enabled: false\n"
     if os.environ.get("DAGSTER_DISABLE_TELEMETRY", "").strip().lower() in ("1", "true", "yes"):
-        settings += "\n# added by scripts/demo.py: DAGSTER_DISABLE_TELEMETRY is set\ntelemetry:\n  enabled: false\n"
+        settings += "telemetry:\n  enabled: false\n"
     (home / "dagster.yaml").write_text(settings)
     return home
 
