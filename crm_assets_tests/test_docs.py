@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from crm_assets.sources.crm import build_endpoints, crm
+from crm_assets.sources.crm.audit import audit_settings
 from crm_assets.sources.crm.catalog import RESOURCE_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,8 +66,9 @@ def test_every_make_target_the_readme_gives_exists():
 
 
 def test_every_source_setting_the_docs_name_is_read():
-    """`SOURCES__CRM__X` is dlt's name for the `crm` source's argument `x`."""
-    arguments = set(inspect.signature(crm).parameters)
+    """`SOURCES__CRM__X` is dlt's name for the `crm` source's argument `x` (or the audit's, which
+    reads the same section)."""
+    arguments = set(inspect.signature(crm).parameters) | set(inspect.signature(audit_settings).parameters)
     named = set()
     for doc in DOCS:
         named |= {name.lower() for name in re.findall(r"SOURCES__CRM__([A-Z_]+[A-Z])", _text(doc))}

@@ -89,6 +89,7 @@ class TableAudit:
             "listed": self.listed,
             "missing": self.missing,
             "stale": self.stale,
+            "gone": self.gone,
             "deleted": self.deleted,
             "repaired": self.repaired,
             "records_loaded": self.records_loaded,
