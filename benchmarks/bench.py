@@ -17,20 +17,27 @@ each in its own subprocess, measuring wall time, peak memory of the whole proces
   c    the project through Dagster: `dagster asset materialize -m crm_assets.definitions
        --select '*'` with a temporary DAGSTER_HOME (holding a copy of the repository's
        dagster.yaml, if there is one, as `make dev` does; --no-dagster-yaml for none).
+  au   (optional) the audit (crm_assets/sources/audit.py, as job crm_audit runs it, without
+       Dagster): a full sync (c') prepares its warehouse, unmeasured; then --audit-changes edits
+       and hard deletes per resource at the API; then the measured audit lists every resource,
+       compares, repairs and marks. Run it next to c' with --fields-param (the API honours
+       `fields=`, so the listing carries keys and dates only): `--only c2,au --fields-param`.
 
 For each: wall time of the process (start to exit, imports included), the sync time measured
 inside it where there is one, records (distinct ids) and rows (every row of every table of the
 dataset (child tables, were there any, included), dlt's own `_dlt_*` tables excluded; for a, rows = records),
 records/s and rows/s on the wall time, peak RSS of the process tree (VmRSS of the process and all
 its descendants summed, polled every ~50 ms), VmHWM of the main process (polled likewise), CPU
-seconds of the tree (rusage) and of the simulator (/proc), and completeness: distinct ids
-landed / the API's count, per resource.
+seconds of the tree (rusage) and of the simulator (/proc), the API requests it made (the
+simulator's own count, `size=0` counts included), and completeness: distinct ids landed / the
+API's count, per resource.
 
     python benchmarks/bench.py                                  # 109,000 records, latency 0
     python benchmarks/bench.py --latency-ms 50 --json out.json
     python benchmarks/bench.py --records 1000000 --only c2,c
     python benchmarks/bench.py --counts jobs=20000,tasks=30000 --page-cap 250 --repeat 3
     python benchmarks/bench.py --only c2 --profile c2           # + where the CPU goes (py-spy)
+    python benchmarks/bench.py --only c2,au --fields-param      # a full sync next to an audit
 
 Everything temporary lives in one tempfile.mkdtemp() directory, removed at the end; the
 simulator and a running variant are stopped on errors and Ctrl-C too. Only the standard library
@@ -78,7 +85,7 @@ RESOURCE_NAMES = [name for name, _, _ in RESOURCES]
 # The default spread (109,000 records); --records N keeps these proportions.
 DEFAULT_COUNTS = {"jobs": 20_000, "contacts": 25_000, "tasks": 30_000, "activities": 24_000, "files": 10_000}
 
-VARIANTS = ("a", "ap", "b", "c2", "c")
+VARIANTS = ("a", "ap", "b", "c2", "c", "au")
 DEFAULT_VARIANTS = ("a", "b", "c2", "c")
 TITLES = {
     "a": "(a) HTTP floor, 1 session",
@@ -86,8 +93,9 @@ TITLES = {
     "b": "(b) seed config, plain dlt",
     "c2": "(c') project source, plain dlt",
     "c": "(c) project via Dagster",
+    "au": "(au) audit after a sync, plain dlt",
 }
-DATASETS = {"b": "crm_seed", "c2": "crm", "c": "crm"}
+DATASETS = {"b": "crm_seed", "c2": "crm", "c": "crm", "au": "crm"}
 PROJECT_PIPELINE = "crm_warehouse"  # crm_assets.sources.crm_pipeline.PIPELINE_NAME
 SEED_PIPELINE = "crm_seed_spec"
 
@@ -279,6 +287,26 @@ def worker_project(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def worker_audit(args: argparse.Namespace) -> dict[str, Any]:
+    """The audit of every resource, on the warehouse a sync (c') left in this directory."""
+    from crm_assets.sources.audit import audit
+    from crm_assets.sources.crm.audit import audit_settings
+    from crm_assets.sources.crm_pipeline import crm_pipeline
+    from crm_assets.sources.run_lock import exclusive_run
+    from crm_assets.sources.tuning import sync_tuning
+
+    started = time.perf_counter()
+    with exclusive_run(), sync_tuning():
+        settings = audit_settings()
+        results = audit(crm_pipeline(), settings, [endpoint.name for endpoint in settings.endpoints])
+    elapsed = time.perf_counter() - started
+    return {
+        "sync_seconds": elapsed,
+        "audit": {name: {**result.metadata(), "passed": result.passed, "problem": result.problem}
+                  for name, result in results.items()},
+    }
+
+
 def worker_inspect(args: argparse.Namespace) -> dict[str, Any]:
     """After (c): the dlt trace the Dagster run left behind, and the run's own start/end."""
     result: dict[str, Any] = {}
@@ -321,6 +349,7 @@ def run_worker(args: argparse.Namespace) -> int:
         "ap": lambda: worker_floor(args, concurrent=True),
         "b": lambda: worker_seed(args),
         "c2": lambda: worker_project(args),
+        "au": lambda: worker_audit(args),
         "inspect": lambda: worker_inspect(args),
     }
     result = workers[args.worker]()
@@ -446,13 +475,16 @@ class Runner:
 
         stop_group(proc, ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)))
 
-    def start_simulator(self, counts: dict[str, int], latency_ms: float, page_cap: Optional[int]) -> str:
+    def start_simulator(self, counts: dict[str, int], latency_ms: float, page_cap: Optional[int],
+                        fields_param: bool = False) -> str:
         from crm_assets.simulator.process import start_simulator  # here: the workers import this file
 
         args = ["--latency-ms", str(latency_ms),
                 "--records", ",".join(f"{name}={counts[name]}" for name in RESOURCE_NAMES)]
         if page_cap:
             args += ["--page-cap", str(page_cap)]
+        if fields_param:
+            args += ["--fields-param"]
         log = self.tmp / "simulator.log"
         with open(log, "wb") as output:  # the child keeps its own copy of the fd
             try:
@@ -492,6 +524,19 @@ def revision() -> str:
         return (head + (" + uncommitted changes in crm_assets/" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _admin(url: str, path: str, body: Optional[dict[str, Any]] = None) -> Any:
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(f"{url}{path}", data=data, method="GET" if data is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def api_requests(url: str) -> int:
+    """Every /v1 request the simulator has answered so far."""
+    return sum(_admin(url, "/_admin/stats")["requests"].values())
 
 
 def api_counts(url: str) -> dict[str, int]:
@@ -556,11 +601,21 @@ def run_variant(variant: str, label: str, runner: Runner, args: argparse.Namespa
     env["DESTINATION__DUCKDB__CREDENTIALS"] = str(database)
     env.update(args.env)
     out, log = workdir / "result.json", workdir / "output.log"
+    if variant == "au":  # its warehouse: a full sync, not measured, then changes at the API
+        prepared = subprocess.run(variant_command("c2", args, url, workdir / "sync.json"), env=env, cwd=workdir,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.timeout)
+        if prepared.returncode != 0:
+            raise RuntimeError(f"the audit's preparing sync failed (exit code {prepared.returncode})")
+        for name in RESOURCE_NAMES if args.audit_changes else ():
+            _admin(url, "/_admin/mutate", {"resource": name, "edit": args.audit_changes,
+                                           "delete": args.audit_changes})
     cmd = variant_command(variant, args, url, out)
     if wrap is not None:
         cmd = wrap(cmd, workdir)
     simulator_cpu = _cpu_seconds(runner.simulator.pid) if runner.simulator else 0.0
+    requests_before = api_requests(url)
     result = runner.measure(cmd, env, workdir, log)
+    result["requests"] = api_requests(url) - requests_before
     timeline = result.pop("rss_timeline")
     result["api_cpu_seconds"] = (_cpu_seconds(runner.simulator.pid) if runner.simulator else 0.0) - simulator_cpu
     result["variant"] = variant
@@ -603,7 +658,7 @@ def run_variant(variant: str, label: str, runner: Runner, args: argparse.Namespa
 
 _SCALARS = ("wall_seconds", "sync_seconds", "records", "rows", "records_per_s", "rows_per_s", "peak_tree_rss_mb",
             "main_vmhwm_mb", "cpu_seconds", "api_cpu_seconds", "completeness_total", "run_seconds", "http_mb",
-            "records_read", "pages")
+            "records_read", "pages", "requests")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -642,14 +697,15 @@ def render(report: dict[str, Any]) -> str:
         f"## CRM sync benchmark: {sum(counts.values()):,} records "
         f"({', '.join(f'{k} {v:,}' for k, v in counts.items())}), latency {p['latency_ms']:g} ms"
         + (f", page cap {p['page_cap']}" if p["page_cap"] else "")
+        + (", the API honours fields=" if p.get("fields_param") else "")
         + (f", median of {p['repeat']}" if p["repeat"] > 1 else "")
         + f" (crm_assets at {p['revision']}; {p['cpus']} CPUs, load average {p['loadavg_before']} before, "
           f"{p['loadavg_after']} after; Python {p['python']})"
         + (f"; extra environment: {', '.join(f'{k}={v}' for k, v in p['extra_env'].items())}" if p["extra_env"] else ""),
         "",
         "| variant | wall s | sync s | records (distinct ids) | rows (all tables) | records/s | rows/s "
-        "| peak RSS tree MB | VmHWM main MB | CPU s | API CPU s | complete |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS tree MB | VmHWM main MB | CPU s | API CPU s | API requests | complete |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     variants = report["variants"]
     for v, s in variants.items():
@@ -661,7 +717,8 @@ def render(report: dict[str, Any]) -> str:
             f"| {TITLES[v]} | {_f(s['wall_seconds'], '{:,.2f}')} | {_f(s.get('sync_seconds'), '{:,.2f}')} "
             f"| {s['records']:,} | {s['rows']:,} | {_f(s['records_per_s'], '{:,.0f}')} | {_f(s['rows_per_s'], '{:,.0f}')} "
             f"| {_f(s['peak_tree_rss_mb'], '{:,.0f}')} | {_f(s['main_vmhwm_mb'], '{:,.0f}')} "
-            f"| {_f(s['cpu_seconds'])} | {_f(s['api_cpu_seconds'])} | {s['completeness_total']:.2%} |")
+            f"| {_f(s['cpu_seconds'])} | {_f(s['api_cpu_seconds'])} | {_f(s.get('requests'), '{:,}')} "
+            f"| {s['completeness_total']:.2%} |")
     lines += ["", "wall s: process start to exit (interpreter, imports, Dagster's CLI included); sync s: measured "
               "inside (a: the reads; b, c': pipeline.run; c: the Dagster run, RUN_START to RUN_SUCCESS). "
               "Rates use wall s. rows: every row of every table of the dataset (child tables incl.), dlt's _dlt_* "
@@ -702,6 +759,11 @@ def render(report: dict[str, Any]) -> str:
             bits.append(f"JSON: {s['json_parser']}, {s['pages']:,} pages, {s['http_mb']:,.1f} MB, "
                         f"{s['records_read']:,} records read (window boundaries re-read), "
                         f"windows {sum(s['windows'].values())}")
+        if s.get("audit"):
+            bits.append("audit: " + ", ".join(
+                f"{name} {'passed' if a['passed'] else 'FAILED'} ({a['listed']:,} listed, {a['missing']} missing, "
+                f"{a['stale']} stale, {a['deleted']} marked, {a['records_loaded']} loaded"
+                f"{', whole records' if a['whole_records'] else ''})" for name, a in s["audit"].items()))
         if v == "c" and s.get("run_seconds") is not None:
             bits.append(f"Dagster run {s['run_seconds']:.2f}s of {s['wall_seconds']:.2f}s wall")
         if bits:
@@ -731,6 +793,18 @@ def compute_ratios(variants: dict[str, dict[str, Any]], latency_ms: float = 0) -
             wall = variants[num]["wall_seconds"] / variants[den]["wall_seconds"]
             rate = variants[num]["records_per_s"] / variants[den]["records_per_s"]
             ratios[f"{TITLES[num]} / {TITLES[den]}"] = f"{wall:.2f}x the wall time, {rate:.2f}x the records/s"
+    if ok("au") and ok("c2"):
+        audit, sync = variants["au"], variants["c2"]
+        spare = 2 * len(RESOURCE_NAMES)  # the constant: a repair read or two per resource
+        ratios[f"target: audit requests <= the full sync's (c') + {spare}"] = (
+            f"{audit['requests']:,} vs {sync['requests']:,}: "
+            f"{'met' if audit['requests'] <= sync['requests'] + spare else 'NOT met'}")
+        ratios["target: audit wall time <= the full sync's (c')"] = (
+            f"{audit['wall_seconds']:.2f} s vs {sync['wall_seconds']:.2f} s: "
+            f"{'met' if audit['wall_seconds'] <= sync['wall_seconds'] else 'NOT met'}")
+        ratios["target: audit peak RSS < 500 MB"] = (
+            f"{audit['peak_tree_rss_mb']:,.0f} MB (c': {sync['peak_tree_rss_mb']:,.0f} MB): "
+            f"{'met' if audit['peak_tree_rss_mb'] < 500 else 'NOT met'}")
     if ok("c") and ok("c2"):
         fixed = variants["c"]["wall_seconds"] - variants["c2"]["wall_seconds"]
         ratios["Dagster's cost: wall (c) − wall (c')"] = f"{fixed:+.2f} s"
@@ -930,6 +1004,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(others keep their defaults)")
     p.add_argument("--latency-ms", type=float, default=0, help="simulator latency per request (default 0)")
     p.add_argument("--page-cap", type=int, default=None, help="simulator returns at most N records a page")
+    p.add_argument("--fields-param", action="store_true", help="the simulator honours fields=a,b,c (records "
+                   "carry only those keys), as the real API family documents; the audit (au) then lists keys "
+                   "and dates only")
+    p.add_argument("--audit-changes", type=int, default=10, help="(au) edits and hard deletes per resource at "
+                   "the API between the audit's preparing sync and the audit (default 10; they stay for the "
+                   "variants after it)")
     p.add_argument("--only", type=parse_variants, default=list(DEFAULT_VARIANTS),
                    help=f"variants to run, from {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--repeat", type=int, default=1, help="runs per variant; the table shows medians")
@@ -951,7 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-temp", action="store_true", help="keep the DuckDB files and logs (still under "
                    "the temp dir, which is printed and NOT removed)")
     # internal: one variant inside its own process
-    p.add_argument("--worker", choices=("a", "ap", "b", "c2", "inspect"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("a", "ap", "b", "c2", "au", "inspect"), help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p
@@ -976,7 +1056,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     status = 0
     try:
         load_before = _loadavg()
-        url = runner.start_simulator(counts, args.latency_ms, args.page_cap)
+        url = runner.start_simulator(counts, args.latency_ms, args.page_cap, args.fields_param)
         expected = api_counts(url)
         print(f"simulator at {url}: {sum(expected.values()):,} records, latency {args.latency_ms:g} ms; "
               f"variants {','.join(args.only)} x {args.repeat}", file=sys.stderr, flush=True)
@@ -993,6 +1073,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report: dict[str, Any] = {
             "parameters": {"revision": revision(), "loadavg_before": load_before, "loadavg_after": _loadavg(),
                            "counts": counts, "extra_env": args.env, "latency_ms": args.latency_ms, "page_cap": args.page_cap,
+                           "fields_param": args.fields_param,
                            "repeat": args.repeat, "variants": args.only, "floor_json": args.floor_json,
                            "python": sys.version.split()[0], "cpus": os.cpu_count()},
             "api_counts": expected,
