@@ -63,7 +63,9 @@ def test_jnid_and_a_sixth_resource_land_exactly_with_passing_checks(
     defs = json.loads(listed.stdout[listed.stdout.index("{"):])
     assert "crm/invoices" in {asset["asset_key"] for asset in defs["assets"]}
     invoice_checks = [check for check in defs["asset_checks"] if "invoices" in json.dumps(check)]
-    assert {check["name"] for check in invoice_checks} == {"id_is_unique", "id_is_not_null", "row_count_matches_api"}
+    assert {check["name"] for check in invoice_checks} == {
+        "id_is_unique", "id_is_not_null", "row_count_matches_api", "warehouse_matches_api"
+    }
 
     launched = subprocess.run([DG, "launch", "--assets", "*"], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=300)
