@@ -5,6 +5,7 @@ import json
 import os
 import re
 import time
+from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
 import requests
@@ -60,14 +61,32 @@ def _now() -> float:
 
 
 def _load_cursor(raw: Optional[str]) -> dict[str, int]:
-    """{resource: epoch seconds}: changes with `date_updated` after it are not synced yet."""
+    """{resource: epoch seconds}: changes with `date_updated` after it are not synced yet. Stored
+    as UTC timestamps people can read (`2026-12-03T08:20:00Z`); an earlier version's epoch
+    integers are read too."""
     try:
         value = json.loads(raw) if raw else {}
     except ValueError:
         return {}
     if not isinstance(value, dict):
         return {}
-    return {k: int(v) for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    cursor = {}
+    for name, at in value.items():
+        if isinstance(at, (int, float)) and not isinstance(at, bool):
+            cursor[name] = int(at)
+        elif isinstance(at, str):
+            try:
+                cursor[name] = int(datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp())
+            except ValueError:
+                continue
+    return cursor
+
+
+def _dump_cursor(cursor: dict[str, int]) -> str:
+    return json.dumps(
+        {name: datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") for name, at in cursor.items()},
+        sort_keys=True,
+    )
 
 
 @sensor(
@@ -118,7 +137,7 @@ def crm_change_sensor(context: SensorEvaluationContext) -> Union[RunRequest, Ski
         finally:
             session.close()
 
-    context.update_cursor(json.dumps(new_cursor, sort_keys=True))
+    context.update_cursor(_dump_cursor(new_cursor))
     if not watched:
         return SkipReason(
             "First evaluation: changes are watched from now on; earlier ones are the schedule's job."

@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -180,14 +181,26 @@ def test_the_change_sensor_requests_only_what_changed_and_moves_its_cursor(
     assert isinstance(changed, RunRequest)
     assert changed.asset_selection == [CONTACTS]
     assert changed.tags["crm_assets/changed"] == "contacts"
-    assert json.loads(next_cursor) == {
-        name: int(started + 120) - CHANGE_SENSOR_OVERLAP_SECONDS for name in RESOURCES
-    }
+    # UTC timestamps a person can read in the UI, not epoch integers
+    checked = datetime.fromtimestamp(int(started + 120) - CHANGE_SENSOR_OVERLAP_SECONDS, timezone.utc)
+    assert json.loads(next_cursor) == {name: checked.strftime("%Y-%m-%dT%H:%M:%SZ") for name in RESOURCES}
     assert all(json.loads(next_cursor)[name] > json.loads(cursor)[name] for name in RESOURCES)
 
     monkeypatch.setattr(sensors, "_now", lambda: started + 240)
     again, _ = evaluate(instance, next_cursor)
     assert isinstance(again, SkipReason)  # the edits are behind the cursor now
+
+
+def test_the_change_sensor_reads_an_earlier_versions_epoch_cursor(start_simulator, crm_env, instance):
+    simulator = start_simulator()
+    crm_env(simulator)
+    earlier = json.dumps({name: int(time.time()) - 60 for name in RESOURCES})  # epoch integers
+    simulator.mutate("jobs", edit=1)
+
+    changed, cursor = evaluate(instance, earlier)
+
+    assert isinstance(changed, RunRequest) and changed.asset_selection == [AssetKey(["crm", "jobs"])]
+    assert all(value.endswith("Z") for value in json.loads(cursor).values())
 
 
 def test_the_change_sensor_waits_while_a_sync_is_queued_or_running(
