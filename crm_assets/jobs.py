@@ -13,7 +13,7 @@ from dagster import (
 )
 
 from .assets import WAREHOUSE_POOL
-from .audit import crm_audit_checks
+from .audit import AUDIT_RUN_TAG, crm_audit_checks
 from .constants import GROUP_NAME, SYNC_MAX_RETRIES, SYNC_RETRY_DELAY_SECONDS, WAREHOUSE_RUN_TAG
 
 # Runs carrying this tag wait in the run queue while another one is in progress (dagster.yaml:
@@ -60,7 +60,7 @@ crm_audit = define_asset_job(
         "records are loaded again, records gone from the API are marked (_crm_deleted_at) or removed "
         "(SOURCES__CRM__HARD_DELETE). A check fails when it cannot repair (the guard, an API error)."
     ),
-    run_tags=WAREHOUSE_RUN_TAGS,
+    run_tags={**WAREHOUSE_RUN_TAGS, AUDIT_RUN_TAG: "true"},
 )
 
 # Statuses of a run that has not finished: a new sync must not be requested behind it.

@@ -199,3 +199,24 @@ def test_a_sync_after_an_audit_is_incremental_and_unmarks_a_record_that_comes_ba
     assert sum(simulator.stats()["records_served"].values()) <= 50
     assert not any(rows(database, "contacts")[key][3] for key in edited)
     assert_equals_api(database, simulator, gone, hard_delete=False)
+
+
+def test_materializing_the_assets_leaves_the_audit_out(start_simulator, crm_env, warehouse):
+    """Dagster adds the checks of the assets a run materializes (`dg launch --assets '*'`, the UI's
+    Materialize): the audit, a listing of the whole API, skips itself there."""
+    from dagster import materialize
+
+    from crm_assets.assets import crm_sync_assets
+    from crm_assets.audit import crm_audit_checks
+    from crm_assets.resources import RESOURCES as DAGSTER_RESOURCES
+
+    simulator = start_simulator()
+    crm_env(simulator)
+
+    result = materialize([crm_sync_assets, crm_audit_checks], resources=DAGSTER_RESOURCES)
+
+    assert result.success
+    assert len(result.get_asset_materialization_events()) == len(RESOURCES)
+    assert result.get_asset_check_evaluations() == []
+    # one full read per resource: the sync's, no listing for an audit
+    assert simulator.stats()["records_served"] == SMALL_COUNTS
