@@ -23,7 +23,7 @@ _CORE_COLUMN_DESCRIPTIONS = {
 def core_table_schema(endpoint: Endpoint) -> TableSchema:
     descriptions = {
         endpoint.primary_key: "Primary key; unique within the resource",
-        **{field: "UTC time (the API sends Unix epoch seconds)" for field in endpoint.epoch_fields},
+        **{field: "UTC time (the API sends Unix epoch seconds)" for field in endpoint.timestamp_fields},
         **_CORE_COLUMN_DESCRIPTIONS,
     }
     return TableSchema(

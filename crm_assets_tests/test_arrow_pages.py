@@ -387,3 +387,98 @@ def test_outside_a_sync_the_step_builds_the_pages_too(start_simulator, crm_env, 
     metrics = _arrow_metrics(pipeline)
     assert all(m["records_built_with_arrow"] > 0 for m in metrics.values()), metrics
     assert_exact(tmp_path / "plain.duckdb", simulator)
+
+
+# Integer `date_*` fields the resource does not declare (epoch_dates.py): hinted as timestamps when
+# they first appear, on either path; an opted-out one, text and floats are typed by their values.
+DATE_PAGES = [
+    [{"id": "u1", "date_created": 1700000000, "n": 1}, {"id": "u2", "date_created": 1700000001}],
+    [{"id": "u3", "date_start": 1700000100, "date_note": "soon", "date_seq": 7, "date_end": None},
+     {"id": "u4", "date_start": 1700000200, "date_note": "later", "date_seq": 8, "date_end": None}],
+    [{"id": "u5", "date_start": 1700000300, "date_end": 1700009999, "date_ratio": 0.5},
+     {"id": "u6", "date_start": 1700000301.5, "date_end": 1700010000}],  # a float: dlt's, coerced
+]
+DATE_PAGES_AGAIN = [  # the next load: the columns now in the stored schema
+    [{"id": "u7", "date_start": 1800000000, "date_end": 1800000001, "date_seq": 9, "date_note": "x"},
+     {"id": "u3", "date_start": 1800000002, "updated": 2}],
+]
+
+
+def _dated_resource(pages: list[list[dict]], arrow_pages: bool) -> Any:
+    from crm_assets.sources.crm.catalog import Endpoint
+    from crm_assets.sources.crm.epoch_dates import EpochDates
+
+    endpoint = Endpoint("things", "/things", not_epoch_fields=("date_seq",))
+
+    @dlt.resource(name="things", primary_key="id",
+                  write_disposition={"disposition": "merge", "strategy": "delete-insert"},
+                  columns={"updated": {"data_type": "bigint", "dedup_sort": "desc"},
+                           **{f: {"data_type": "timestamp"} for f in endpoint.timestamp_fields}})
+    def things():
+        for page in pages:
+            yield [{"updated": 1, **copy.deepcopy(record)} for record in page]
+
+    resource = things()
+    epoch_dates = EpochDates(endpoint, resource)
+    resource.add_step(epoch_dates)
+    if arrow_pages:
+        resource.apply_hints(columns=ROOT_COLUMNS)
+        resource.add_step(ArrowPages(resource, epoch_dates))
+    return resource
+
+
+def test_integer_date_fields_appearing_later_land_as_timestamps_on_both_paths(tmp_path):
+    pipelines = {
+        label: dlt.pipeline(
+            pipeline_name=f"dates_{label}", pipelines_dir=str(tmp_path / label), dataset_name="crm",
+            destination=dlt.destinations.duckdb(str(tmp_path / f"{label}.duckdb")),
+        )
+        for label in ("arrow", "dlt")
+    }
+    for pages in (DATE_PAGES, DATE_PAGES_AGAIN):
+        for label, pipeline in pipelines.items():
+            pipeline.run(_dated_resource(pages, label == "arrow"), loader_file_format="parquet")
+        metrics = _arrow_metrics(pipelines["arrow"])["things"]
+        assert metrics["records_built_with_arrow"] >= sum(len(page) for page in pages) - 1, metrics
+        assert_same_warehouse(tmp_path / "arrow.duckdb", tmp_path / "dlt.duckdb")
+        assert _schema_columns(pipelines["arrow"]) == _schema_columns(pipelines["dlt"])
+
+    with duckdb.connect(str(tmp_path / "arrow.duckdb"), read_only=True) as connection:
+        columns = _columns(connection)
+        rows = dict(connection.execute("SELECT id, date_start FROM crm.things").fetchall())
+    types = {column: kind for (table, column), (kind, _) in columns.items()}
+    assert types["date_start"] == types["date_end"] == "TIMESTAMP WITH TIME ZONE", types
+    assert types["date_seq"] == "BIGINT" and types["date_note"] == "VARCHAR", types  # opted out; text
+    assert types["date_ratio"] == "DOUBLE", types  # not an integer
+    assert rows["u4"] == datetime.fromtimestamp(1700000200, timezone.utc)
+    assert rows["u3"] == datetime.fromtimestamp(1800000002, timezone.utc)  # the newer copy
+    assert rows["u6"] == datetime.fromtimestamp(1700000301.5, timezone.utc)
+
+
+def test_the_crm_sources_date_fields_land_as_timestamps_with_the_step_on_and_off(
+    start_simulator, crm_env, tmp_path, monkeypatch
+):
+    """tasks.due_date (declared), invoices.date_due (named date_*, no configuration) and a
+    date_start the API starts to send later: timestamps, the same on both paths."""
+    simulator = start_simulator({**SMALL_COUNTS, "invoices": 120}, page_cap=40)
+    crm_env(simulator)
+    invoices = {"invoices": {"path": "/v1/invoices"}}
+    _sync(tmp_path, monkeypatch, "arrow", True, resources=invoices)
+    _sync(tmp_path, monkeypatch, "dlt", False, resources=invoices)
+    assert_same_warehouse(tmp_path / "arrow.duckdb", tmp_path / "dlt.duckdb")
+
+    simulator.mutate("tasks", edit=4, add_field={"name": "date_start", "value": 1700000000})
+    simulator.mutate("jobs", insert=2, add_field={"name": "date_closed", "value": 1700000500})
+    _sync(tmp_path, monkeypatch, "arrow", True, resources=invoices)
+    _sync(tmp_path, monkeypatch, "dlt", False, resources=invoices)
+    assert_same_warehouse(tmp_path / "arrow.duckdb", tmp_path / "dlt.duckdb")
+
+    with duckdb.connect(str(tmp_path / "arrow.duckdb"), read_only=True) as connection:
+        types = {key: kind for key, (kind, _) in _columns(connection).items()}
+        started = connection.execute(
+            "SELECT COUNT(*) FROM crm.tasks WHERE date_start = TIMESTAMPTZ '2023-11-14 22:13:20+00'"
+        ).fetchone()[0]
+    for column in (("tasks", "due_date"), ("invoices", "date_due"), ("tasks", "date_start"),
+                   ("jobs", "date_closed")):
+        assert types[column] == "TIMESTAMP WITH TIME ZONE", (column, types[column])
+    assert started == 4

@@ -20,7 +20,9 @@ def test_the_defaults_are_the_five_built_in_resources_keyed_by_id():
     assert [e.name for e in endpoints] == ["jobs", "contacts", "tasks", "activities", "files"]
     assert endpoints == BUILT_IN
     assert {e.primary_key for e in endpoints} == {"id"}
-    assert {e.timestamp_fields for e in endpoints} == {("date_created", "date_updated")}
+    assert {e.name: e.timestamp_fields for e in endpoints if e.timestamp_fields != ("date_created", "date_updated")} == {
+        "tasks": ("date_created", "date_updated", "due_date")  # the simulator's tasks have it
+    }
 
 
 def test_one_primary_key_for_every_resource_and_resources_added_or_changed_field_by_field():
@@ -60,6 +62,11 @@ def test_one_primary_key_for_every_resource_and_resources_added_or_changed_field
         (None, {"invoices": {"path": "v1/invoices"}}, None, "path must be the endpoint's URL path"),
         (None, {"invoices": {"path": "/v1/invoices?x=1"}}, None, "path must be"),
         (None, {"invoices": {**INVOICES, "epoch_fields": "date_due"}}, None, "epoch_fields must be a list"),
+        (None, {"invoices": {**INVOICES, "not_epoch_fields": "date_due"}}, None, "not_epoch_fields must be a list"),
+        (None, {"invoices": {**INVOICES, "epoch_fields": ["date_due"], "not_epoch_fields": ["date_due"]}}, None,
+         "not_epoch_fields holds 'date_due', which epoch_fields also holds"),
+        (None, {"jobs": {"not_epoch_fields": ["date_updated"]}}, None,
+         "not_epoch_fields holds 'date_updated', which every record has as epoch seconds"),
         (None, {"invoices": {**INVOICES, "data_selector": ""}}, None, "data_selector must be a non-empty"),
         (None, {"invoices": "/v1/invoices"}, None, "expected a table of settings"),
         (None, None, {"invoices": 100}, "SOURCES__CRM__PAGE_SIZES names an unknown resource 'invoices'"),
@@ -143,3 +150,17 @@ def test_the_session_tells_resources_apart_by_the_longest_matching_path():
     assert by_url == {"https://api.example.com/api1/v2/invoices?from=0": "invoices_v2",
                       "https://api.example.com/invoices": "invoices",
                       "https://api.example.com/v1/jobs": "jobs", "https://api.example.com/v1/myjobs": "none"}
+
+
+def test_integer_date_fields_are_epoch_seconds_unless_a_resource_opts_them_out():
+    endpoints = {e.name: e for e in build_endpoints(resources={
+        "invoices": {**INVOICES, "not_epoch_fields": ["date_sequence"]},
+        "tasks": {"not_epoch_fields": ["due_date"]},  # a built-in epoch field, opted out
+    })}
+    invoices, tasks, jobs = endpoints["invoices"], endpoints["tasks"], endpoints["jobs"]
+    assert invoices.is_epoch_field("date_due") and invoices.is_epoch_field("date_created")
+    assert not invoices.is_epoch_field("date_sequence") and not invoices.is_epoch_field("due")
+    assert not invoices.is_epoch_field("date_info__x")  # a field of a nested object named date_info
+    assert BUILT_IN[2].is_epoch_field("due_date") and not tasks.is_epoch_field("due_date")
+    assert tasks.timestamp_fields == ("date_created", "date_updated")
+    assert jobs.is_epoch_field("date_start")

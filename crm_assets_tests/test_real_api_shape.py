@@ -163,3 +163,41 @@ def test_the_real_shape_under_the_adversary_lands_every_record_present_throughou
         assert {k: landed[k] for k in stayed} == {k: now[k] for k in stayed}, resource
         assert not set(landed) - simulator.ids_ever(resource), resource
     assert sum(len(before[r] - set(simulator.ids(r))) for r in SIX) > 0  # the deletes did happen
+
+
+def test_date_fields_held_as_bigint_are_refused_before_any_request_naming_the_full_refresh(
+    start_simulator, crm_env, warehouse, monkeypatch, capsys
+):
+    """A warehouse loaded while `tasks.due_date` and `invoices.date_due` stayed integers (an earlier
+    version, or `not_epoch_fields`): a sync that lands them as timestamps stops first, saying so."""
+    from crm_assets.sources.__main__ import main
+
+    simulator = start_simulator({**SMALL_COUNTS, "invoices": 60})
+    crm_env(simulator)
+    kept = {"invoices": {"path": "/v1/invoices", "not_epoch_fields": ["date_due"]},
+            "tasks": {"not_epoch_fields": ["due_date"]}}
+    monkeypatch.setenv("SOURCES__CRM__RESOURCES", json.dumps(kept))
+    assert main() == 0
+    types = dict(((t, c), k) for t, c, k in query(warehouse, (
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'crm' AND column_name IN ('date_due', 'due_date')")))
+    assert types == {("invoices", "date_due"): "BIGINT", ("tasks", "due_date"): "BIGINT"}
+    capsys.readouterr()
+
+    monkeypatch.setenv("SOURCES__CRM__RESOURCES", json.dumps({"invoices": {"path": "/v1/invoices"}}))
+    simulator.reset_stats()
+    assert main() == 1
+
+    error = capsys.readouterr().err
+    assert "crm.invoices.date_due, crm.tasks.due_date hold epoch seconds as BIGINT" in error, error
+    assert "not_epoch_fields" in error
+    assert "dg launch --assets crm/tasks,crm/invoices --config-json" in error and "full_refresh" in error
+    assert sum(simulator.stats()["requests"].values()) == 0
+    assert query(warehouse, "SELECT data_type FROM information_schema.columns "
+                            "WHERE table_schema = 'crm' AND column_name = 'date_due'") == [("BIGINT",)]
+
+    pipeline = crm_pipeline()  # what the full refresh runs
+    pipeline.run(crm(resources={"invoices": {"path": "/v1/invoices"}}).with_resources("tasks", "invoices"),
+                 refresh="drop_resources")
+    landed = dict(query(warehouse, "SELECT id, CAST(EXTRACT(EPOCH FROM date_due) AS BIGINT) FROM crm.invoices"))
+    assert landed == {record["id"]: record["date_due"] for record in simulator.records("invoices")}

@@ -44,6 +44,16 @@ def _dataset_columns(pipeline: Pipeline) -> list[tuple[str, str, str, bool]]:
     ]
 
 
+def _epoch_held_otherwise(endpoint: Any, column: str, data_type: str) -> bool:
+    """A column these settings land as a timestamp, held as something else: a declared one as
+    anything but a timestamp, an integer `date_*` field (epoch_dates.py) as an integer."""
+    if "timestamp" in data_type:
+        return False
+    if column in endpoint.timestamp_fields:
+        return True
+    return endpoint.is_epoch_field(column) and any(kind in data_type for kind in ("int", "number"))
+
+
 def earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> tuple[list[str], list[str], list[str]]:
     """What the warehouse holds that these settings would load differently: (`table.column` of
     epoch-second columns held as something other than a timestamp, e.g. BIGINT from an earlier
@@ -55,8 +65,7 @@ def earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> tuple[list[s
     bigint_dates = sorted(
         f"{DATASET_NAME}.{table}.{column}"
         for table, column, data_type, _ in columns
-        if table in by_name and column in by_name[table].timestamp_fields
-        and "timestamp" not in data_type.lower()
+        if table in by_name and _epoch_held_otherwise(by_name[table], column, data_type.lower())
     )
     child_tables = sorted({
         f"{DATASET_NAME}.{table}"
@@ -96,7 +105,7 @@ def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
     if bigint_dates:
         found.append(
             f"{', '.join(bigint_dates)} hold epoch seconds as BIGINT (these settings land them as "
-            "UTC timestamps)"
+            "UTC timestamps; a resource's not_epoch_fields keeps a date_* field an integer)"
         )
     if child_tables:
         found.append(

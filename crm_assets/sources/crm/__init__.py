@@ -21,6 +21,7 @@ from dlt.sources.rest_api import rest_api_resources
 
 from .arrow_pages import ArrowPages
 from .dlt_columns import ROOT_COLUMNS
+from .epoch_dates import EpochDates
 from .catalog import BUILT_IN, Endpoint, build_endpoints, configured_endpoints
 from .config import check_settings, connection_settings
 from .counts import count_records
@@ -139,7 +140,12 @@ def _resource_config(
         columns[HARD_DELETE_COLUMN] = {"data_type": "bool", "hard_delete": True}
         resource["processing_steps"] = [{"map": _mark_deleted}]
     resource["columns"] = columns
+    resource[_ENDPOINT] = endpoint  # for crm_resources' own steps; not passed to rest_api
     return resource
+
+
+# The key of a resource config (`_resource_config`) holding its Endpoint.
+_ENDPOINT = "_crm_endpoint"
 
 
 def crm_session(
@@ -176,14 +182,16 @@ def crm_resources(
 ) -> list[DltResource]:
     """dlt resources of `resource_configs` (`_resource_config`), read in parallel, with the
     source's processing steps: `first_steps` (resource name -> a step, right after the read),
-    lists as JSON text, then the Arrow pages step when `arrow_pages`."""
+    lists as JSON text, integer `date_*` fields as timestamps, then the Arrow pages step when
+    `arrow_pages`."""
+    endpoints = {c["name"]: c[_ENDPOINT] for c in resource_configs if _ENDPOINT in c}
     config: dict[str, Any] = {
         "client": {
             "base_url": root,
             "auth": {"type": "bearer", "token": api_key},
             "session": session,
         },
-        "resources": resource_configs,
+        "resources": [{k: v for k, v in c.items() if k != _ENDPOINT} for c in resource_configs],
     }
     resources: list[DltResource] = rest_api_resources(config)  # type: ignore[arg-type]
     for resource in resources:
@@ -195,9 +203,13 @@ def crm_resources(
         if first_steps and resource.name in first_steps:
             resource.add_step(first_steps[resource.name], insert_at=1)
         resource.add_map(ListsAsJson())  # one row per record (lists_as_json.py)
+        epoch_dates = None
+        if resource.name in endpoints:  # integer date_* fields as timestamps (epoch_dates.py)
+            epoch_dates = EpochDates(endpoints[resource.name], resource)
+            resource.add_step(epoch_dates)
         if arrow_pages:
             resource.apply_hints(columns=ROOT_COLUMNS)
-            resource.add_step(ArrowPages(resource))
+            resource.add_step(ArrowPages(resource, epoch_dates))
     return resources
 
 

@@ -12,7 +12,8 @@ It takes only what it can build exactly as dlt's normalizer would:
 - values whose Python type is the column's type (str: text, int: bigint, float: double,
   bool: bool); the column's type is the schema's, or for a new column the first value's, provided
   dlt would infer nothing else from it (no ISO timestamp in a string, no preferred type);
-- ints in the columns the resource itself hints as `timestamp`: Unix epoch seconds, which dlt's
+- ints in the columns the resource itself hints as `timestamp` (and in the integer `date_*` fields
+  the epoch dates step finds on a page, which it hints so: epoch_dates.py): Unix epoch seconds, which dlt's
   normalizer coerces to UTC instants (`pendulum.from_timestamp`, years 1 to 9999). They are built
   as `timestamp[us, tz=UTC]`, the type dlt writes such a column in at a destination whose default
   timestamp precision is microseconds (all of this project's), and stay so when the stored schema
@@ -48,9 +49,11 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
     # after dlt's incremental filter (1) and its limit (1.1)
     placement_affinity = 1.5
 
-    def __init__(self, resource: Any) -> None:
+    def __init__(self, resource: Any, epoch_dates: Any = None) -> None:
         super().__init__(lambda item: item)
         self.resource = resource
+        # the resource's EpochDates step, whose `columns` are the new fields it hinted as timestamps
+        self.epoch_dates = epoch_dates
         self.name: str = resource.name
         self._types: Any = None  # arrow_tables.ColumnTypes, once the first page came
         self._last_page_mixed = False
@@ -97,7 +100,10 @@ class ArrowPages(ItemTransform):  # type: ignore[type-arg]
                 hinted = {}
             from .arrow_tables import ColumnTypes
 
-            self._types = ColumnTypes(schema, self.name, hinted, _destination_capabilities())
+            self._types = ColumnTypes(
+                schema, self.name, hinted, _destination_capabilities(),
+                epoch_names=self.epoch_dates.columns if self.epoch_dates is not None else None,
+            )
         return self._types
 
 

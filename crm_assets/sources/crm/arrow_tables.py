@@ -85,10 +85,17 @@ class ColumnTypes:
     the first value taken), and which names dlt leaves alone.
 
     `hinted` are the resource's own columns; `caps` the destination's capabilities (None: none
-    known, and the hinted timestamp columns are left to dlt)."""
+    known, and the hinted timestamp columns are left to dlt). `epoch_names`, a live set, names the
+    root table's columns hinted as timestamps after the first page (epoch_dates.py): a new column
+    of those is epoch seconds too."""
 
-    def __init__(self, schema: Any, resource: str, hinted: dict[str, Any], caps: Any = None) -> None:
+    def __init__(self, schema: Any, resource: str, hinted: dict[str, Any], caps: Any = None,
+                 epoch_names: Optional[set[str]] = None) -> None:
         self.schema = schema
+        self.resource = resource
+        self.epoch_names = epoch_names if epoch_names is not None else set()
+        # how a new column hinted as a plain timestamp is built: from epoch seconds, or by dlt
+        self.new_epoch_kind = _EPOCH if _epoch_column({"data_type": "timestamp"}, caps) else _NOT_TAKEN
         self.tables: dict[str, dict[str, type]] = {}
         self.not_null: dict[str, set[str]] = {
             resource: {name for name, spec in hinted.items() if spec.get("nullable") is False}
@@ -106,7 +113,7 @@ class ColumnTypes:
         self.tables[resource].update(
             # a hinted timestamp the stored schema holds as one stays epoch seconds; one it holds
             # otherwise (bigint from before the hint) is dlt's to reconcile
-            (column, _EPOCH if column in epoch and _epoch_column(spec, caps)
+            (column, _EPOCH if (column in epoch or column in self.epoch_names) and _epoch_column(spec, caps)
              else _PY_TYPES.get(spec["data_type"], _NOT_TAKEN))
             for column, spec in columns.items()
             if spec.get("data_type")
@@ -114,8 +121,15 @@ class ColumnTypes:
         self.not_null[resource].update(
             column for column, spec in columns.items() if spec.get("nullable") is False
         )
-        # the root table's columns built from epoch seconds (learn() adds plain types only)
+        # the root table's columns built from epoch seconds (learn() adds the new ones)
         self.epoch = frozenset(column for column, kind in self.tables[resource].items() if kind is _EPOCH)
+
+    def new_column_kind(self, table: str, name: str) -> Optional[type]:
+        """The type of a new root column hinted as a timestamp since the first page; None for any
+        other new column (typed by its first value)."""
+        if table == self.resource and name in self.epoch_names:
+            return self.new_epoch_kind
+        return None
 
     def plain_name(self, name: str) -> bool:
         """dlt keeps `name` as it is, and cannot confuse it with a flattened or dlt column."""
@@ -148,6 +162,9 @@ class ColumnTypes:
     def learn(self, new: dict[str, dict[str, type]]) -> None:
         for table, columns in new.items():
             self.tables.setdefault(table, {}).update(columns)
+        epoch = [name for name, kind in new.get(self.resource, {}).items() if kind is _EPOCH]
+        if epoch:
+            self.epoch = self.epoch | frozenset(epoch)
 
 
 class _RecordCheck:
@@ -229,15 +246,28 @@ class _RecordCheck:
     def _register(self, table: str, name: str, value: Any, plain: bool, new: dict[str, dict[str, type]]) -> None:
         if name in self.types.tables.get(table, {}) or name in new.get(table, {}):
             return
+        hinted = self.types.new_column_kind(table, name) if plain else None
+        if hinted is not None:  # dlt types it by the hint, whatever this value
+            new.setdefault(table, {})[name] = hinted
+            return
         kind = type(value)
         takes = plain and _takeable(kind, value) and self.types.plain_new_column(name, value)
         new.setdefault(table, {})[name] = kind if takes else _NOT_TAKEN
 
     def _value(self, table: str, name: str, value: Any, kind: type, new: dict[str, dict[str, type]],
                added: list[tuple[str, str, type]]) -> None:
+        expected = self.types.tables.get(table, {}).get(name) or new.get(table, {}).get(name)
+        if expected is None:
+            expected = self.types.new_column_kind(table, name)
+            if expected is not None:  # a column hinted as a timestamp on this page
+                new.setdefault(table, {})[name] = expected
+                added.append((table, name, expected))
+        if expected is _EPOCH:
+            if kind is not int or not _EPOCH_RANGE[0] <= value <= _EPOCH_RANGE[1]:
+                raise _Rejected
+            return
         if not _takeable(kind, value) or len(table) > _MAX_NAME:
             raise _Rejected
-        expected = self.types.tables.get(table, {}).get(name) or new.get(table, {}).get(name)
         if expected is None:
             if not self.types.plain_new_column(name, value):
                 raise _Rejected
@@ -276,6 +306,10 @@ class _PageTypes:
         if py_type is None or len(table) > _MAX_NAME:
             return False
         expected = self.types.tables.get(table, {}).get(name)
+        if expected is None:
+            expected = self.types.new_column_kind(table, name)
+            if expected is not None:  # a column hinted as a timestamp on this page
+                self.new.setdefault(table, {})[name] = expected
         if expected is _EPOCH:  # ints only (a float among them makes the whole field double)
             return py_type is int
         if expected is None:
@@ -290,8 +324,8 @@ class _PageTypes:
     def new_columns_plain(self, table: pa.Table) -> bool:
         """dlt would infer nothing but the Python type from each new column's first value."""
         for columns in self.new.values():
-            for name in columns:
-                if name not in table.column_names:
+            for name, kind in columns.items():
+                if name not in table.column_names or kind is _EPOCH or kind is _NOT_TAKEN:
                     continue
                 values = table.column(name).drop_null()
                 if len(values) and not self.types.plain_new_column(name, values[0].as_py()):
@@ -371,7 +405,8 @@ def page_table(
     if array is not None and pa.types.is_struct(array.type):
         page = _PageTypes(types)
         if page.match(name, array.type):
-            table = build_table(name, array, load_id, not_null, types.epoch)
+            epoch = types.epoch | {c for c, kind in page.new.get(name, {}).items() if kind is _EPOCH}
+            table = build_table(name, array, load_id, not_null, epoch)
             if table is not None and page.new_columns_plain(table):
                 types.learn(page.new)
                 return table, [], False

@@ -5,6 +5,7 @@
     SOURCES__CRM__RESOURCES     or  [sources.crm.resources.<name>]       per resource: path,
                                                                          data_selector, primary_key,
                                                                          page_size, epoch_fields,
+                                                                         not_epoch_fields,
                                                                          description
 
 A configured resource overrides a built-in one field by field, or adds one. `build_endpoints()`
@@ -31,6 +32,10 @@ DEFAULT_PRIMARY_KEY = "id"
 DEFAULT_PAGE_SIZE = MAX_PAGE_SIZE
 # Every record has these two, in Unix epoch seconds (docs/api-contract.md); they land as timestamps.
 EPOCH_FIELDS = ("date_created", "date_updated")
+# A field named so whose values are integers is epoch seconds too (the real API family has many:
+# date_start, date_end, date_due, ...): it lands as a timestamp, whenever it first appears
+# (epoch_dates.py), unless the resource lists it in `not_epoch_fields`.
+EPOCH_PREFIX = "date_"
 
 
 @dataclass(frozen=True)
@@ -45,16 +50,29 @@ class Endpoint:
     # fields besides EPOCH_FIELDS that hold Unix epoch seconds and land as UTC timestamps
     epoch_fields: tuple[str, ...] = ()
     description: str = ""
+    # integer `date_*` fields (or epoch_fields of a built-in resource) that stay integers
+    not_epoch_fields: tuple[str, ...] = ()
 
     @property
     def timestamp_fields(self) -> tuple[str, ...]:
-        return EPOCH_FIELDS + tuple(f for f in self.epoch_fields if f not in EPOCH_FIELDS)
+        """The fields declared as epoch seconds: typed as timestamps from the first load."""
+        return EPOCH_FIELDS + tuple(
+            f for f in self.epoch_fields if f not in EPOCH_FIELDS and f not in self.not_epoch_fields
+        )
+
+    def is_epoch_field(self, name: str) -> bool:
+        """A top-level field whose integer values land as UTC timestamps: a declared one, or one
+        named `date_*` that the resource does not list in `not_epoch_fields`."""
+        return name in self.timestamp_fields or (
+            name.startswith(EPOCH_PREFIX) and "__" not in name and name not in self.not_epoch_fields
+        )
 
 
 BUILT_IN: tuple[Endpoint, ...] = (
     Endpoint("jobs", "/v1/jobs", description="Jobs (projects) with their location, budget and related records."),
     Endpoint("contacts", "/v1/contacts", description="Contacts: people and companies, with their primary email/phone."),
-    Endpoint("tasks", "/v1/tasks", description="Tasks attached to jobs, with due dates, assignees and completion."),
+    Endpoint("tasks", "/v1/tasks", epoch_fields=("due_date",),
+             description="Tasks attached to jobs, with due dates, assignees and completion."),
     Endpoint("activities", "/v1/activities", "activity", description="Activity feed entries (notes, calls, emails) on jobs and contacts."),
     Endpoint("files", "/v1/files", "files", description="File metadata (name, size, type) attached to jobs and contacts."),
 )
@@ -62,7 +80,8 @@ BUILT_IN: tuple[Endpoint, ...] = (
 RESOURCES_SETTING = "SOURCES__CRM__RESOURCES (or [sources.crm.resources.<name>] in .dlt/config.toml)"
 PRIMARY_KEY_SETTING = "SOURCES__CRM__PRIMARY_KEY (or primary_key under [sources.crm])"
 _SETTINGS = {"resources": RESOURCES_SETTING, "primary_key": PRIMARY_KEY_SETTING}
-RESOURCE_FIELDS = ("path", "data_selector", "primary_key", "page_size", "epoch_fields", "description")
+RESOURCE_FIELDS = ("path", "data_selector", "primary_key", "page_size", "epoch_fields", "not_epoch_fields",
+                   "description")
 
 # Table names as dlt keeps them unchanged (snake_case), short enough for PostgreSQL's 63-character
 # identifiers with what dlt appends to them.
@@ -130,8 +149,16 @@ def _configured(name: Any, fields: Any, built_in: Optional[Endpoint], primary_ke
         raise CrmConfigurationError(f"{where}: a new resource needs a path, e.g. \"/v1/{name}\"")
     endpoint = built_in or Endpoint(name, "", primary_key=primary_key)
     changes = dict(fields)
-    if "epoch_fields" in changes:
-        changes["epoch_fields"] = _field_names(where, "epoch_fields", changes["epoch_fields"])
+    for setting in ("epoch_fields", "not_epoch_fields"):
+        if setting in changes:
+            changes[setting] = _field_names(where, setting, changes[setting])
+    both = set(changes.get("epoch_fields", ())) & set(changes.get("not_epoch_fields", ()))
+    kept = set(changes.get("not_epoch_fields", ())) & set(EPOCH_FIELDS)
+    if both or kept:
+        raise CrmConfigurationError(
+            f"{where}: not_epoch_fields holds {', '.join(map(repr, sorted(both | kept)))}, which "
+            + ("epoch_fields also holds" if both else "every record has as epoch seconds (the cursor)")
+        )
     endpoint = replace(endpoint, **changes)
     _check(where, endpoint)
     return endpoint
