@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, RESOURCES
+from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, REAL_FAMILY_PATHS, RESOURCES
 from .query import DIRECTIONS, SORT_FIELDS
 from .server import FAULT_KINDS, CrmSimulator, SimulatorConfig
 
@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--invoices", type=_non_negative, default=0, metavar="N",
                       help="serve N invoices at /v1/invoices, records under 'results' "
                            "(default: 0, not served: the path answers 404)")
+    real.add_argument("--real-family", type=_non_negative, default=0, metavar="N",
+                      help="serve N records each of the real family's other resources at the paths the "
+                           "README's 'Connecting to the real API' block configures: "
+                           + ", ".join(f"{r} at {p}" for r, p in REAL_FAMILY_PATHS.items())
+                           + " (default: 0, none; with it, invoices move from /v1 to /v2)")
     real.add_argument("--default-sort-field", choices=SORT_FIELDS, default="date_created",
                       help="sort field of a request that names none (default: date_created)")
     real.add_argument("--default-sort-direction", choices=DIRECTIONS, default="asc",
@@ -110,9 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     counts = dict(args.records, **({"invoices": args.invoices} if args.invoices else {}))
+    paths: dict[str, str] = {}
+    if args.real_family:
+        counts.update({r: args.real_family for r in REAL_FAMILY_PATHS if r not in counts})
+        paths = dict(REAL_FAMILY_PATHS)
     config = SimulatorConfig(
         host=args.host, port=args.port, api_key=args.api_key, seed=args.seed, counts=counts,
-        key_field=args.key_field, default_sort_field=args.default_sort_field,
+        key_field=args.key_field, paths=paths, default_sort_field=args.default_sort_field,
         default_sort_direction=args.default_sort_direction,
         page_cap=args.page_cap, latency_ms=args.latency_ms, fault_every=args.fault_every,
         fault_kinds=args.fault_kinds, retry_after=args.retry_after, drift_every=args.drift_every,

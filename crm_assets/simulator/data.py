@@ -35,6 +35,19 @@ RESOURCES: dict[str, tuple[str, str]] = {
 # five the project syncs; a client that never asks for them must see exactly the five).
 OPTIONAL_RESOURCES: dict[str, tuple[str, str]] = {
     "invoices": ("/v1/invoices", "results"),
+    "estimates": ("/v2/estimates", "results"),
+    "payments": ("/v1/payments", "results"),
+    "workorders": ("/v1/workorders", "results"),
+    "products": ("/v1/products", "results"),
+}
+# The real family's extra resources at the paths the README's "Connecting to the real API" block
+# configures (invoices under /v2 there): served all at once with `--real-family N`.
+REAL_FAMILY_PATHS: dict[str, str] = {
+    "invoices": "/v2/invoices",
+    "estimates": "/v2/estimates",
+    "payments": "/v1/payments",
+    "workorders": "/v1/workorders",
+    "products": "/v1/products",
 }
 KNOWN_RESOURCES: dict[str, tuple[str, str]] = {**RESOURCES, **OPTIONAL_RESOURCES}
 # The name of a record's own key: "id" (the contract) or "jnid" (the real API family). References
@@ -49,7 +62,7 @@ DEFAULT_COUNTS: dict[str, int] = {
     "files": 1500,
 }
 PREFIXES = {"jobs": "job", "contacts": "con", "tasks": "tsk", "activities": "act", "files": "fil",
-            "invoices": "inv"}
+            "invoices": "inv", "estimates": "est", "payments": "pay", "workorders": "wko", "products": "prd"}
 
 BASE = 1_600_000_000
 DAY = 86_400
@@ -99,6 +112,10 @@ FILES = [("plan", "pdf", "application/pdf"), ("photo_été", "jpg", "image/jpeg"
 PRIORITIES = ["low", "normal", "high", "urgent"]
 INVOICE_STATUSES = ["draft", "sent", "partially_paid", "paid", "overdue", "void"]
 DUE_DAYS = [7, 10, 14, 30, 45, 60]  # payment terms: date_due is always after date_created
+ESTIMATE_STATUSES = ["draft", "sent", "accepted", "declined", "expired"]
+PAYMENT_METHODS = ["card", "check", "cash", "ach", "financing"]
+WORKORDER_STATUSES = ["scheduled", "in_progress", "done", "cancelled"]
+PRODUCT_UNITS = ["each", "sq", "ft", "hour", "box"]
 
 
 class Dataset:
@@ -286,6 +303,43 @@ class Dataset:
             "status": INVOICE_STATUSES[g % len(INVOICE_STATUSES)],
             "job_id": self.ref("jobs", g >> 32),
             "date_due": rec["date_created"] + DUE_DAYS[(g >> 4) % len(DUE_DAYS)] * DAY,
+        })
+
+    # The real family's other resources (--real-family): each has integer `date_*` fields, as the
+    # real API's documentation shows, and references into the five.
+    def _fields_estimates(self, rec: dict, i: int, g: int) -> None:
+        rec.update({
+            "number": f"EST-{200_000 + i}",
+            "total": round(((g >> 8) % 5_000_000 + 100) / 100, 2),
+            "status": ESTIMATE_STATUSES[g % len(ESTIMATE_STATUSES)],
+            "job_id": self.ref("jobs", g >> 32),
+            "date_expires": rec["date_created"] + DUE_DAYS[(g >> 4) % len(DUE_DAYS)] * DAY,
+        })
+
+    def _fields_payments(self, rec: dict, i: int, g: int) -> None:
+        rec.update({
+            "amount": round(((g >> 8) % 2_000_000 + 100) / 100, 2),
+            "method": PAYMENT_METHODS[g % len(PAYMENT_METHODS)],
+            "invoice_id": None if g % 9 == 0 else f"inv_{(g >> 24) % max(1, self.counts.get('invoices', 1)):08d}",
+            "date_paid": rec["date_created"] + ((g >> 4) % 30) * DAY,
+        })
+
+    def _fields_workorders(self, rec: dict, i: int, g: int) -> None:
+        start = rec["date_created"] + ((g >> 4) % 20) * DAY
+        rec.update({
+            "status": WORKORDER_STATUSES[g % len(WORKORDER_STATUSES)],
+            "job_id": self.ref("jobs", g >> 32),
+            "date_start": start,
+            "date_end": None if g % 4 == 0 else start + ((g >> 12) % 5 + 1) * DAY,
+            "crew": [f"usr_{(g >> (20 + 8 * j)) % 200:04d}" for j in range((g >> 56) % 3)],
+        })
+
+    def _fields_products(self, rec: dict, i: int, g: int) -> None:
+        rec.update({
+            "sku": f"SKU-{i:06d}",
+            "price": round(((g >> 8) % 100_000 + 1) / 100, 2),
+            "uom": PRODUCT_UNITS[g % len(PRODUCT_UNITS)],
+            "taxable": bool((g >> 3) & 1),
         })
 
 

@@ -55,6 +55,9 @@ class SimulatorConfig:
     # "id" (the contract) or "jnid" (the real API family): the name of each record's own key, same
     # values. References (job_id, related[].id) keep their names. Set at start, not live.
     key_field: str = "id"
+    # resource -> the path it is served at instead of its own (REAL_FAMILY_PATHS: invoices under
+    # /v2, as the real API family has them). Set at start, not live.
+    paths: dict[str, str] = field(default_factory=dict)
     result_window: int = 10_000
     max_size: int = 1000
     default_size: int = 10
@@ -161,6 +164,11 @@ def _check_config(c: SimulatorConfig) -> None:
         raise ValueError(f"counts: unknown resources {bad}; known: {list(KNOWN_RESOURCES)}")
     for r, v in c.counts.items():
         pos_int(f"counts[{r}]", v, minimum=0, optional=False)
+    resources("paths", c.paths)
+    served_paths = [c.paths.get(r, KNOWN_RESOURCES[r][0]) for r in served]
+    if any(not isinstance(p, str) or not p.startswith("/") or "?" in p for p in c.paths.values()) or (
+            len(set(served_paths)) != len(served_paths)):
+        raise ValueError(f"paths must map served resources to distinct URL paths like '/v2/invoices', got {c.paths!r}")
 
 
 def _served(c: SimulatorConfig) -> list[str]:
@@ -223,7 +231,9 @@ class CrmSimulator:
         self._lock = threading.RLock()
         self._store = Store(config.seed, config.counts, config.key_field)
         # name -> (path, records key) of what this simulator serves; any other path is a 404.
-        self.resources: dict[str, tuple[str, str]] = {r: KNOWN_RESOURCES[r] for r in _served(config)}
+        self.resources: dict[str, tuple[str, str]] = {
+            r: (config.paths.get(r, KNOWN_RESOURCES[r][0]), KNOWN_RESOURCES[r][1]) for r in _served(config)
+        }
         self._paths = {path: (name, key) for name, (path, key) in self.resources.items()}
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
