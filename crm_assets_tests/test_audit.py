@@ -220,3 +220,20 @@ def test_materializing_the_assets_leaves_the_audit_out(start_simulator, crm_env,
     assert result.get_asset_check_evaluations() == []
     # one full read per resource: the sync's, no listing for an audit
     assert simulator.stats()["records_served"] == SMALL_COUNTS
+
+
+def test_records_without_a_cursor_are_repaired_by_their_date_created(synced):
+    """A key/date listing: records whose date_updated the API nulled (the table still has one) and
+    one of them deleted from the table are read again by date_created, not date_updated."""
+    simulator, database, instance = synced(fields_param=True)
+    nulled = simulator.mutate("jobs", null_cursor=3)["null_cursor"]
+    execute(database, f"DELETE FROM crm.jobs WHERE id = '{nulled[0]}'")
+
+    result = run_job("crm_audit", instance)
+
+    check = evaluations(result)[f"crm/jobs:{WAREHOUSE_MATCHES_API}"]
+    assert check.passed, check.description
+    assert (meta(check)["missing"], meta(check)["stale"], meta(check)["repaired"]) == (1, 2, 3)
+    landed = rows(database, "jobs")
+    assert all(landed[key][1] is None for key in nulled)  # date_updated as the API has it: none
+    assert_equals_api(database, simulator, {}, hard_delete=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -113,6 +114,8 @@ class Listing:
         self.key_field = key_field
         self.updated: dict[str, Optional[int]] = {}
         self.created_without_cursor: dict[str, int] = {}
+        # every listed record's date_created: how many records a date_created range holds
+        self.created_seconds = array("q")
         self.inactive: set[str] = set()
         self.whole_records = 0
         self.partial_records = 0
@@ -134,9 +137,10 @@ class Listing:
                 updated = record.get(CURSOR_FIELD)
                 updated = updated if type(updated) is int else None
                 self.updated[key] = updated
-                if updated is None:
-                    created = record.get(CREATED_FIELD)
-                    if type(created) is int:
+                created = record.get(CREATED_FIELD)
+                if type(created) is int:
+                    self.created_seconds.append(created)
+                    if updated is None:
                         self.created_without_cursor[key] = created
                 if record.get("is_active") is False:
                     self.inactive.add(key)
@@ -278,8 +282,8 @@ def repair_ranges(listing: Listing, keys: Iterable[str], page_size: int) -> list
     if updated:
         listed = sorted(v for v in listing.updated.values() if v is not None)
         ranges += [(CURSOR_FIELD, low, high) for low, high in group_seconds(updated, listed, page_size)]
-    if created:
-        listed = sorted(listing.created_without_cursor.values())
+    if created:  # a date_created range holds records with a cursor too: every listed one counts
+        listed = sorted(listing.created_seconds)
         ranges += [(CREATED_FIELD, low, high) for low, high in group_seconds(created, listed, page_size)]
     return ranges
 
