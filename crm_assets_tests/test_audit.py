@@ -237,3 +237,14 @@ def test_records_without_a_cursor_are_repaired_by_their_date_created(synced):
     landed = rows(database, "jobs")
     assert all(landed[key][1] is None for key in nulled)  # date_updated as the API has it: none
     assert_equals_api(database, simulator, {}, hard_delete=False)
+
+
+def test_wanted_seconds_share_a_range_while_at_most_a_page_lies_between_them():
+    from crm_assets.sources.crm.audit import group_seconds
+
+    listed = sorted([10, 10, 11, 12, 13, 14, 20, 30, 30, 30, 30, 40])
+    # page of 3: 11..13 (3 records) between 10 and 14 -> one range; 20 is next to 14 (nothing between);
+    # between 20 and 40 lie four records at 30 -> a range of its own
+    assert group_seconds([10, 14, 20, 40], listed, page_size=3) == [(10, 20), (40, 40)]
+    assert group_seconds([40, 10, 10], listed, page_size=100) == [(10, 40)]
+    assert group_seconds([], listed, page_size=3) == []
