@@ -1,9 +1,10 @@
 """The warehouses the exactness tests run against: the default DuckDB file and a real PostgreSQL.
 
 PostgreSQL is a private server on loopback: `scripts/services.sh up` installs it when it is
-missing and starts a cluster of its own (`make test` does that before pytest; run alone, the
-session fixture does it and stops it again). Every test gets a fresh database and selects it the
-way a user would: `CRM_DESTINATION=postgres` plus dlt's `DESTINATION__POSTGRES__CREDENTIALS`.
+missing and starts a cluster of its own (`make test` does that before pytest; the session fixture
+does it too, and the server stops when its last user is done). Every test gets a fresh database
+and selects it the way a user would: `CRM_DESTINATION=postgres` plus dlt's
+`DESTINATION__POSTGRES__CREDENTIALS`.
 Tables are read back independently of the pipeline (duckdb / psycopg2). If the server cannot be
 installed or started, the tests that need it fail; they never skip.
 """
@@ -126,23 +127,23 @@ def _services(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[dict[str, str]]:
-    """The loopback PostgreSQL of scripts/services.sh: reused if up, else started (and stopped)."""
-    already_up = _services("env", timeout=60).returncode == 0
-    if not already_up:
-        started = _services("up", timeout=1200)
-        if started.returncode != 0:
-            pytest.fail(
-                "scripts/services.sh up could not install or start PostgreSQL:\n"
-                + (started.stdout + started.stderr)[-4000:],
-                pytrace=False,
-            )
+    """The loopback PostgreSQL of scripts/services.sh, started if it is not up. This process holds
+    it until the session ends (`up` registers it, `down` lets go): the server stops with its last
+    holder, never under another session's tests (make test, a pytest-xdist worker, a colleague's
+    pytest in the same working tree)."""
+    started = _services("up", timeout=1200)
+    if started.returncode != 0:
+        pytest.fail(
+            "scripts/services.sh up could not install or start PostgreSQL:\n"
+            + (started.stdout + started.stderr)[-4000:],
+            pytrace=False,
+        )
     listed = _services("env", timeout=60)
     if listed.returncode != 0:
         pytest.fail(f"PostgreSQL is not answering: {listed.stderr[-2000:]}", pytrace=False)
     server = dict(line.split("=", 1) for line in listed.stdout.splitlines() if "=" in line)
     yield server
-    if not already_up:
-        _services("down", timeout=120)
+    _services("down", timeout=120)
 
 
 def _connect(server: dict[str, str], database: str):

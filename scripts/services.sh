@@ -135,7 +135,7 @@ postgres_up() {
         if run_pg "$bin/pg_ctl" start -D "$data" -w -t 60 -l "$data/server.log" -o \
             "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$data \
              -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100" \
-            >/dev/null; then
+            >/dev/null 9>&-; then
             break
         fi
         tail -n 20 "$data/server.log" >&2 || true
@@ -168,10 +168,11 @@ postgres_down() {
     log "PostgreSQL stopped"
 }
 
-# one `up` or `down` at a time in this working tree
+# one `up` or `down` at a time in this working tree (the server started meanwhile must not inherit
+# the lock's descriptor: it would hold the lock for as long as it runs)
 lock() {
     mkdir -p "$HOLDERS"
-    exec 9>"$STATE_DIR/lock"
+    exec 9>"$STATE_DIR/.lock"
     flock 9
 }
 
