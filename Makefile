@@ -11,10 +11,11 @@ export DAGSTER_DISABLE_TELEMETRY ?= true
 
 install: $(STAMP)
 
+# (setuptools' caution about editable installs is about folders named like the package: ours is it)
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 ## make test: the whole suite (what CI runs). scripts/services.sh installs PostgreSQL and chromium
@@ -31,9 +32,10 @@ test-fast: $(STAMP)
 		crm_assets_tests/test_paginator.py crm_assets_tests/test_catalog.py crm_assets_tests/test_docs.py \
 		crm_assets_tests/test_definitions.py $(PYTEST_ARGS)
 
-## make demo: simulator on loopback -> dagster asset materialize of all five assets -> row counts
+## make demo: simulator on loopback -> dg launch of all five assets -> row counts, in a few lines
+##   make demo DEMO_ARGS=-v   shows the run's log too
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 ## make dev: simulator + dg dev (webserver and daemon) with the five assets ready; any signal that
 ## stops it stops all of it.   make dev DEV_ARGS="--port 3001 --home /tmp/dagster_home"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -13,6 +16,24 @@ from crm_assets.simulator import CrmSimulator, SimulatorConfig
 API_KEY = "test-key-3f9a1c"
 # Small datasets keep the suite fast; tests that need the 10,000-record window ask for more.
 SMALL_COUNTS = {"jobs": 240, "contacts": 310, "tasks": 180, "activities": 205, "files": 95}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Nothing the suite runs writes under the user's home directory: a throwaway HOME for the
+    session (and every process it starts). Dagster writes telemetry events and ids to ~/.dagster/
+    whenever an instance (or dg) has telemetry on, and DAGSTER_DISABLE_TELEMETRY only stops the
+    upload; Chromium writes its profile and crash reports under ~/.config and ~/.cache. git keeps
+    the user's own settings. pytest-xdist's workers inherit the controller's."""
+    if os.environ.get("CRM_TEST_HOME"):
+        return
+    real = Path.home()
+    home = tempfile.mkdtemp(prefix="crm-test-home-")
+    if (real / ".gitconfig").exists():
+        os.environ.setdefault("GIT_CONFIG_GLOBAL", str(real / ".gitconfig"))
+    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "DG_CLI_CONFIG"):
+        os.environ.pop(name, None)
+    os.environ["HOME"] = os.environ["CRM_TEST_HOME"] = home
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
-"""What a newcomer runs, run as they run it: `make dev` stopped by a signal, `make demo`'s output,
-and `scripts/dg` from another directory. Each works in temporary folders (its own DAGSTER_HOME and
-warehouse) and on free ports, never in the repository's .dagster_home/ or crm_warehouse.duckdb."""
+"""What a newcomer runs, run as they run it: `make dev` stopped by a signal, and `make demo`'s
+output. Each works in temporary folders (its own DAGSTER_HOME and warehouse) and on free ports,
+never in the repository's .dagster_home/ or crm_warehouse.duckdb."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import duckdb
 import pytest
 import requests
 
-from .conftest import assert_exact
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,6 +81,9 @@ def test_make_dev_stopped_by_sigterm_to_its_group_leaves_nothing_running(tmp_pat
                 pass
             assert time.monotonic() < deadline, "the UI never answered:\n" + (tmp_path / "make-dev.log").read_text()[-3000:]
             time.sleep(1)
+        # the UI would show no community pop-up (Dagster's `nux` setting in the instance it prepared)
+        answer = requests.post(f"http://127.0.0.1:{port}/graphql", json={"query": "{ shouldShowNux }"}, timeout=30)
+        assert answer.json()["data"]["shouldShowNux"] is False
         running = _processes_with(marker)
         commands = "\n".join(running.values())
         # make, dev.py, the simulator, dg dev, its webserver and daemon (and their code servers)
@@ -100,6 +102,9 @@ def test_make_dev_stopped_by_sigterm_to_its_group_leaves_nothing_running(tmp_pat
 
         assert _processes_with(marker) == {}
         assert not _answers(port)
+        said = (tmp_path / "make-dev.log").read_text(errors="replace")
+        for noise in ("SupersessionWarning", "will not be used", "virtual environment does not match"):
+            assert noise not in said, said[-3000:]
     finally:
         for pid in _processes_with(marker):  # only what this test started carries its marker
             try:
@@ -107,3 +112,34 @@ def test_make_dev_stopped_by_sigterm_to_its_group_leaves_nothing_running(tmp_pat
             except ProcessLookupError:
                 pass
         log.close()
+
+
+def test_make_demo_says_what_it_did_in_a_few_lines_and_no_warning(tmp_path):
+    """`make demo` as a newcomer runs it (output captured, so no terminal colours): the table of row
+    counts and where the database is, at most 15 lines, none of them a warning."""
+    warehouse = tmp_path / "demo.duckdb"
+    completed = subprocess.run(
+        ["make", "--no-print-directory", "demo", f"DEMO_ARGS=--home {tmp_path / 'home'} --warehouse {warehouse}"],
+        cwd=REPO, env=_user_env(tmp_path), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    lines = output.splitlines()
+    assert len(lines) <= 15, output
+    assert not [line for line in lines if "warn" in line.lower()], output
+    assert "Materialized all 5 assets" in output and str(warehouse) in output
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        (jobs,) = connection.execute("SELECT COUNT(*) FROM crm.jobs").fetchone()
+    assert f"crm.jobs {jobs} rows" in " ".join(output.split())
+
+
+def test_the_suite_keeps_out_of_the_home_directory(tmp_path):
+    """conftest.py gives the session a throwaway HOME: what Dagster's telemetry (dg's too) writes
+    to ~/.dagster/ lands there, not in the user's home."""
+    import pwd
+
+    assert Path.home() == Path(os.environ["CRM_TEST_HOME"]) != Path(pwd.getpwuid(os.getuid()).pw_dir)
+    completed = subprocess.run([str(Path(sys.executable).parent / "dg"), "list", "defs", "--json"], cwd=REPO,
+                               env=_user_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert list((Path.home() / ".dagster" / "logs").glob("*.log"))  # dg's telemetry on: here, in HOME

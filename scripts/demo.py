@@ -10,6 +10,8 @@ Run it from the repository root (the Makefile does).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "demo-key"
 DATABASE = ROOT / "crm_warehouse.duckdb"
 FULL_REFRESH = '{"ops": {"crm_sync_assets": {"config": {"full_refresh": true}}}}'
+# Dagster's own notice when `dg launch --assets '*'` selects all assets (nothing this project does)
+QUIET_WARNINGS = "ignore:Parameter `include_sources` of function `AssetSelection.all` is currently in beta"
 
 
 def prepare_instance(home: Path = ROOT / ".dagster_home") -> Path:
@@ -39,19 +43,31 @@ def prepare_instance(home: Path = ROOT / ".dagster_home") -> Path:
     return home
 
 
-def main() -> int:
-    workdir = ROOT / ".demo"
-    workdir.mkdir(exist_ok=True)
-    database = DATABASE
-    home = prepare_instance()
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", type=Path, default=ROOT / ".dagster_home",
+                        help="DAGSTER_HOME: Dagster's state and dagster.yaml (default: .dagster_home)")
+    parser.add_argument("--warehouse", type=Path, default=DATABASE,
+                        help="the DuckDB file (default: crm_warehouse.duckdb in the repository)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the run's log (DEBUG) and every warning")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    database = args.warehouse.resolve()
+    home = prepare_instance(args.home.resolve())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the simulator
+    simulator_log = home / "simulator.log"
     # the simulator caps pages at 250 records, below the 1000 we ask for: the sync must not care
     try:
-        simulator, url = start_simulator(workdir / "simulator.url", "--page-cap", "250",
-                                         api_key=API_KEY, cwd=ROOT)
-    except RuntimeError as exc:  # the simulator's own error is on the terminal above
-        print(f"demo failed: {exc}", file=sys.stderr)
+        with simulator_log.open("wb") as log:
+            simulator, url = start_simulator(home / "simulator.url", "--page-cap", "250", api_key=API_KEY,
+                                             cwd=ROOT, output=None if args.verbose else log)
+    except RuntimeError as exc:
+        print(f"demo failed: {exc}\n{simulator_log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the simulator
     print(f"CRM simulator at {url}", flush=True)
     env = {
         **os.environ,
@@ -59,11 +75,18 @@ def main() -> int:
         "SOURCES__CRM__API_KEY": API_KEY,
         "DESTINATION__DUCKDB__CREDENTIALS": str(database),
         "DAGSTER_HOME": str(home),
+        "VIRTUAL_ENV": str(ROOT / ".venv"),  # dg runs from the project's venv: nothing to warn about
     }
+    run_config = json.loads(FULL_REFRESH)
+    if not args.verbose:
+        # the run's log only when something fails; `-v` shows all of it (DEBUG) and every warning
+        run_config["loggers"] = {"console": {"config": {"log_level": "ERROR"}}}
+        env["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET_WARNINGS]))
     try:
         started = time.monotonic()
         subprocess.run(
-            [str(Path(sys.executable).parent / "dg"), "launch", "--assets", "*", "--config-json", FULL_REFRESH],
+            [str(Path(sys.executable).parent / "dg"), "launch", "--assets", "*",
+             "--config-json", json.dumps(run_config)],
             cwd=ROOT, env=env, check=True,
         )
         elapsed = time.monotonic() - started
