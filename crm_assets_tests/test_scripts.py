@@ -1,6 +1,6 @@
-"""What a newcomer runs, run as they run it: `make dev` stopped by a signal, and `make demo`'s
-output. Each works in temporary folders (its own DAGSTER_HOME and warehouse) and on free ports,
-never in the repository's .dagster_home/ or crm_warehouse.duckdb."""
+"""What a newcomer runs, run as they run it: `make dev` stopped by a signal, `make demo`'s output,
+and `scripts/dg` from another directory. Each works in temporary folders (its own DAGSTER_HOME and
+warehouse) and on free ports, never in the repository's .dagster_home/ or crm_warehouse.duckdb."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import duckdb
 import pytest
 import requests
 
+from .conftest import assert_exact
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,3 +144,32 @@ def test_the_suite_keeps_out_of_the_home_directory(tmp_path):
                                env=_user_env(tmp_path), capture_output=True, text=True, timeout=180)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert list((Path.home() / ".dagster" / "logs").glob("*.log"))  # dg's telemetry on: here, in HOME
+
+
+def test_scripts_dg_works_from_another_directory_in_the_instance_and_warehouse_it_names(start_simulator, tmp_path):
+    """The README's way to run dg outside the repository: `scripts/dg`. The project is found, no
+    warning about the venv, the run lands in DAGSTER_HOME's instance (make dev's .dagster_home/ when
+    unset) and in the configured warehouse, and nothing is written where it was called from."""
+    from dagster import DagsterInstance
+
+    simulator = start_simulator(page_cap=90)
+    elsewhere, home, warehouse = tmp_path / "elsewhere", tmp_path / "dagster_home", tmp_path / "w.duckdb"
+    elsewhere.mkdir()
+    env = _user_env(tmp_path)
+    env.update(DAGSTER_HOME=str(home), SOURCES__CRM__BASE_URL=simulator.url,
+               SOURCES__CRM__API_KEY=simulator.config.api_key, DESTINATION__DUCKDB__CREDENTIALS=str(warehouse))
+    dg = str(REPO / "scripts" / "dg")
+
+    listed = subprocess.run([dg, "list", "defs", "--json"], cwd=elsewhere, env=env, capture_output=True,
+                            text=True, timeout=180)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert '"crm/jobs"' in listed.stdout and "crm_sync" in listed.stdout
+    assert "virtual environment" not in listed.stderr
+
+    launched = subprocess.run([dg, "launch", "--assets", "crm/jobs"], cwd=elsewhere, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert_exact(warehouse, simulator, resources=["jobs"])
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert [record.dagster_run.is_success for record in instance.get_run_records()] == [True]
+    assert list(elsewhere.iterdir()) == []
