@@ -248,3 +248,20 @@ def test_wanted_seconds_share_a_range_while_at_most_a_page_lies_between_them():
     assert group_seconds([10, 14, 20, 40], listed, page_size=3) == [(10, 20), (40, 40)]
     assert group_seconds([40, 10, 10], listed, page_size=100) == [(10, 40)]
     assert group_seconds([], listed, page_size=3) == []
+
+
+def test_an_api_error_fails_the_audit_with_error_severity_and_changes_nothing(synced):
+    simulator, database, instance = synced()
+    simulator.mutate("jobs", delete=2)
+    before = {table: database.query(f"SELECT * FROM crm.{table} ORDER BY id") for table in RESOURCES}
+    simulator.configure(forbidden=["files"])
+
+    result = run_job("crm_audit", instance)
+
+    checks = evaluations(result)
+    assert set(checks) == AUDIT_CHECKS
+    for check in checks.values():
+        assert not check.passed and check.severity == AssetCheckSeverity.ERROR
+        assert "403" in check.description and "/v1/files" in check.description
+        assert simulator.config.api_key not in check.description
+    assert {table: database.query(f"SELECT * FROM crm.{table} ORDER BY id") for table in RESOURCES} == before

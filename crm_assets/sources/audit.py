@@ -119,7 +119,7 @@ def audit(pipeline: Pipeline, settings: AuditSettings, resources: Sequence[str])
         pipeline.extract(listing_read.source, **options)
     except Exception as exc:
         _abort(pipeline)
-        _fail_all(results, exc)
+        _fail_all(results, exc, "listing the API")
         return results
     listings = listing_read.listings
     comparisons = {}
@@ -167,7 +167,7 @@ def audit(pipeline: Pipeline, settings: AuditSettings, resources: Sequence[str])
             pipeline.load()
     except Exception as exc:
         _abort(pipeline)
-        _fail_all({e.name: results[e.name] for e in repairable}, exc)
+        _fail_all({e.name: results[e.name] for e in repairable}, exc, "reading and loading the repairs")
         return results
     for endpoint in repairable:
         result, comparison = results[endpoint.name], comparisons[endpoint.name]
@@ -197,11 +197,11 @@ def _abort(pipeline: Pipeline) -> None:
         pipeline.abort_packages()
 
 
-def _fail_all(results: dict[str, TableAudit], exc: BaseException) -> None:
+def _fail_all(results: dict[str, TableAudit], exc: BaseException, step: str) -> None:
     error = find_crm_error(exc)
     message = str(error) if error is not None else f"{type(exc).__name__}: {exc}"
     for result in results.values():
-        result.problem = f"The audit could not read the API, nothing was repaired: {message}"
+        result.problem = f"The audit failed while {step}; nothing was loaded or marked: {message}"
         result.passed = False
 
 
