@@ -61,6 +61,7 @@ class Listing:
             (r for r in self.records.values() if self.ignore_filter or page.matches(r)),
             # a record without a value comes last, as Elasticsearch sorts it
             key=lambda r: (r.get(field) is None, r.get(field) or 0, r["id"]),
+            reverse=page.descending and self.own_order is None,
         )
         take = min(page.size, self.cap or page.size)
         rows = [dict(r) for r in listing[page.offset : page.offset + take]]

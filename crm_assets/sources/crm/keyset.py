@@ -80,6 +80,7 @@ class PageRequest:
     size: int
     within: Optional[tuple[str, int]] = None  # another field held at one value
     floor: Optional[tuple[str, int]] = None  # another field at least this value
+    descending: bool = False
 
     def matches(self, record: dict[str, Any]) -> bool:
         value = record.get(self.field)
@@ -105,7 +106,8 @@ class PageRequest:
             if self.highest is not None:
                 parts.append(f"{self.field} <= {self.highest}")
         where = " and ".join(parts) or "the whole listing"
-        return f"{where}, sorted on {self.field} ascending, from={self.offset}"
+        order = "descending" if self.descending else "ascending"
+        return f"{where}, sorted on {self.field} {order}, from={self.offset}"
 
 
 def verify_page(resource: str, asked: PageRequest, records: Sequence[dict[str, Any]], key_field: str) -> None:
@@ -150,6 +152,8 @@ def verify_page(resource: str, asked: PageRequest, records: Sequence[dict[str, A
             f"{key_field}={record.get(key_field)!r} with {shown}",
         )
     pairs = list(zip(values, keys))
+    if asked.descending:
+        pairs.reverse()
     if all(map(operator.le, pairs, pairs[1:])):
         return
     for position in range(1, len(pairs)):

@@ -54,7 +54,7 @@ def page_params(page: PageRequest) -> dict[str, Any]:
         clauses.append(range_clause(page.field, "gte", page.lowest))
     if page.highest is not None:
         clauses.append(range_clause(page.field, "lte", page.highest))
-    params: dict[str, Any] = {"sort_field": page.field, "sort_direction": "asc"}
+    params: dict[str, Any] = {"sort_field": page.field, "sort_direction": "desc" if page.descending else "asc"}
     if clauses:
         params["filter"] = encode_filter(clauses)
     params["from"] = page.offset

@@ -69,6 +69,7 @@ class ReadPlan:
         self.reads: list[KeysetRead] = []  # the range reads, then the keyset read
         self.without_cursor = 0  # records without a cursor value, as the probe counted them
         self.probe_requests = 0
+        self.end = now  # the last record's date_created, once the probe asked (else now)
         self.done = False
         self._last_served: Any = None  # the key of the previous answer's last record
         self._steps = self._plan()
@@ -151,6 +152,12 @@ class ReadPlan:
             start = 0
         elif start > 0 and (yield from self._count(None, start - 1, False)) > 0:
             start = 0
+        # and where it ends, to halve the span the records are in rather than the whole of time
+        # (the upper half of a range stays open, so a wrong answer here costs requests, no records)
+        last, _, _ = yield PageRequest(self.created_field, None, None, 0, 1, descending=True)
+        self.probe_requests += 1
+        end = last[0].get(self.created_field) if last else None
+        self.end = end if type(end) is int and end > start else self.now
         found: list[tuple[int, Optional[int]]] = []
         pending: list[tuple[int, Optional[int], int, int]] = [(start, None, every, with_cursor)]
         while pending:
@@ -177,12 +184,13 @@ class ReadPlan:
         return sorted(found, key=lambda r: r[0])
 
     def _halves(self, lowest: int, highest: Optional[int]) -> Optional[list[tuple[int, Optional[int]]]]:
-        """Two halves of a range, or None where it cannot be halved (one second, or all of it
-        later than now)."""
+        """Two halves of a range, or None where it cannot be halved (one second, or an open range
+        starting after the last record's date_created)."""
         if highest is None:
-            if lowest > self.now:
+            if lowest >= self.end:
                 return None
-            return [(lowest, self.now), (self.now + 1, None)]
+            middle = (lowest + self.end) // 2
+            return [(lowest, middle), (middle + 1, None)]
         if lowest >= highest:
             return None
         middle = (lowest + highest) // 2
