@@ -36,6 +36,23 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
 
 
+# Under pytest-xdist (`make test`, --dist loadgroup) tests go to whichever worker is free, except
+# these modules, whose module-scoped fixtures (a webserver and daemon, a large simulator) must be
+# set up once: each stays on one worker, and they are handed out first, the longest first.
+ONE_WORKER_MODULES = ("test_webserver.py", "test_simulator.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the order stays as collected
+        return
+    for item in items:
+        if item.path.name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    rank = {name: index for index, name in enumerate(ONE_WORKER_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own dlt state folder and no stray configuration from the machine."""

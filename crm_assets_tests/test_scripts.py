@@ -60,11 +60,12 @@ def _processes_with(marker: str) -> dict[int, str]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
 def test_make_dev_stopped_by_sigterm_to_its_group_leaves_nothing_running(tmp_path):
     """`make dev` started from a script with SIGINT ignored (as `make dev &` is), in a session of
     its own, then SIGTERM to its whole process group, as a service manager stops it, and again a
     second later (make forwards the signal to its child too: a second one arrives anyway)."""
+    stop = signal.SIGTERM
     port, marker = _free_port(), f"CRM_DEV_TEST_{uuid.uuid4().hex}"
     env = _user_env(tmp_path, **{marker: "1", "DESTINATION__DUCKDB__CREDENTIALS": str(tmp_path / "w.duckdb")})
     command = f'trap "" INT; exec make --no-print-directory dev DEV_ARGS="--port {port} --home {tmp_path / "home"}"'
@@ -90,14 +91,14 @@ def test_make_dev_stopped_by_sigterm_to_its_group_leaves_nothing_running(tmp_pat
         # make, dev.py, the simulator, dg dev, its webserver and daemon (and their code servers)
         assert len(running) >= 6 and "crm_assets.simulator" in commands and "dagster_webserver" in commands, commands
 
-        os.killpg(leader.pid, signal.SIGTERM)
+        os.killpg(leader.pid, stop)
         time.sleep(1)
         try:
-            os.killpg(leader.pid, signal.SIGTERM)
+            os.killpg(leader.pid, stop)
         except ProcessLookupError:
             pass
         leader.wait(timeout=90)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while (_processes_with(marker) or _answers(port)) and time.monotonic() < deadline:
             time.sleep(0.5)
 
@@ -160,16 +161,40 @@ def test_scripts_dg_works_from_another_directory_in_the_instance_and_warehouse_i
                SOURCES__CRM__API_KEY=simulator.config.api_key, DESTINATION__DUCKDB__CREDENTIALS=str(warehouse))
     dg = str(REPO / "scripts" / "dg")
 
-    listed = subprocess.run([dg, "list", "defs", "--json"], cwd=elsewhere, env=env, capture_output=True,
-                            text=True, timeout=180)
-    assert listed.returncode == 0, listed.stderr[-3000:]
-    assert '"crm/jobs"' in listed.stdout and "crm_sync" in listed.stdout
-    assert "virtual environment" not in listed.stderr
-
     launched = subprocess.run([dg, "launch", "--assets", "crm/jobs"], cwd=elsewhere, env=env,
                               capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert "virtual environment" not in launched.stderr
     assert_exact(warehouse, simulator, resources=["jobs"])
     with DagsterInstance.from_config(str(home)) as instance:
         assert [record.dagster_run.is_success for record in instance.get_run_records()] == [True]
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_process_started_by_start_process_stops_when_its_starter_is_killed(tmp_path):
+    """What `make dev` started cannot outlive it even when it is killed with SIGKILL and runs no
+    cleanup: the kernel sends SIGTERM to what it started (and `dg dev` stops its own children)."""
+    ready = tmp_path / "child.pid"
+    starter = subprocess.Popen([sys.executable, "-c", f"""
+import signal, subprocess, sys, time
+from crm_assets.simulator.process import start_process
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `make dev &` from a script inherits it
+child = start_process([sys.executable, "-c", "import time; time.sleep(600)"])
+open({str(ready)!r}, "w").write(str(child.pid))
+time.sleep(600)
+"""], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (ready.exists() and ready.read_text()):
+        assert time.monotonic() < deadline and starter.poll() is None
+        time.sleep(0.05)
+    child = int(ready.read_text())
+    # the starter ignores SIGINT; the child starts with the default all the same
+    ignored = next(line for line in Path(f"/proc/{child}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    assert not int(ignored.split()[1], 16) & (1 << (signal.SIGINT - 1)), ignored
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the child outlived the process that started it"
+        time.sleep(0.1)
