@@ -30,7 +30,7 @@ test: $(STAMP)
 	bash scripts/services.sh up && $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 ## make test-fast: the layer that needs no service and no root (the read, the paginator, the
-## resource settings, the docs against the code, the definitions), on every core: about 25 s on 2
+## resource settings, the docs against the code, the definitions), on every core: about 35 s on 2
 ## busy cores. The syncs through the CLIs from other directories are left to make test.
 FAST_SKIP = $(addprefix --deselect crm_assets_tests/test_definitions.py::,\
 	test_the_cli_materializes_everything_from_another_directory \
