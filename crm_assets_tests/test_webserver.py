@@ -30,6 +30,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, expect, sync_playwright
 
+from crm_assets.audit import WAREHOUSE_MATCHES_API
 from crm_assets.checks import ID_IS_NOT_NULL, ID_IS_UNIQUE, ROW_COUNT_MATCHES_API
 from crm_assets.simulator import CrmSimulator, SimulatorConfig
 from crm_assets.simulator.process import stop_group
@@ -225,12 +226,17 @@ def test_the_code_location_loads_with_the_assets_checks_jobs_schedule_and_sensor
     for node in nodes.values():
         assert node["groupName"] == "crm"
         checks = {c["name"]: c["blocking"] for c in node["assetChecksOrError"]["checks"]}
-        assert checks == {ID_IS_UNIQUE: True, ID_IS_NOT_NULL: True, ROW_COUNT_MATCHES_API: False}
-    assert {"crm_sync", "crm_checks"} <= {job["name"] for job in repository["jobs"]}
+        assert checks == {
+            ID_IS_UNIQUE: True, ID_IS_NOT_NULL: True, ROW_COUNT_MATCHES_API: False, WAREHOUSE_MATCHES_API: False,
+        }
+    assert {"crm_sync", "crm_checks", "crm_audit"} <= {job["name"] for job in repository["jobs"]}
     schedules = {s["name"]: s for s in repository["schedules"]}
     assert schedules["crm_sync_schedule"]["scheduleState"]["status"] == "RUNNING"
+    assert schedules["crm_audit_schedule"]["scheduleState"]["status"] == "RUNNING"
     sensors = {s["name"]: s["sensorState"]["status"] for s in repository["sensors"]}
-    assert sensors == {"crm_change_sensor": "RUNNING", "crm_sync_failure_sensor": "RUNNING"}
+    assert sensors == {
+        "crm_change_sensor": "RUNNING", "crm_sync_failure_sensor": "RUNNING", "crm_audit_sensor": "RUNNING",
+    }
 
 
 def test_crm_sync_launched_over_graphql_fills_the_warehouse_and_passes_its_checks(
@@ -264,7 +270,9 @@ def test_crm_sync_launched_over_graphql_fills_the_warehouse_and_passes_its_check
             check["name"]: check["executionForLatestMaterialization"]
             for check in node["assetChecksOrError"]["checks"]
         }
-        assert set(executions) == CHECK_NAMES
+        # the audit is crm_audit's, not crm_sync's: it has no execution for this materialization
+        assert set(executions) == CHECK_NAMES | {WAREHOUSE_MATCHES_API}
+        assert executions.pop(WAREHOUSE_MATCHES_API) is None
         for name, execution in executions.items():
             assert execution["runId"] == synced, (node["assetKey"], name)
             assert execution["status"] == "SUCCEEDED", (node["assetKey"], name, execution)
@@ -274,6 +282,7 @@ def test_crm_sync_launched_over_graphql_fills_the_warehouse_and_passes_its_check
 # --- a real browser ----------------------------------------------------------------------------
 
 _COMMUNITY_DIALOG = "Join the Dagster community"
+PASSED_AFTER_SYNC = "3 / 4 Passed"
 
 
 @pytest.fixture
@@ -372,19 +381,20 @@ def test_a_browser_shows_the_asset_graph_and_a_passed_check(dagster_ui, synced, 
     # drawn. Ask the same question, and if so wait for the dialog and click Skip, as a user would.
     shows_dialog = dagster_ui.graphql("{ shouldShowNux }")["shouldShowNux"]
     graph_url = f"{dagster_ui.url}/locations/{LOCATION}/asset-groups/crm"
-    _open(page, graph_url, *RESOURCES, "Materialized", "3 / 3 Passed")
+    # three checks ran with the load; the fourth, warehouse_matches_api, is the daily audit's
+    _open(page, graph_url, *RESOURCES, "Materialized", PASSED_AFTER_SYNC)
     if shows_dialog:
         dialog = page.get_by_role("dialog").filter(has_text=_COMMUNITY_DIALOG)
         dialog.get_by_role("button", name="Skip", exact=True).click(timeout=UI_TIMEOUT_MS)
         expect(dialog).to_be_hidden()
-    expect(page.get_by_text("3 / 3 Passed", exact=True)).to_have_count(len(RESOURCES))
+    expect(page.get_by_text(PASSED_AFTER_SYNC, exact=True)).to_have_count(len(RESOURCES))
 
-    # every asset's node says it is materialized and its three checks passed
+    # every asset's node says it is materialized and the three checks of the load passed
     text = page.locator("body").inner_text()
     assert _COMMUNITY_DIALOG not in text
     for name in RESOURCES:
         assert name in text.split("\n"), name
-    assert text.count("3 / 3 Passed") == len(RESOURCES), text[:3000]
+    assert text.count(PASSED_AFTER_SYNC) == len(RESOURCES), text[:3000]
     assert text.count("Materialized") >= len(RESOURCES)
 
     box = _fit_graph(page)
@@ -399,9 +409,9 @@ def test_a_browser_shows_the_asset_graph_and_a_passed_check(dagster_ui, synced, 
         SCREENSHOT.write_bytes(png)
 
     checks_url = f"{dagster_ui.url}/assets/crm/jobs?view=checks"
-    text = _open(page, checks_url, *sorted(CHECK_NAMES), "Latest execution", "Passed")
+    text = _open(page, checks_url, *sorted(CHECK_NAMES | {WAREHOUSE_MATCHES_API}), "Latest execution", "Passed")
     page.screenshot(path=tmp_path / "jobs-checks.png", animations="disabled")
-    assert "Checks (3)" in text
+    assert "Checks (4)" in text
     assert text.count("Succeeded") >= len(CHECK_NAMES), text[:3000]
     assert "This is a blocking asset check" in text
     assert "Evaluation result\nPassed" in text or "Passed" in text.split("\n")
