@@ -64,7 +64,7 @@ def warehouse_setting() -> str:
     configured = os.environ.get("DESTINATION__DUCKDB__CREDENTIALS")
     if not configured:
         return str(DATABASE)
-    if ":" in configured or os.path.isabs(configured):  # a path, or not a file (md:, :memory:)
+    if ":" in configured or os.path.isabs(configured):  # absolute, or no file (md:, :memory:)
         return configured
     return os.path.abspath(configured)
 
