@@ -29,7 +29,7 @@ from .sources.crm import (
     find_crm_error,
 )
 from .sources.crm.settings import CURSOR_FIELD, RETRY_STATUSES
-from .sources.crm_pipeline import DATASET_NAME, crm_pipeline
+from .sources.crm_pipeline import DATASET_NAME, crm_pipeline, drop_staging
 from .sources.destination import run_options, selected_destination
 from .sources.readback import refuse_earlier_layout, schema_changes, table_row_counts
 from .sources.run_lock import exclusive_run
@@ -156,6 +156,7 @@ def crm_sync_assets(
                 results = list(
                     dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
                 )
+                drop_staging(pipeline)
                 # read back while no other run can be writing the warehouse
                 tables = [result.asset_key.path[-1] for result in results]
                 counts = table_row_counts(pipeline, tables)

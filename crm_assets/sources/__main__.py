@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from .crm import configured_endpoints, crm, find_crm_error
-from .crm_pipeline import DATASET_NAME, crm_pipeline
+from .crm_pipeline import DATASET_NAME, crm_pipeline, drop_staging
 from .destination import run_options
 from .readback import database_location, refuse_earlier_layout, table_row_counts
 from .run_lock import exclusive_run
@@ -23,6 +23,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             refuse_earlier_layout(pipeline, configured_endpoints())
             load_info = pipeline.run(crm(), **run_options(pipeline))
+            drop_staging(pipeline)
         except Exception as exc:  # dlt wraps our errors: show ours, plainly
             print(f"crm sync failed: {find_crm_error(exc) or exc}", file=sys.stderr)
             return 1

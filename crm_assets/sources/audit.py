@@ -41,7 +41,7 @@ from .crm.audit import (
     repair_ranges,
 )
 from .crm.errors import CrmError
-from .crm_pipeline import DATASET_NAME
+from .crm_pipeline import DATASET_NAME, drop_staging
 from .destination import run_options
 from .readback import refuse_earlier_layout
 
@@ -165,6 +165,7 @@ def audit(pipeline: Pipeline, settings: AuditSettings, resources: Sequence[str])
         if pipeline.has_pending_data:
             pipeline.normalize()
             pipeline.load()
+            drop_staging(pipeline)
     except Exception as exc:
         _abort(pipeline)
         _fail_all({e.name: results[e.name] for e in repairable}, exc, "reading and loading the repairs")

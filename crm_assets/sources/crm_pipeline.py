@@ -67,3 +67,12 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def drop_staging(pipeline: Pipeline) -> None:
+    """Drop the merge's staging dataset (`crm_staging`) once a load is in. dlt stages every merged
+    table there and keeps the schema and its tables for good, empty at best: a second, useless
+    `crm_staging` beside `crm` in every warehouse browser. The next merge creates it again."""
+    with pipeline.sql_client() as client, client.with_staging_dataset():
+        if client.has_dataset():
+            client.drop_dataset()

@@ -9,8 +9,7 @@ everything back when the block ends, also on failure:
   short-lived dicts that reference counting frees anyway;
 - dlt settings, through dlt's own environment variables, set only while unset and removed
   afterwards: DuckDB capped at 128 MB and one thread per query (a sync of 1,000,000 records stays
-  under 500 MB), and the merge's staging tables emptied after each load (`crm_staging` keeps no
-  second copy of what was loaded; a matter of storage, not speed);
+  under 500 MB);
 - pyarrow allocates through the C library's malloc, whose freed page memory goes back to the
   system before the load step (mimalloc, its default, keeps it); Arrow's C++ side picks its pool
   once, at its first allocation, so in a process whose first sync comes first it stays malloc.
@@ -32,8 +31,6 @@ import dlt
 
 # dlt setting -> the environment variable dlt reads it from, and its value during a sync
 DLT_SETTINGS: dict[str, tuple[str, str]] = {
-    # the merge's staging copy of each loaded table is emptied after the load, not kept
-    "load.truncate_staging_dataset": ("LOAD__TRUNCATE_STAGING_DATASET", "true"),
     "destination.duckdb.credentials.global_config": (
         "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG",
         '{"memory_limit": "128MB", "threads": 1}',
