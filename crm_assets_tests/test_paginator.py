@@ -44,7 +44,7 @@ def test_the_first_requests_count_every_record_and_those_with_a_cursor():
     assert request.params == {"sort_field": "date_created", "sort_direction": "asc", "from": 0, "size": 0}
     paginator.update_state(_Answer(7), [])
     paginator.update_request(request)
-    assert request.params["size"] == 0
+    assert request.params["size"] == 0 and request.params["sort_field"] == "date_updated"
     assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 0}}}]}
     paginator.update_state(_Answer(7), [])
     paginator.update_request(request)

@@ -129,8 +129,13 @@ class ReadPlan:
             read.take(records, count, head_repeated)
 
     def _count(self, lowest: Optional[int], highest: Optional[int], with_cursor: bool) -> Steps:
-        floor = (self.cursor_field, 0) if with_cursor else None
-        _, count, _ = yield PageRequest(self.created_field, lowest, highest, 0, 0, floor=floor)
+        if with_cursor and lowest is None and highest is None:
+            # the same count, asked in the keyset read's own terms: an index on date_updated answers it
+            request = PageRequest(self.cursor_field, 0, None, 0, 0)
+        else:
+            floor = (self.cursor_field, 0) if with_cursor else None
+            request = PageRequest(self.created_field, lowest, highest, 0, 0, floor=floor)
+        _, count, _ = yield request
         self.probe_requests += 1
         return count
 
