@@ -47,7 +47,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 ## make dev: simulator + dg dev (webserver and daemon) with the five assets ready; any signal that
-## stops it stops all of it.   make dev DEV_ARGS="--port 3001 --home /tmp/dagster_home"
+## stops it stops all of it.   make dev DEV_ARGS="--port 3001 --home ../other_dagster_home"
 dev: $(STAMP)
 	$(BIN)/python scripts/dev.py $(DEV_ARGS)
 
