@@ -49,8 +49,9 @@ def _user_file(path: str) -> bool:
     return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
 
 
-def test_every_test_the_readme_cites_exists():
-    text = _text(REPO / "README.md")
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_test_the_docs_cite_exists(doc: Path):
+    text = _text(doc)
     for module, name in re.findall(r"`(test_\w+\.py)(?:::(\w+))?", text):
         path = TESTS / module
         assert path.exists(), module
