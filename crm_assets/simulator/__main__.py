@@ -49,6 +49,29 @@ def _parse_resources(text: str) -> list[str]:
     return names
 
 
+def _parse_forbidden(text: str) -> list[str]:
+    """``files`` or ``files,tasks`` (a key that may read nothing is a wrong key: --api-key)."""
+    names = _parse_resources(text)
+    if names == ["*"]:
+        raise argparse.ArgumentTypeError("--forbid takes resource names, not 'all'")
+    return names
+
+
+def _parse_failures(text: str) -> dict[str, int]:
+    """``files`` (500) or ``files=503,tasks`` (each resource's status, 500 unless given)."""
+    failures: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, status = (s.strip() for s in part.partition("="))
+        if name not in KNOWN_RESOURCES or (sep and not (status.isdigit() and 400 <= int(status) <= 599)):
+            raise argparse.ArgumentTypeError(
+                f"bad --fail-resources item {part!r}: expected name or name=STATUS (400..599) "
+                f"with name in {list(KNOWN_RESOURCES)}")
+        failures[name] = int(status) if sep else 500
+    if not failures:
+        raise argparse.ArgumentTypeError("--fail-resources needs at least one resource name")
+    return failures
+
+
 def _non_negative(text: str) -> int:
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
@@ -96,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete-every", type=int, default=None,
                    help="before every N-th page, a hard delete (alternately before and after 'from')")
     p.add_argument("--count-capped", action="store_true", help="'count' stops at the result window")
+    p.add_argument("--forbid", type=_parse_forbidden, default=[], metavar="RESOURCES",
+                   help="these resources answer 403 to every request, as for a key whose role may not read them")
+    p.add_argument("--fail-resources", type=_parse_failures, default={}, metavar="NAME[=STATUS],...",
+                   help="these resources answer STATUS (500 unless given) to every request, for the whole run")
     dishonest = p.add_argument_group(
         "an API that does not do what it is asked",
         "RESOURCES: comma-separated names (jobs,tasks), or 'all' for every resource served.")
@@ -126,7 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         page_cap=args.page_cap, latency_ms=args.latency_ms, fault_every=args.fault_every,
         fault_kinds=args.fault_kinds, retry_after=args.retry_after, drift_every=args.drift_every,
         repeat_every=args.repeat_every, insert_every=args.insert_every, delete_every=args.delete_every,
-        count_capped=args.count_capped, ignore_sort=args.ignore_sort,
+        count_capped=args.count_capped, forbidden=args.forbid, fail_resources=args.fail_resources,
+        ignore_sort=args.ignore_sort,
         ignore_filter=args.ignore_filter, fields_param=args.fields_param,
         verbose=args.verbose,
     )
