@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-kinds", type=_parse_kinds, default=list(FAULT_KINDS),
                    help=f"comma list cycling through {','.join(FAULT_KINDS)}")
     p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
+    p.add_argument("--storm-seconds", type=float, default=0,
+                   help="a 429 storm: every data request answers 429 (Retry-After) for the first N seconds")
     p.add_argument("--drift-every", type=int, default=None, help="every N-th page (from > 0) drifts by one")
     p.add_argument("--repeat-every", type=int, default=None,
                    help="every N-th page starts with the previous page's last record again")
@@ -151,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         key_field=args.key_field, paths=paths, default_sort_field=args.default_sort_field,
         default_sort_direction=args.default_sort_direction,
         page_cap=args.page_cap, latency_ms=args.latency_ms, fault_every=args.fault_every,
-        fault_kinds=args.fault_kinds, retry_after=args.retry_after, drift_every=args.drift_every,
+        fault_kinds=args.fault_kinds, retry_after=args.retry_after, storm_seconds=args.storm_seconds, drift_every=args.drift_every,
         repeat_every=args.repeat_every, insert_every=args.insert_every, delete_every=args.delete_every,
         count_capped=args.count_capped, forbidden=args.forbid, fail_resources=args.fail_resources,
         ignore_sort=args.ignore_sort,

@@ -72,6 +72,9 @@ class SimulatorConfig:
     fault_every: Optional[int] = None  # every N-th data request of a resource gets a fault
     fault_kinds: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
     retry_after: int = 1  # seconds, sent with 429
+    # A 429 storm: for this many seconds from when it is set (at start or by configure), every data
+    # request answers 429 with Retry-After: retry_after. 0: none.
+    storm_seconds: float = 0
     latency_ms: float = 0
     drift_every: Optional[int] = None  # every N-th page (from > 0) of a listing drifts by one
     # The adversary (docs/api-contract.md, "Listings change while they are read"): before every
@@ -90,20 +93,23 @@ class SimulatorConfig:
     # `fields=a,b` keeps only those keys of each record, as the real API family documents; off, the
     # parameter is unknown and ignored like any other.
     fields_param: bool = False
+    # Fields whose names normalize to the same column, each with its own value, on every record of
+    # these resources (or ["*"]): what custom-field-heavy CRMs send (`with_colliding_fields`).
+    colliding_fields: list[str] = field(default_factory=list)
     verbose: bool = False  # one stderr line per request
 
 
-LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "latency_ms",
+LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "storm_seconds", "latency_ms",
                "drift_every", "repeat_every", "insert_every", "delete_every", "count_capped", "fail_resources", "corrupt", "forbidden", "verbose",
                "result_window", "max_size", "default_size", "default_sort_field", "default_sort_direction",
-               "ignore_sort", "ignore_filter", "fields_param")
+               "ignore_sort", "ignore_filter", "fields_param", "colliding_fields")
 
 
 def _check_config(c: SimulatorConfig) -> None:
     """Raise ValueError on nonsense, so a typo in a test fails loudly instead of doing nothing."""
     # Accept any iterable for the list fields (e.g. a set), but store JSON-friendly lists.
     c.forbidden = sorted(set(c.forbidden))
-    for name in ("ignore_sort", "ignore_filter"):
+    for name in ("ignore_sort", "ignore_filter", "colliding_fields"):
         if isinstance(getattr(c, name), str):  # "jobs" would otherwise read as j, o, b, s
             raise ValueError(f'{name} must be a list of resources or ["*"], got {getattr(c, name)!r}')
         setattr(c, name, sorted(set(getattr(c, name))))
@@ -132,6 +138,8 @@ def _check_config(c: SimulatorConfig) -> None:
     if not c.fault_kinds or any(k not in FAULT_KINDS for k in c.fault_kinds):
         raise ValueError(f"fault_kinds must be a non-empty list of {list(FAULT_KINDS)}, got {c.fault_kinds!r}")
     pos_int("retry_after", c.retry_after, minimum=0, optional=False)
+    if isinstance(c.storm_seconds, bool) or not isinstance(c.storm_seconds, (int, float)) or c.storm_seconds < 0:
+        raise ValueError(f"storm_seconds must be a number >= 0, got {c.storm_seconds!r}")
     if not isinstance(c.latency_ms, (int, float)) or c.latency_ms < 0:
         raise ValueError(f"latency_ms must be a number >= 0, got {c.latency_ms!r}")
     pos_int("drift_every", c.drift_every)
@@ -148,6 +156,7 @@ def _check_config(c: SimulatorConfig) -> None:
     resources("forbidden", c.forbidden)
     resources("ignore_sort", [r for r in c.ignore_sort if r != "*"])
     resources("ignore_filter", [r for r in c.ignore_filter if r != "*"])
+    resources("colliding_fields", [r for r in c.colliding_fields if r != "*"])
     if not isinstance(c.fields_param, bool):
         raise ValueError(f"fields_param must be true or false, got {c.fields_param!r}")
     pos_int("result_window", c.result_window, optional=False)
@@ -174,6 +183,21 @@ def _check_config(c: SimulatorConfig) -> None:
 def _served(c: SimulatorConfig) -> list[str]:
     """The resources a config serves: the five, then any optional one its counts name."""
     return list(RESOURCES) + [r for r in OPTIONAL_RESOURCES if r in c.counts]
+
+
+def with_colliding_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `record` with fields whose names dlt's default naming maps to one column, each
+    with a value of its own (its name and the record's key): `Status` next to `status` (added when
+    the record has none), `first-name` before `first_name`, and `custom` holding `Region` before
+    `region`."""
+    key = record.get("id", record.get("jnid"))
+    out = dict(record)
+    out.setdefault("status", f"status {key}")
+    out["Status"] = f"Status {key}"
+    out["first-name"] = f"first-name {key}"
+    out["first_name"] = f"first_name {key}"
+    out["custom"] = {"Region": f"Region {key}", "region": f"region {key}"}
+    return out
 
 
 def _names(resources: list[str], resource: str) -> bool:
@@ -245,6 +269,7 @@ class CrmSimulator:
         if self._server is not None:
             return self
         self._index_for_reads()
+        self._storm_until = time.monotonic() + self.config.storm_seconds if self.config.storm_seconds else 0.0
         server_cls = _Server6 if ":" in self.config.host else _Server
         self._server = server_cls((self.config.host, self.config.port), _Handler)
         self._server.sim = self  # type: ignore[attr-defined]
@@ -297,6 +322,8 @@ class CrmSimulator:
                 self._fault_counters = {r: 0 for r in self.resources}  # restart the cycle predictably
             if "drift_every" in kw:
                 self._drift = {}
+            if "storm_seconds" in kw:
+                self._storm_until = time.monotonic() + new.storm_seconds if new.storm_seconds else 0.0
             if {"repeat_every", "insert_every", "delete_every"} & set(kw):
                 self._pages = {r: 0 for r in self.resources}
             return self._live_config()
@@ -344,7 +371,10 @@ class CrmSimulator:
         """All current records of a resource (copies), in (date_created, id) order."""
         ds = self._dataset(resource)
         with self._lock:
-            return [copy.deepcopy(ds.get(i)) for i in ds.order_by("date_created")[1]]
+            records = [copy.deepcopy(ds.get(i)) for i in ds.order_by("date_created")[1]]
+            if _names(self.config.colliding_fields, resource):
+                records = [with_colliding_fields(r) for r in records]
+            return records
 
     # ------------------------------------------------------------------ internals
     def _index_for_reads(self) -> None:
@@ -357,6 +387,7 @@ class CrmSimulator:
     def _reset_runtime(self) -> None:
         self._stats = _empty_stats(list(self.resources))
         self._in_flight = 0
+        self._storm_until = 0.0  # time.monotonic() until which every data request answers 429
         self._fault_counters = {r: 0 for r in self.resources}
         self._drift: dict[tuple, Drift] = {}
         self._pages = {r: 0 for r in self.resources}  # data pages served, for the adversary's cadence
@@ -405,6 +436,8 @@ class CrmSimulator:
             return _error(403, f"this API key has no access to {resource}")
         if resource in cfg.fail_resources:
             return self._fault_reply(str(cfg.fail_resources[resource]), cfg)
+        if time.monotonic() < self._storm_until:
+            return self._fault_reply("429", cfg)
 
         start = _int_param(params, "from", 0)
         size = _int_param(params, "size", cfg.default_size)
@@ -477,6 +510,8 @@ class CrmSimulator:
             if cfg.count_capped:
                 count = min(count, cfg.result_window)
 
+        if _names(cfg.colliding_fields, resource):
+            records = [with_colliding_fields(r) for r in records]
         if fields:  # a key the record lacks stays absent
             records = [{k: v for k, v in r.items() if k in fields} for r in records]
         corrupt = cfg.corrupt.get(resource) if size > 0 else None

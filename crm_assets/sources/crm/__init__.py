@@ -22,6 +22,7 @@ from dlt.sources.rest_api import rest_api_resources
 from .arrow_pages import ArrowPages
 from .dlt_columns import ROOT_COLUMNS
 from .epoch_dates import EpochDates
+from .field_names import FieldNames
 from .catalog import BUILT_IN, Endpoint, build_endpoints, configured_endpoints
 from .config import check_settings, connection_settings
 from .counts import count_records
@@ -36,7 +37,7 @@ from .errors import (
 from .http import CrmSession
 from .lists_as_json import ListsAsJson
 from .paginator import UPDATED_SINCE_PARAM, KeysetPaginator
-from .settings import BACKOFF_FACTOR, CURSOR_FIELD, MAX_RETRIES, REQUEST_TIMEOUT
+from .settings import BACKOFF_FACTOR, CURSOR_FIELD, MAX_IN_FLIGHT, MAX_RETRIES, REQUEST_TIMEOUT
 
 __all__ = [
     "crm",
@@ -154,6 +155,7 @@ def crm_session(
     max_retries: int = MAX_RETRIES,
     backoff_factor: float = BACKOFF_FACTOR,
     request_timeout: float = REQUEST_TIMEOUT,
+    max_in_flight: int = MAX_IN_FLIGHT,
 ) -> CrmSession:
     """The HTTP session of a source's resources, once the settings are checked."""
     if schema_contract not in (None, "evolve", "freeze"):
@@ -163,11 +165,17 @@ def crm_session(
         )
     if max_retries < 0 or backoff_factor < 0 or request_timeout <= 0:
         raise CrmConfigurationError("max_retries and backoff_factor must be >= 0 and request_timeout > 0")
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        raise CrmConfigurationError(
+            f"max_in_flight must be a whole number of requests, at least 1, got {max_in_flight!r}: "
+            "set SOURCES__CRM__MAX_IN_FLIGHT"
+        )
     return CrmSession(
         max_retries=max_retries,
         backoff_factor=backoff_factor,
         request_timeout=request_timeout,
         endpoints=endpoints,
+        max_in_flight=max_in_flight,
     )
 
 
@@ -202,6 +210,7 @@ def crm_resources(
     for resource in resources:
         if first_steps and resource.name in first_steps:
             resource.add_step(first_steps[resource.name], insert_at=1)
+        resource.add_step(FieldNames.of(resource))  # no two fields in one column (field_names.py)
         resource.add_map(ListsAsJson())  # one row per record (lists_as_json.py)
         epoch_dates = None
         if resource.name in endpoints:  # integer date_* fields as timestamps (epoch_dates.py)
@@ -226,6 +235,7 @@ def crm(
     backoff_factor: float = BACKOFF_FACTOR,
     request_timeout: float = REQUEST_TIMEOUT,
     arrow_pages: bool = True,
+    max_in_flight: int = MAX_IN_FLIGHT,
 ) -> list[DltResource]:
     """The CRM API's resources (five built in, more by configuration), each read completely and
     merged on its primary key.
@@ -243,9 +253,10 @@ def crm(
         max_retries / backoff_factor / request_timeout: the HTTP retry policy (spec: 3 and 2).
         arrow_pages: build each page's tables with pyarrow (arrow_pages.py); False leaves every
             record to dlt's row-by-row normalizer.
+        max_in_flight: the most requests in flight at once across all resources (8; http.py).
     """
     endpoints = build_endpoints(primary_key, resources, page_sizes)
     root = check_settings(base_url, api_key)
-    session = crm_session(endpoints, schema_contract, max_retries, backoff_factor, request_timeout)
+    session = crm_session(endpoints, schema_contract, max_retries, backoff_factor, request_timeout, max_in_flight)
     configs = [_resource_config(endpoint, hard_delete, schema_contract) for endpoint in endpoints]
     return crm_resources(root, api_key, session, configs, arrow_pages=arrow_pages)

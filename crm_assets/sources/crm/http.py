@@ -9,6 +9,19 @@ A connection refused, or a host name that does not resolve, before the API has a
 request of the session is a wrong base URL or an API that is not running: no retry can change
 that, so it fails at once, naming the address (`CrmApiError.unreachable`). Once the API has
 answered, the same failure is an outage in the middle of a read, and is retried.
+
+Politeness, per API key across every resource of a sync. Every copy of one session (dlt and Dagster
+copy a source's session; each resource may read through its own copy) shares one `_Gate`, found by
+the session's `token`:
+
+* at most `max_in_flight` requests are on the wire at once (a semaphore; SOURCES__CRM__MAX_IN_FLIGHT,
+  default 8), whether dlt's extract threads or a sliced read's workers (slices.py) send them;
+* a 429 pauses the whole session, not only the request that got it: no request is sent before the
+  time its `Retry-After` names (or the backoff), so every resource slows down together. A 429 is
+  the API asking for patience, not a fault: its retries do not count towards `max_retries`, and a
+  request gives up on them only once it has waited `RATE_LIMIT_PATIENCE` seconds for 429s alone;
+* a sliced read's worker that has already fetched a page hands it over (`hand_over`), and dlt's own
+  `send` of exactly that prepared request gets it without a second request.
 """
 
 from __future__ import annotations
@@ -18,19 +31,24 @@ import logging
 import threading
 import time
 import uuid
+import weakref
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 from requests.exceptions import ChunkedEncodingError, ConnectionError, Timeout
 
 from .catalog import BUILT_IN, Endpoint
 from .errors import CrmApiError
 from .settings import (
     BACKOFF_FACTOR,
+    MAX_IN_FLIGHT,
     MAX_RETRIES,
     MAX_RETRY_DELAY,
+    RATE_LIMIT_PATIENCE,
     REQUEST_TIMEOUT,
     RETRY_STATUSES,
 )
@@ -49,6 +67,38 @@ logger = logging.getLogger("crm_assets.sources.crm")
 # of one run's session.
 _ANSWERED: set[str] = set()
 _ANSWERED_LOCK = threading.Lock()
+
+
+class _Gate:
+    """What every copy of one session shares: the requests in flight, the time before which no
+    request may be sent (the last 429's Retry-After), and pages a sliced read hands over."""
+
+    def __init__(self, max_in_flight: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.slots = threading.BoundedSemaphore(max_in_flight)
+        self.lock = threading.Lock()
+        self.not_before = 0.0  # time.monotonic()
+        self.pauses = 0  # 429s that paused the session
+        self.handed_over: dict[str, deque[requests.Response]] = {}
+
+    def pause(self, seconds: float) -> None:
+        with self.lock:
+            self.not_before = max(self.not_before, time.monotonic() + seconds)
+            self.pauses += 1
+
+    def wait_for_pause(self) -> None:
+        while True:
+            with self.lock:
+                delay = self.not_before - time.monotonic()
+            if delay <= 0:
+                return
+            time.sleep(delay)
+
+
+# Weak: a gate lives as long as some copy of its session has sent a request through it.
+_GATES: "weakref.WeakValueDictionary[str, _Gate]" = weakref.WeakValueDictionary()
+_GATES_LOCK = threading.Lock()
+
 
 def _endpoint_for(endpoints: Sequence[Endpoint], url: str) -> tuple[Optional[Endpoint], str]:
     """The endpoint a URL belongs to: the longest path its own path ends with (`/v2/invoices`
@@ -105,6 +155,7 @@ class CrmSession(requests.Session):
         "backoff_factor",
         "max_retry_delay",
         "request_timeout",
+        "max_in_flight",
         "token",
     ]
 
@@ -115,8 +166,12 @@ class CrmSession(requests.Session):
         max_retry_delay: float = MAX_RETRY_DELAY,
         request_timeout: float = REQUEST_TIMEOUT,
         endpoints: Sequence[Endpoint] = BUILT_IN,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         super().__init__()
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.max_in_flight = max_in_flight
         self.endpoints = tuple(endpoints)
         self.max_retries = max_retries
         self.backoff_factor = backoff_factor
@@ -125,6 +180,39 @@ class CrmSession(requests.Session):
         self.token = uuid.uuid4().hex  # shared by every copy of this session (_ANSWERED)
         self.headers["Accept"] = "application/json"
         self.headers["User-Agent"] = "crm_assets (dlt rest_api)"
+        # one kept-alive connection per request in flight (requests keeps 10 a host by default)
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(10, max_in_flight))
+        self.mount("https://", adapter)
+        self.mount("http://", adapter)
+
+    @property
+    def gate(self) -> _Gate:
+        """The gate every copy of this session shares (see the module docstring)."""
+        gate = self.__dict__.get("_gate")
+        if gate is None:
+            with _GATES_LOCK:
+                gate = _GATES.get(self.token)
+                if gate is None:
+                    gate = _GATES[self.token] = _Gate(self.max_in_flight)
+            self.__dict__["_gate"] = gate  # not in __attrs__: copies find it again by token
+        return gate
+
+    def hand_over(self, prepared_url: str, response: requests.Response) -> None:
+        """The answer the next `send` of `prepared_url` gets, already fetched (slices.py)."""
+        gate = self.gate
+        with gate.lock:
+            gate.handed_over.setdefault(prepared_url, deque()).append(response)
+
+    def _handed_over(self, prepared_url: str) -> Optional[requests.Response]:
+        gate = self.gate
+        with gate.lock:
+            waiting = gate.handed_over.get(prepared_url)
+            if not waiting:
+                return None
+            response = waiting.popleft()
+            if not waiting:
+                del gate.handed_over[prepared_url]
+            return response
 
     @property
     def answered(self) -> bool:
@@ -142,15 +230,24 @@ class CrmSession(requests.Session):
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         """One request with the retry policy, then the response checks."""
+        handed_over = self._handed_over(request.url or "")
+        if handed_over is not None:
+            return handed_over  # fetched and checked by a sliced read's worker
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.request_timeout
         endpoint, path = _endpoint_for(self.endpoints, request.url or "")
         resource = endpoint.name if endpoint else "crm"
+        gate = self.gate
         retry = 0
+        rate_limited, limits = 0.0, 0  # seconds this request has waited on 429s, and how many
         while True:
             response: Optional[requests.Response] = None
+            gate.wait_for_pause()
             try:
-                response = super().send(request, **kwargs)
+                with gate.slots:
+                    # a 429 that came while this request waited for a slot pauses it too
+                    gate.wait_for_pause()
+                    response = super().send(request, **kwargs)
             except requests.HTTPError as exc:
                 # a response hook (dlt's raise_for_status) already turned the answer into an error
                 if exc.response is None:
@@ -178,9 +275,21 @@ class CrmSession(requests.Session):
                 wait = self.backoff_seconds(retry + 1)
             if response is not None:
                 self._answered_now()
-                if response.status_code not in RETRY_STATUSES or retry >= self.max_retries:
+                status = response.status_code
+                if status == 429 and rate_limited < RATE_LIMIT_PATIENCE:
+                    after = _retry_after(response)
+                    limits += 1
+                    wait = min(self.max_retry_delay, after or self.backoff_seconds(limits))
+                    rate_limited += wait
+                    gate.pause(wait)  # the whole session waits, every resource of the sync
+                    logger.warning(
+                        "%s: HTTP 429 from GET %s: the session pauses for %.1fs (%.1fs of %.0fs waited "
+                        "on 429s)", resource, path, wait, rate_limited, RATE_LIMIT_PATIENCE,
+                    )
+                    continue
+                if status not in RETRY_STATUSES or retry >= self.max_retries:
                     return self._checked(response, endpoint, resource, path, retry)
-                failure = f"HTTP {response.status_code}"
+                failure = f"HTTP {status}"
                 after = _retry_after(response)
                 wait = min(self.max_retry_delay, after) if after else self.backoff_seconds(retry + 1)
             retry += 1

@@ -20,3 +20,9 @@ MAX_RETRIES = 3
 BACKOFF_FACTOR = 2.0
 MAX_RETRY_DELAY = 60.0
 REQUEST_TIMEOUT = 60.0
+
+# Politeness (http.py): the most requests in flight per API key across every resource of a sync
+# (SOURCES__CRM__MAX_IN_FLIGHT), and how long one request waits on 429s (Retry-After) before it
+# fails: a 429 asks for patience, so its retries do not count towards MAX_RETRIES.
+MAX_IN_FLIGHT = 8
+RATE_LIMIT_PATIENCE = 300.0
