@@ -70,6 +70,14 @@ def test_nested_objects_are_renamed_on_their_flattened_columns():
     }]
 
 
+def test_an_object_where_the_same_shape_held_none_before_is_renamed_too():
+    # the same keys each time: only the value of `location` turns into an object
+    records = [{"id": 1, "location": None}, {"id": 2, "location": {"Geo": 1, "geo": 2}},
+               {"id": 3, "location": "text"}, {"id": 4, "location": {"geo": 3, "Geo": 4}}]
+    assert renamed(records) == [records[0], {"id": 2, "location": {"geo_2": 1, "geo": 2}}, records[2],
+                                {"id": 4, "location": {"geo": 3, "geo_2": 4}}]
+
+
 def test_records_without_a_collision_pass_unchanged_and_each_renaming_is_logged_once(caplog):
     step = FieldNames("contacts", ("id",), naming=NAMING)
     plain = {"id": "c1", "Email": "a@b", "tags": "[]"}

@@ -39,9 +39,10 @@ logger = logging.getLogger("crm_assets.sources.crm")
 STATE_KEY = "field_names"
 
 Path = tuple[str, ...]
-# A plan for one shape of object: the keys to rename (None: none), and the normalized key each
-# key lands as (the parent fragment of a nested object's columns).
-Plan = tuple[Optional[dict[str, str]], dict[str, str]]
+# A plan for one shape of object: the keys to rename (None: none); for each key, where an object
+# under it is planned (its path, its column's fragments, the plans of its shapes); the keys seen
+# holding an object in this shape.
+Plan = tuple[Optional[dict[str, str]], dict[str, tuple[Path, Path, dict]], list[str]]
 
 
 class FieldNames(ItemTransform):  # type: ignore[type-arg]
@@ -94,11 +95,17 @@ class FieldNames(ItemTransform):  # type: ignore[type-arg]
         if type(item) is dict:
             return self.record(item)
         if isinstance(item, list):  # a page (rest_api's PageData is a list)
-            record = self.record
-            for index, value in enumerate(item):
-                if type(value) is dict:
-                    renamed = record(value)
-                    if renamed is not value:
+            top, apply = self._top, self._apply
+            for index, record in enumerate(item):
+                if type(record) is not dict:
+                    continue
+                plan = top.get(tuple(record))  # the usual case: a shape seen before, nothing to do
+                if plan is None:
+                    plan = self._plan((), (), record)
+                objects = list(map(type, record.values())).count(dict)  # counted in C
+                if objects or plan[0] is not None:
+                    renamed = apply(plan, record, objects)
+                    if renamed is not record:
                         item[index] = renamed
         return item
 
@@ -107,30 +114,35 @@ class FieldNames(ItemTransform):  # type: ignore[type-arg]
         plan = self._top.get(tuple(record))
         if plan is None:
             plan = self._plan((), (), record)
-        renames = plan[0]
-        for key, value in record.items():
-            if type(value) is dict:
-                nested = self._nested((key,), (plan[1][key],), value)
-                if nested is not value:
-                    record[key] = nested
+        return self._apply(plan, record, list(map(type, record.values())).count(dict))
+
+    def _apply(self, plan: Plan, record: dict, objects: int) -> dict:
+        """`record` renamed by its shape's `plan`; `objects`: how many of its values are objects."""
+        renames, children, object_keys = plan
+        if objects:
+            found = 0
+            for key in object_keys:  # the keys that held an object in this shape before
+                value = record[key]
+                if type(value) is dict:
+                    found += 1
+                    self._nested(children[key], record, key, value)
+            if found != objects:  # an object where this shape had none yet
+                for key, value in record.items():
+                    if type(value) is dict and key not in object_keys:
+                        object_keys.append(key)
+                        self._nested(children[key], record, key, value)
         if renames is not None:
             record = {renames.get(key, key): value for key, value in record.items()}
         return record
 
-    def _nested(self, path: Path, fragments: Path, record: dict) -> dict:
-        plans = self._plans.get(path)
-        plan = plans.get(tuple(record)) if plans is not None else None
+    def _nested(self, child: tuple[Path, Path, dict], record: dict, key: str, value: dict) -> None:
+        path, fragments, plans = child
+        plan = plans.get(tuple(value))
         if plan is None:
-            plan = self._plan(path, fragments, record)
-        for key, value in record.items():
-            if type(value) is dict:
-                nested = self._nested(path + (key,), fragments + (plan[1][key],), value)
-                if nested is not value:
-                    record[key] = nested
-        renames = plan[0]
-        if renames is not None:
-            record = {renames.get(key, key): value for key, value in record.items()}
-        return record
+            plan = self._plan(path, fragments, value)
+        renamed = self._apply(plan, value, list(map(type, value.values())).count(dict))
+        if renamed is not value:
+            record[key] = renamed
 
     # -- planning a new shape ---------------------------------------------------------------------
 
@@ -149,11 +161,16 @@ class FieldNames(ItemTransform):  # type: ignore[type-arg]
                 others = sorted(key for key in new if normalize(key) != key)
                 for key in plain + others:
                     self._claim(path, fragments, key)
-            lands_as = {key: lands.get(path + (key,), key) for key in keys}
-            # a field keeping dlt's column keeps its name too (dlt normalizes it as before)
             normalize = self.naming.normalize_path
-            renames = {key: out for key, out in lands_as.items() if out != key and out != normalize(key)}
-            plan: Plan = (renames or None, lands_as)
+            renames, children = {}, {}
+            for key in keys:
+                out = lands.get(path + (key,), key)
+                # a field keeping dlt's column keeps its name too (dlt normalizes it as before)
+                if out != key and out != normalize(key):
+                    renames[key] = out
+                # where an object under this key is planned: its path, its column prefix
+                children[key] = (path + (key,), fragments + (out,), self._plans.setdefault(path + (key,), {}))
+            plan: Plan = (renames or None, children, [])
             self._plans.setdefault(path, {})[keys] = plan
             return plan
 
