@@ -1,4 +1,4 @@
-"""The `crm/*` assets: one `@dlt_assets` multi-asset over the `crm` dlt source."""
+"""The `crm/*` assets: one multi-asset over the `crm` dlt source, its table checks in the same step."""
 
 # No `from __future__ import annotations` here: Dagster reads the config class from the signature.
 
@@ -10,20 +10,33 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
 from dlt.common.configuration.container import Container
 from dlt.common.pipeline import PipelineContext
 from dlt.common.schema.exceptions import DataValidationError
+from dlt.extract.exceptions import ResourceExtractionError
 from dlt.pipeline.pipeline import Pipeline
-from dagster_dlt import DagsterDltResource, dlt_assets
+from dagster_dlt import DagsterDltResource, build_dlt_asset_specs
 from pydantic import Field
 
+from .checks import table_check_specs, table_checks
+from .constants import ASSET_KEY_PREFIX
 from .sources.crm import (
+    CrmApiBehaviourError,
     CrmApiError,
     CrmConfigurationError,
     CrmError,
+    CrmIncompleteReadError,
     configured_endpoints,
     crm,
     find_crm_error,
@@ -123,19 +136,80 @@ def _is_transient(error: CrmError) -> bool:
     return error.status is None or error.status in RETRY_STATUSES
 
 
-@dlt_assets(
-    dlt_source=_DEFINITION_SOURCE,
-    dlt_pipeline=_DEFINITION_PIPELINE,
+def _isolatable(exc: BaseException) -> Optional[tuple[str, CrmError]]:
+    """The resource a failed run failed on and why, when that failure is the resource's own and the
+    others can be loaded without it: an HTTP error of its path other than 401 (403 on a resource the
+    key may not read, a 500 or timeout that outlasted the retries), or an API that did not do what
+    its requests asked. None for what concerns every resource: a wrong key (401), a base URL that
+    does not resolve or answer, the configuration, the warehouse."""
+    error = find_crm_error(exc)
+    if isinstance(error, CrmApiError):
+        if error.status == 401 or error.unresolvable or error.unreachable:
+            return None
+        return error.resource, error
+    if isinstance(error, CrmApiBehaviourError):
+        return error.resource, error
+    if isinstance(error, CrmIncompleteReadError):
+        # its message names the resource; dlt's extraction error carries the name itself
+        current: Optional[BaseException] = exc
+        while current is not None:
+            if isinstance(current, ResourceExtractionError):
+                return current.pipe_name, error
+            current = current.__cause__ or current.__context__
+    return None
+
+
+@multi_asset(
     name="crm_sync_assets",
-    dagster_dlt_translator=CrmTranslator(CRM_ENDPOINTS),
+    # what @dlt_assets would build, plus the table checks: evaluated in this step, they run for
+    # every resource that landed even when another one failed (checks.py)
+    specs=build_dlt_asset_specs(_DEFINITION_SOURCE, _DEFINITION_PIPELINE, CrmTranslator(CRM_ENDPOINTS)),
+    check_specs=table_check_specs(CRM_ENDPOINTS),
+    can_subset=True,
     pool=WAREHOUSE_POOL,
 )
 def crm_sync_assets(
     context: AssetExecutionContext, dlt: DagsterDltResource, config: CrmSyncConfig
-) -> Iterator[MaterializeResult]:
-    names = {key.path[-1] for key in context.selected_asset_keys}
+) -> Iterator[Union[MaterializeResult, AssetCheckResult]]:
+    selected = {key.path[-1] for key in context.selected_asset_keys}
+    names = [endpoint.name for endpoint in CRM_ENDPOINTS if endpoint.name in selected]
+    failed: dict[str, CrmError] = {}
+    if names:  # none when only checks are selected (job crm_checks)
+        materializations, failed = _load(context, dlt, config, names)
+        yield from materializations
+    checked = [key for key in context.selected_asset_check_keys if key.asset_key.path[-1] not in failed]
+    if checked:
+        yield from table_checks(context.log, checked, CRM_ENDPOINTS)
+    if failed:
+        raise _failure(
+            _failure_description(failed, loaded=[name for name in names if name not in failed]),
+            allow_retries=all(_is_transient(error) for error in failed.values()),
+        )
+    _unresolved_failure.clear()
+
+
+def _failure_description(failed: dict[str, CrmError], loaded: list[str]) -> str:
+    """One line: each failed resource with its reason, then what landed and how to re-run the rest."""
+    reasons = "; ".join(str(error) for error in failed.values())
+    if not loaded:
+        return reasons
+    assets = ",".join(f"{ASSET_KEY_PREFIX}/{name}" for name in failed)
+    return (
+        f"{reasons}. Loaded and checked the others ({', '.join(loaded)}); once that is fixed, "
+        f"re-run only the failed asset(s): dg launch --assets {assets}"
+    )
+
+
+def _load(
+    context: AssetExecutionContext, dlt: DagsterDltResource, config: CrmSyncConfig, names: list[str]
+) -> tuple[list[MaterializeResult], dict[str, CrmError]]:
+    """Load the resources `names`: the materializations of those that landed, and the errors of
+    those that failed on their own (`_isolatable`). All are read in one dlt run; when one fails,
+    the run is repeated without it. dlt stops the whole extract at a resource's error and
+    dagster-dlt drops the pipeline's local state before every run, so a failed attempt loads
+    nothing and moves no cursor: the failed resource's table and cursor stay as they were."""
     try:
-        source = crm()
+        crm()  # a missing or bad setting fails here, before any request
         selected_destination()
         # the run's own settings (the definitions' may be older): what the stored tables must take
         selected = [endpoint for endpoint in configured_endpoints() if endpoint.name in names]
@@ -144,6 +218,8 @@ def crm_sync_assets(
     if config.full_refresh:
         context.log.info("Full refresh: dropping and reloading %s" % ", ".join(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))
+    failed: dict[str, CrmError] = {}
+    remaining = list(names)
     with _source_logs_in(context):
         try:
             with exclusive_run(), sync_tuning():
@@ -153,13 +229,28 @@ def crm_sync_assets(
                     options["refresh"] = "drop_resources"
                 else:
                     refuse_earlier_layout(pipeline, selected)
-                results = list(
-                    dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
-                )
-                drop_staging(pipeline)
-                # read back while no other run can be writing the warehouse
+                results: list[Any] = []
+                while remaining:
+                    try:
+                        # a fresh source each time: no step of the read keeps what a failed one saw
+                        source = crm().with_resources(*remaining)
+                        results = list(dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options))
+                        break
+                    except Exception as exc:
+                        isolated = _isolatable(exc)
+                        if isolated is None or isolated[0] not in remaining:
+                            raise
+                        resource, error = isolated
+                        failed[resource] = error
+                        remaining.remove(resource)
+                        context.log.error(f"{resource} failed and is left out of this run: {error}")
+                        if remaining:
+                            context.log.info(f"Loading the others without it: {', '.join(remaining)}")
                 tables = [result.asset_key.path[-1] for result in results]
-                counts = table_row_counts(pipeline, tables)
+                if tables:
+                    drop_staging(pipeline)
+                # read back while no other run can be writing the warehouse
+                counts = table_row_counts(pipeline, tables) if tables else {}
                 cursors = {table: _cursor_metadata(pipeline, table) for table in tables}
                 changes = {table: schema_changes(pipeline, table) for table in tables}
         except Exception as exc:
@@ -171,7 +262,7 @@ def crm_sync_assets(
                 raise _failure(violation, allow_retries=False) from None
             raise
 
-    _unresolved_failure.clear()
+    materializations = []
     for result, table in zip(results, tables, strict=True):
         metadata = dict(result.metadata or {})
         metadata["dagster/row_count"] = counts.get(table)  # rows in the table after this run
@@ -192,7 +283,8 @@ def crm_sync_assets(
             )
         elif new_columns and not changes[table]["new_tables"]:
             context.log.info(f"{table}: new column(s) {', '.join(new_columns)}")
-        yield MaterializeResult(asset_key=result.asset_key, metadata=metadata)
+        materializations.append(MaterializeResult(asset_key=result.asset_key, metadata=metadata))
+    return materializations, failed
 
 
 # The command lines that run the assets in their own process and end with their own words

@@ -11,9 +11,11 @@ Three checks per table, built from the configured endpoints so a new resource ge
                           removed when `hard_delete` is on. A failure makes crm_audit_sensor
                           request an audit (audit.py) of that table.
 
-They are one `@multi_asset_check` (one step, one pool slot) rather than fifteen steps: the
-warehouse admits one user at a time (DuckDB: a single writer), so the checks take the same
-pool as the load and read the tables one after another anyway.
+They are check specs of the sync's own step (assets.py, `crm_sync_assets`), evaluated right after
+the load: a resource that fails (its API answers 403, say) must not keep the checks of the others
+from running, and Dagster runs no later step of a run whose load step failed. With only the
+checks selected (job `crm_checks`), that step loads nothing and runs them alone. The warehouse
+admits one user at a time (DuckDB: a single writer), so they read the tables one after another.
 
 Freshness is not a check here but Dagster's own `FreshnessPolicy` on the assets
 (`CRM_FRESHNESS_POLICY`, attached in definitions.py), evaluated continuously by the daemon.
@@ -21,26 +23,24 @@ Freshness is not a check here but Dagster's own `FreshnessPolicy` on the assets
 
 # No `from __future__ import annotations`: Dagster checks the context annotation at runtime.
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Union
 from datetime import timedelta
+from typing import Union
 
 from dagster import (
-    AssetCheckExecutionContext,
     AssetCheckKey,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetKey,
     AssetSpec,
+    DagsterLogManager,
     FreshnessPolicy,
     MetadataValue,
     apply_freshness_policy,
-    multi_asset_check,
 )
 
-from .assets import CRM_ENDPOINTS, WAREHOUSE_POOL
 from .constants import ASSET_KEY_PREFIX, FRESHNESS_FAIL_AFTER_MINUTES, FRESHNESS_WARN_AFTER_MINUTES
 from .sources.crm import DELETED_AT_COLUMN, CrmError, Endpoint, count_records
 from .warehouse import DatabaseUndefinedRelation, Query, reader
@@ -60,9 +60,9 @@ def with_crm_freshness_policy(spec: AssetSpec) -> AssetSpec:
     return apply_freshness_policy(spec, CRM_FRESHNESS_POLICY)
 
 
-def _specs() -> list[AssetCheckSpec]:
+def table_check_specs(endpoints: Sequence[Endpoint]) -> list[AssetCheckSpec]:
     specs = []
-    for endpoint in CRM_ENDPOINTS:
+    for endpoint in endpoints:
         asset = AssetKey([ASSET_KEY_PREFIX, endpoint.name])
         table = f"crm.{endpoint.name}"
         key = endpoint.primary_key
@@ -187,7 +187,6 @@ def _row_count_matches_api(
     )
 
 
-_ENDPOINTS_BY_NAME = {endpoint.name: endpoint for endpoint in CRM_ENDPOINTS}
 _SQL_EVALUATORS = {
     ID_IS_UNIQUE: _id_is_unique,
     ID_IS_NOT_NULL: _id_is_not_null,
@@ -204,25 +203,22 @@ def _table_missing(key: AssetCheckKey, table: str) -> AssetCheckResult:
     )
 
 
-@multi_asset_check(
-    name="crm_table_checks",
-    specs=_specs(),
-    can_subset=True,
-    pool=WAREHOUSE_POOL,
-    description="Primary-key and completeness checks on the crm.* tables, read from the warehouse.",
-)
-def crm_table_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheckResult]:
-    keys = sorted(context.selected_asset_check_keys, key=lambda k: k.to_user_string())
+def table_checks(
+    log: DagsterLogManager, check_keys: Iterable[AssetCheckKey], endpoints: Sequence[Endpoint]
+) -> Iterator[AssetCheckResult]:
+    """The results of the checks `check_keys`, read from the warehouse (and the API's counts)."""
+    by_name = {endpoint.name: endpoint for endpoint in endpoints}
+    keys = sorted(check_keys, key=lambda k: k.to_user_string())
     # The API's counts first, all at once: its retries can take seconds, and the warehouse
     # (locked against loads while the checks read it) need not wait for them.
     counted = [key.asset_key.path[-1] for key in keys if key.name == ROW_COUNT_MATCHES_API]
     with ThreadPoolExecutor(max_workers=max(1, len(counted))) as pool:
-        counts = pool.map(_api_count, [_ENDPOINTS_BY_NAME[name] for name in counted])
+        counts = pool.map(_api_count, [by_name[name] for name in counted])
         api_counts = dict(zip(counted, counts))
     with reader() as query:  # one connection for all of them
         for key in keys:
             table = key.asset_key.path[-1]
-            endpoint = _ENDPOINTS_BY_NAME[table]
+            endpoint = by_name[table]
             try:
                 if key.name == ROW_COUNT_MATCHES_API:
                     result = _row_count_matches_api(query, key, endpoint, api_counts[table])
@@ -231,5 +227,5 @@ def crm_table_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheck
             except DatabaseUndefinedRelation:
                 result = _table_missing(key, table)
             if not result.passed:
-                context.log.warning(f"{key.to_user_string()}: {result.description}")
+                log.warning(f"{key.to_user_string()}: {result.description}")
             yield result

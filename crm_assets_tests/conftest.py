@@ -103,17 +103,19 @@ def crm_env(monkeypatch: pytest.MonkeyPatch, warehouse: Path) -> Callable[[CrmSi
     return point_at
 
 
-def run_sync(selection=None, raise_on_error: bool = True, run_config=None):
-    """Materialize the crm assets in-process through Dagster, as a user's run would."""
-    from dagster import materialize
+def run_sync(selection=None, raise_on_error: bool = True, run_config=None, checks: bool = False):
+    """Materialize the crm assets in-process through Dagster, as a user's run would. The table
+    checks, evaluated in the same step, run only with `checks` (test_checks.py tests them)."""
+    from dagster import AssetSelection, materialize
 
     from crm_assets.assets import crm_sync_assets
     from crm_assets.resources import RESOURCES as DAGSTER_RESOURCES
 
+    chosen = AssetSelection.all() if selection is None else AssetSelection.assets(*selection)
     return materialize(
         [crm_sync_assets],
         resources=DAGSTER_RESOURCES,
-        selection=selection,
+        selection=chosen if checks else chosen.without_checks(),
         raise_on_error=raise_on_error,
         run_config=run_config,
     )

@@ -67,12 +67,12 @@ def test_the_jobs_their_selections_tags_and_retry_policy():
     assert policy.backoff == Backoff.EXPONENTIAL and policy.jitter == Jitter.PLUS_MINUS
     assert policy.delay and policy.delay > 0
     assert checks.op_retry_policy is None  # a failed check is not worth another attempt
-    # the sync loads the five assets, then runs their fifteen checks
+    # the sync loads the five assets and runs their fifteen checks, in one step
     assert {key.path[-1] for key in sync.asset_layer.selected_asset_keys} == set(RESOURCES)
-    assert [node.name for node in sync.nodes_in_topological_order] == ["crm_sync_assets", "crm_table_checks"]
-    # crm_checks loads nothing
+    assert [node.name for node in sync.nodes_in_topological_order] == ["crm_sync_assets"]
+    # crm_checks loads nothing: the same step, with only the checks selected
     assert checks.asset_layer.selected_asset_keys == set()
-    assert [node.name for node in checks.nodes_in_topological_order] == ["crm_table_checks"]
+    assert [node.name for node in checks.nodes_in_topological_order] == ["crm_sync_assets"]
     assert len(checks.asset_layer.asset_graph.asset_check_keys) == 3 * len(RESOURCES)
     # the audit's checks run in crm_audit alone: it selects exactly them, the others none of them
     audit = defs.resolve_job_def("crm_audit")
