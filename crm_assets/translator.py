@@ -50,7 +50,7 @@ class CrmTranslator(DagsterDltTranslator):
             description = (
                 (f"{endpoint.description} " if endpoint.description else "")
                 + f"Loaded from GET {endpoint.path} and merged on `{endpoint.primary_key}` into "
-                f"table `crm.{name}`, one row per record (lists as JSON text)."
+                f"table `crm.{name}`, one row per record (lists in JSON columns)."
             )
             metadata = {"crm/api_path": endpoint.path, "dagster/column_schema": core_table_schema(endpoint)}
         return spec.replace_attributes(

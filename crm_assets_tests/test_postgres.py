@@ -127,7 +127,7 @@ def test_every_record_lands_once_in_postgres_with_capped_pages_and_a_resource_ov
     formats = {job.job_file_info.file_format
                for package in load_info.load_packages for job in package.jobs["completed_jobs"]}
     assert "parquet" in formats, formats  # the data went through COPY, not INSERTs
-    # lists land in their record's row as JSON text, exactly the API's
+    # lists land in their record's row in JSON columns, exactly the API's
     assert_lists_as_in_api(pg_warehouse.query, simulator)
     assert not warehouse.exists()  # nothing went to DuckDB
 

@@ -53,7 +53,7 @@ def test_every_record_lands_once_when_pages_are_capped_below_the_asked_size(
     assert set(metadata) == {f"crm/{name}" for name in RESOURCES}
     for name in RESOURCES:
         assert metadata[f"crm/{name}"]["dagster/row_count"].value == SMALL_COUNTS[name]
-    # lists land in their record's row as JSON text, exactly the API's
+    # lists land in their record's row in JSON columns, exactly the API's
     assert_lists_as_in_api(lambda sql: query(warehouse, sql), simulator)
 
 

@@ -77,15 +77,17 @@ CHILD_TABLES_SQL = (
 
 def assert_lists_as_in_api(run_query: Callable[[str], list[tuple]], simulator: CrmSimulator,
                            resources=RESOURCES, key: str = "id") -> None:
-    """Every list sits in its record's row as the JSON text of the API's list, and no child
-    table was made of one. `run_query` reads the warehouse (DuckDB or PostgreSQL)."""
+    """Every list sits in its record's row, in a JSON column, as the API's list, and no child
+    table was made of one. `run_query` reads the warehouse (DuckDB gives a JSON value as its text,
+    psycopg2 parses it)."""
     assert run_query(CHILD_TABLES_SQL) == []
     for resource in resources:
         fields = LIST_FIELDS[resource]
         if not fields:
             continue
         rows = run_query(f"SELECT {key}, {', '.join(fields)} FROM crm.{resource}")
-        landed = {row[0]: tuple(None if text is None else json.loads(text) for text in row[1:]) for row in rows}
+        landed = {row[0]: tuple(json.loads(value) if isinstance(value, str) else value for value in row[1:])
+                  for row in rows}
         expected = {record[key]: tuple(record.get(field) for field in fields)
                     for record in simulator.records(resource)}
         assert landed == expected, resource

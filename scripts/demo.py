@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             (ids,) = connection.execute(f"SELECT COUNT(DISTINCT {key}) FROM crm.{endpoint.name}").fetchone()
             print(f"  crm.{endpoint.name:<11} {rows:>7} rows ({ids} distinct {key}s)")
         (tags,) = connection.execute("SELECT tags FROM crm.jobs WHERE tags <> '[]' LIMIT 1").fetchone()
-        print(f"  lists stay in their record's row as JSON text, e.g. crm.jobs.tags = {tags}")
+        print(f"  lists stay in their record's row in JSON columns, e.g. crm.jobs.tags = {tags}")
     print(f"\nDatabase: {database}")
     print(f"Try: {Path(sys.executable).parent / 'python'} -c \"import duckdb; "
           f"print(duckdb.connect('{database}', read_only=True).sql('select * from crm.jobs limit 5'))\"")

@@ -3,6 +3,7 @@ earlier version or other settings left, where the data is."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -54,11 +55,60 @@ def _epoch_held_otherwise(endpoint: Any, column: str, data_type: str) -> bool:
     return endpoint.is_epoch_field(column) and any(kind in data_type for kind in ("int", "number"))
 
 
-def earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> tuple[list[str], list[str], list[str]]:
+# How many rows of a table `_text_lists` reads: an earlier version's list column holds a list's
+# JSON text in nearly every row ('[]' for an empty one)
+_SAMPLE_ROWS = 100
+_TEXT_TYPES = ("varchar", "text", "character varying")
+
+
+def _text_lists(pipeline: Pipeline, columns: list[tuple[str, str, str, bool]], tables: Iterable[str]) -> list[str]:
+    """`table.column` of the lists an earlier version kept as JSON text: a text column whose values
+    in a sample of rows include a JSON array, in a table with no JSON column (a table this version
+    loads lists into has one). One small query per such table."""
+    found: list[str] = []
+    by_table: dict[str, list[str]] = {}
+    with_json = set()
+    for table, column, data_type, _ in columns:
+        if table not in tables:
+            continue
+        if data_type.lower() == "json":
+            with_json.add(table)
+        elif data_type.lower() in _TEXT_TYPES and not column.startswith("_dlt"):
+            by_table.setdefault(table, []).append(column)
+    if not set(by_table) - with_json:
+        return found
+    with pipeline.sql_client() as client:
+        for table in sorted(set(by_table) - with_json):
+            names = sorted(by_table[table])
+            selected = ", ".join(client.escape_column_name(name) for name in names)
+            rows = client.execute_sql(
+                f"SELECT {selected} FROM {client.make_qualified_table_name(table)} LIMIT {_SAMPLE_ROWS}"
+            ) or []
+            found.extend(
+                f"{DATASET_NAME}.{table}.{name}"
+                for index, name in enumerate(names)
+                if any(_json_array(row[index]) for row in rows)
+            )
+    return found
+
+
+def _json_array(value: Any) -> bool:
+    if not isinstance(value, str) or not value.startswith("["):
+        return False
+    try:
+        return isinstance(json.loads(value), list)
+    except ValueError:
+        return False
+
+
+def earlier_layout(
+    pipeline: Pipeline, endpoints: Iterable[Any]
+) -> tuple[list[str], list[str], list[str], list[str]]:
     """What the warehouse holds that these settings would load differently: (`table.column` of
     epoch-second columns held as something other than a timestamp, e.g. BIGINT from an earlier
-    version or from before a field was declared; child tables of lists, now JSON text in their
-    record's row; tables keyed by another field than the configured primary key)."""
+    version or from before a field was declared; child tables of lists, now JSON columns in their
+    record's row; tables keyed by another field than the configured primary key; `table.column`
+    of lists held as JSON text, as the version before JSON columns kept them)."""
     by_name = {e.name: e for e in endpoints}
     names = tuple(f"{name}__" for name in by_name)
     columns = _dataset_columns(pipeline)
@@ -85,17 +135,18 @@ def earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> tuple[list[s
         for table, keys in stored_keys.items()
         if by_name[table].primary_key not in keys
     )
-    return bigint_dates, child_tables, changed_keys
+    text_lists = _text_lists(pipeline, columns, by_name)
+    return bigint_dates, child_tables, changed_keys, text_lists
 
 
 def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
     """Stop before a load would mix what the warehouse holds with what these settings load, naming
     each difference and the way over: a full refresh of those resources. Loading timestamps into
-    BIGINT date columns, lists as JSON text next to the child tables that held them, or records
-    keyed by `jnid` into a table whose `id` is NOT NULL would leave both half right, or fail
-    deep in the load."""
+    BIGINT date columns, lists into JSON columns next to the child tables or the text columns that
+    held them, or records keyed by `jnid` into a table whose `id` is NOT NULL would leave both half
+    right, or fail deep in the load."""
     endpoints = list(endpoints)
-    bigint_dates, child_tables, changed_keys = earlier_layout(pipeline, endpoints)
+    bigint_dates, child_tables, changed_keys, text_lists = earlier_layout(pipeline, endpoints)
     found = []
     if changed_keys:
         found.append(
@@ -109,11 +160,16 @@ def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
         )
     if child_tables:
         found.append(
-            f"{', '.join(child_tables)} hold lists as child tables (lists now land as JSON text in "
-            "their record's row)"
+            f"{', '.join(child_tables)} hold lists as child tables (lists now land in JSON columns "
+            "in their record's row)"
+        )
+    if text_lists:
+        found.append(
+            f"{', '.join(text_lists)} hold lists as JSON text (lists now land in JSON columns: "
+            "DuckDB JSON, PostgreSQL json)"
         )
     if found:
-        named = " ".join(bigint_dates + child_tables + changed_keys)
+        named = " ".join(bigint_dates + child_tables + changed_keys + text_lists)
         assets = ",".join(
             f"crm/{e.name}" for e in endpoints
             if f"{DATASET_NAME}.{e.name} " in named or f"{DATASET_NAME}.{e.name}." in named

@@ -190,7 +190,7 @@ def crm_resources(
 ) -> list[DltResource]:
     """dlt resources of `resource_configs` (`_resource_config`), read in parallel, with the
     source's processing steps: `first_steps` (resource name -> a step, right after the read),
-    lists as JSON text, integer `date_*` fields as timestamps, then the Arrow pages step when
+    lists as JSON columns, integer `date_*` fields as timestamps, then the Arrow pages step when
     `arrow_pages`."""
     endpoints = {c["name"]: c[_ENDPOINT] for c in resource_configs if _ENDPOINT in c}
     config: dict[str, Any] = {
@@ -211,14 +211,15 @@ def crm_resources(
         if first_steps and resource.name in first_steps:
             resource.add_step(first_steps[resource.name], insert_at=1)
         resource.add_step(FieldNames.of(resource))  # no two fields in one column (field_names.py)
-        resource.add_map(ListsAsJson())  # one row per record (lists_as_json.py)
+        lists = ListsAsJson(resource, encode=arrow_pages)  # lists as JSON columns (lists_as_json.py)
+        resource.add_step(lists)
         epoch_dates = None
         if resource.name in endpoints:  # integer date_* fields as timestamps (epoch_dates.py)
             epoch_dates = EpochDates(endpoints[resource.name], resource)
             resource.add_step(epoch_dates)
         if arrow_pages:
             resource.apply_hints(columns=ROOT_COLUMNS)
-            resource.add_step(ArrowPages(resource, epoch_dates))
+            resource.add_step(ArrowPages(resource, epoch_dates, lists))
     return resources
 
 

@@ -17,11 +17,13 @@ from dlt.common.libs.pyarrow import get_py_arrow_datatype
 from dlt.common.schema.utils import autodetect_sc_type
 
 from .dlt_columns import ROOT_COLUMNS
+from .lists_as_json import JsonText
 
-# The Python type of a column's values, by the column's dlt type. A column of any other dlt type
-# (timestamp, decimal, json, ...) takes no value here (but see _EPOCH): its records go through
-# dlt's normalizer.
-_PY_TYPES = {"text": str, "bigint": int, "double": float, "bool": bool}
+# The Python type of a column's values, by the column's dlt type. A `json` column takes the lists
+# the lists step encoded (JsonText), built as strings: dlt writes a `json` column to parquet as its
+# JSON text. A column of any other dlt type (timestamp, decimal, ...) takes no value here (but see
+# _EPOCH): its records go through dlt's normalizer.
+_PY_TYPES = {"text": str, "bigint": int, "double": float, "bool": bool, "json": JsonText}
 _TAKEN_KINDS = frozenset(_PY_TYPES.values())
 _ARROW_TYPES = {pa.string(): str, pa.int64(): int, pa.float64(): float, pa.bool_(): bool}
 
@@ -87,13 +89,15 @@ class ColumnTypes:
     `hinted` are the resource's own columns; `caps` the destination's capabilities (None: none
     known, and the hinted timestamp columns are left to dlt). `epoch_names`, a live set, names the
     root table's columns hinted as timestamps after the first page (epoch_dates.py): a new column
-    of those is epoch seconds too."""
+    of those is epoch seconds too. `json_names`, a live set, names its `json` columns
+    (lists_as_json.py): a new column of those takes JsonText."""
 
     def __init__(self, schema: Any, resource: str, hinted: dict[str, Any], caps: Any = None,
-                 epoch_names: Optional[set[str]] = None) -> None:
+                 epoch_names: Optional[set[str]] = None, json_names: Optional[set[str]] = None) -> None:
         self.schema = schema
         self.resource = resource
         self.epoch_names = epoch_names if epoch_names is not None else set()
+        self.json_names = json_names if json_names is not None else set()
         # how a new column hinted as a plain timestamp is built: from epoch seconds, or by dlt
         self.new_epoch_kind = _EPOCH if _epoch_column({"data_type": "timestamp"}, caps) else _NOT_TAKEN
         self.tables: dict[str, dict[str, type]] = {}
@@ -125,10 +129,13 @@ class ColumnTypes:
         self.epoch = frozenset(column for column, kind in self.tables[resource].items() if kind is _EPOCH)
 
     def new_column_kind(self, table: str, name: str) -> Optional[type]:
-        """The type of a new root column hinted as a timestamp since the first page; None for any
-        other new column (typed by its first value)."""
-        if table == self.resource and name in self.epoch_names:
-            return self.new_epoch_kind
+        """The type of a new root column hinted as a timestamp or as `json` since the first page;
+        None for any other new column (typed by its first value)."""
+        if table == self.resource:
+            if name in self.epoch_names:
+                return self.new_epoch_kind
+            if name in self.json_names:
+                return JsonText
         return None
 
     def plain_name(self, name: str) -> bool:
@@ -219,7 +226,7 @@ class _RecordCheck:
                 if kind is not int or not _EPOCH_RANGE[0] <= value <= _EPOCH_RANGE[1]:
                     raise _Rejected
                 continue
-            if kind is list:  # a child table for dlt's normalizer (lists_as_json.py encodes them)
+            if kind is list:  # not encoded by the lists step (lists_as_json.py): dlt's
                 raise _Rejected
             if kind is dict:
                 if name in known:  # dlt would store it in that column (as JSON), not flatten it
@@ -278,10 +285,12 @@ class _RecordCheck:
 
 
 class _PageTypes:
-    """Whether pyarrow's types for a whole page are the columns' types (the usual case)."""
+    """Whether pyarrow's types for a whole page are the columns' types (the usual case).
+    `json_text`: every value in the page's `json` columns is JsonText (or null)."""
 
-    def __init__(self, types: ColumnTypes) -> None:
+    def __init__(self, types: ColumnTypes, json_text: bool = False) -> None:
         self.types = types
+        self.json_text = json_text
         self.new: dict[str, dict[str, type]] = {}
 
     def match(self, table: str, struct: pa.StructType, prefix: str = "") -> bool:
@@ -312,6 +321,8 @@ class _PageTypes:
                 self.new.setdefault(table, {})[name] = expected
         if expected is _EPOCH:  # ints only (a float among them makes the whole field double)
             return py_type is int
+        if expected is JsonText:  # strings, all of them encoded lists
+            return py_type is str and self.json_text
         if expected is None:
             # pyarrow types a mix of ints and floats as double, dlt by the first value: only the
             # record-by-record check can tell which came first
@@ -387,13 +398,15 @@ def _epoch_timestamps(seconds: pa.Array) -> pa.Array:
 
 
 def page_table(
-    name: str, records: list[dict], types: ColumnTypes, load_id: str, whole_page: bool
+    name: str, records: list[dict], types: ColumnTypes, load_id: str, whole_page: bool,
+    json_text: bool = True,
 ) -> tuple[Optional[pa.Table], list[dict], bool]:
     """(table or None, records left to dlt, whether the page was mixed) for one page of resource
     `name`.
 
     The whole page is typed by pyarrow in one go unless `whole_page` is False (after a mixed page:
-    a resource whose field types vary is likely to have more), then record by record.
+    a resource whose field types vary is likely to have more), then record by record. `json_text`:
+    the page's `json` columns hold nothing but JsonText (the lists step says so).
     """
     not_null = frozenset(types.not_null.get(name, ()))
     array = None
@@ -403,7 +416,7 @@ def page_table(
         except _ARROW_ERRORS:
             pass
     if array is not None and pa.types.is_struct(array.type):
-        page = _PageTypes(types)
+        page = _PageTypes(types, json_text)
         if page.match(name, array.type):
             epoch = types.epoch | {c for c, kind in page.new.get(name, {}).items() if kind is _EPOCH}
             table = build_table(name, array, load_id, not_null, epoch)
@@ -419,7 +432,7 @@ def page_table(
         array = pa.array(taken)
     except _ARROW_ERRORS:
         return None, records, mixed
-    page = _PageTypes(types)
+    page = _PageTypes(types, json_text=True)  # the records taken hold JsonText only there
     if not pa.types.is_struct(array.type) or not page.match(name, array.type):
         return None, records, mixed
     table = build_table(name, array, load_id, not_null, types.epoch)
