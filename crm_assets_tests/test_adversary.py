@@ -5,11 +5,16 @@ For each kind of change, and all of them at once with 5% faults and dropped conn
 - every record that was in the API for the whole sync lands once, with the API's values;
 - nothing lands that the API never had;
 - the sync takes at most 3x the requests of an undisturbed sync of the same data, plus a constant.
+
+At 20 records a page, resources of more than 8 pages are read in parallel slices (slices.py), so
+these syncs check the sliced read too (the test says which resources were sliced).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 import requests
@@ -66,8 +71,9 @@ def _undisturbed_pages(start_simulator) -> dict[str, int]:
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_every_record_present_throughout_lands_once_within_the_request_bound(
-    start_simulator, crm_env, any_warehouse, monkeypatch, mode
+    start_simulator, crm_env, any_warehouse, monkeypatch, caplog, mode
 ):
+    caplog.set_level(logging.INFO, logger="crm_assets.sources.crm")
     _small_pages(monkeypatch)
     undisturbed = _undisturbed_pages(start_simulator)
 
@@ -79,6 +85,8 @@ def test_every_record_present_throughout_lands_once_within_the_request_bound(
     result = run_sync()
 
     assert result.success, failure_message(result)
+    sliced = set(re.findall(r"(\w+): reading date_updated >= 0 in [2-8] slice", caplog.text))
+    assert {"jobs", "contacts"} <= sliced, sliced  # 12 and 15 pages: read in slices
     simulator.configure(repeat_every=None, insert_every=None, delete_every=None, fault_every=None)
     for resource in RESOURCES:
         ids = any_warehouse.table_ids(resource)

@@ -2,6 +2,9 @@
 allows, interleaved with page requests by Hypothesis, and the guarantee checked at the end of every
 read; and against a dishonest one, which ignores the requested order or filter.
 
+The same with the read cut into slices read at once (slices.py): every interleaving of the slices'
+requests with the adversary's changes.
+
 Guarantee (docs/api-contract.md): every record present in the listing for the whole read is read,
 records without a cursor value included, and the read takes at most 3x the requests of an
 undisturbed read plus a constant; otherwise it fails naming the resource. Against an API that does
@@ -20,6 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from crm_assets.sources.crm.errors import CrmApiBehaviourError, CrmError
 from crm_assets.sources.crm.keyset import SPARE_REQUESTS, CrmIncompleteReadError, KeysetRead, PageRequest
 from crm_assets.sources.crm.reach import ReadPlan
+from crm_assets.sources.crm.slices import SlicePlan, Slices, slice_count
 
 WINDOW = 40
 
@@ -319,6 +323,134 @@ AdversarialRead.TestCase.settings = settings(
     max_examples=400, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestAdversarialRead = AdversarialRead.TestCase
+
+
+def _planned(listing: Listing, page_size: int, since: int, slices: int) -> SlicePlan:
+    _, total = listing.serve(PageRequest("date_updated", since, None, 0, 0))
+    plan = SlicePlan("jobs", page_size, since=since, total=total, slices=slices, result_window=listing.window)
+    while not plan.done:
+        plan.take([listing.serve(page) for page in plan.pending()])
+    return plan
+
+
+def test_slices_are_cut_by_count_and_cover_the_listing_from_since_on():
+    # dense at the start (900 records in 100 seconds), sparse after (100 in 100,000 seconds)
+    updated = [1_000 + n // 9 for n in range(900)] + [1_100 + n * 1_000 for n in range(100)]
+    listing = Listing(updated, window=10_000)
+    plan = _planned(listing, 20, since=500, slices=4)
+    counts = [listing.serve(PageRequest("date_updated", low, high, 0, 0))[1] for low, high in plan.ranges]
+    assert plan.ranges[0][0] == 500 and plan.ranges[-1][1] is None
+    assert all(high + 1 == nxt for (_, high), (nxt, _) in zip(plan.ranges, plan.ranges[1:]))
+    assert len(plan.ranges) == 4 and sum(counts) == 1_000 and max(counts) <= 2 * 250, counts
+    assert plan.requests <= 2 + 3 * 4
+
+
+def test_no_slices_under_a_few_pages_a_slice():
+    assert slice_count(7 * 1000, 1000, 8) == 1
+    assert slice_count(8 * 1000, 1000, 8) == 2
+    assert slice_count(200_000, 1000, 8) == 8 and slice_count(200_000, 1000, 1) == 1
+
+
+def test_a_slice_that_cannot_show_a_complete_read_fails_naming_the_slice():
+    slices = Slices("jobs", 10, [(0, 99), (100, None)])
+    with pytest.raises(CrmIncompleteReadError, match=r"slice 2 of 2 \(date_updated >= 100\).*could not show"):
+        for _ in range(100):
+            slices.take(1, [], 5)
+
+
+def test_the_last_slice_reads_again_after_every_other_slice_has_ended():
+    listing = Listing(list(range(1, 61)), window=10_000)
+    slices = Slices("jobs", 10, [(0, 30), (31, None)], result_window=listing.window)
+    while slices.ready(1):  # the last slice first, to its end
+        slices.take(1, *listing.serve(slices.request(1)))
+    assert not slices.finished(1) and slices.recheck is None
+    listing.records["r00003"]["date_updated"] = listing.now()  # edited out of slice 1 before it read it
+    while slices.ready(0):
+        slices.take(0, *listing.serve(slices.request(0)))
+    assert slices.ready(1) and slices.recheck is not None  # now it reads again from where it ended
+    seen = set()
+    while slices.ready(1):
+        rows, count = listing.serve(slices.request(1))
+        seen.update(r["id"] for r in rows)
+        slices.take(1, rows, count)
+    assert slices.done and "r00003" in seen
+
+
+class ConcurrentSlices(AdversarialRead):
+    """The keyset read cut into slices (`SlicePlan`, `Slices`), their requests interleaved in any
+    order with the adversary's changes: the same guarantee, the same kind of request bound."""
+
+    @initialize(
+        cursors=st.lists(st.tuples(st.integers(1, 30), st.integers(0, 3)), min_size=0, max_size=80),
+        page_size=st.integers(3, 6),
+        cap=st.one_of(st.none(), st.integers(3, 6)),
+        count_capped=st.booleans(),
+        since=st.integers(0, 8),
+        slices=st.integers(2, 4),
+    )
+    def start(self, cursors, page_size, cap, count_capped, since, slices):
+        self.listing = Listing([u for u, _ in cursors], created=[c for _, c in cursors])
+        self.listing.cap = cap
+        self.listing.count_capped = count_capped
+        self.honest = True
+        self.page_size = page_size
+        self.planned = _planned(self.listing, page_size, since, slices)
+        self.slices = Slices("jobs", page_size, self.planned.ranges, result_window=WINDOW)
+        self.stayed = {i for i, r in self.listing.records.items() if r["date_updated"] >= since}
+        self.seen: set[str] = set()
+        self.failure: Optional[CrmError] = None
+        self.changed = False
+        self.deletes = 0
+        self.bursts = 0
+
+    def _reading(self) -> bool:
+        return not self.slices.done and not self.changed
+
+    def _ready(self) -> list[int]:
+        return [i for i in range(len(self.slices.reads)) if self.slices.ready(i)]
+
+    def _next_slice_page(self, index: int) -> None:
+        rows, count = self.listing.serve(self.slices.request(index))
+        self.seen.update(row["id"] for row in rows)
+        self.slices.take(index, rows, count)
+
+    @precondition(lambda self: not self.slices.done)
+    @rule(data=st.data())
+    def next_page(self, data):
+        self._next_slice_page(data.draw(st.sampled_from(self._ready())))
+        self.changed = False
+
+    @precondition(lambda self: self.slices.done)
+    @rule()
+    def after_the_read(self):
+        pass
+
+    def _bound(self) -> int:
+        records = len(self.listing.records) + self.bursts * 12
+        slices = len(self.slices.reads) + 1  # the last one's read again
+        per_read = 3 * (records // max(1, self.page_size - 1) + 1) + 2 * (self.bursts + 5) + SPARE_REQUESTS
+        undisturbed = 3 * (records // max(1, self.page_size - 1) + slices)
+        return (self.planned.requests + 1 + undisturbed + slices * (2 * (self.bursts + 5) + SPARE_REQUESTS)
+                + self.deletes * per_read)
+
+    def teardown(self):
+        if not hasattr(self, "listing"):
+            return
+        for _ in range(10_000):  # the rest of the read, undisturbed, slice after slice; it must end
+            ready = self._ready()
+            if not ready:
+                break
+            self._next_slice_page(ready[0])
+        assert self.slices.done, "the read did not end"
+        missing = self.stayed - self.seen
+        assert not missing, f"records present throughout the read were not read: {sorted(missing)}"
+        assert self.listing.requests <= self._bound()
+
+
+ConcurrentSlices.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestConcurrentSlices = ConcurrentSlices.TestCase
 
 
 def test_the_adversary_can_break_an_offset_reader():

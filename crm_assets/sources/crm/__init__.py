@@ -201,6 +201,11 @@ def crm_resources(
         },
         "resources": [{k: v for k, v in c.items() if k != _ENDPOINT} for c in resource_configs],
     }
+    for c in resource_configs:
+        paginator = c.get("endpoint", {}).get("paginator")
+        if isinstance(paginator, KeysetPaginator):
+            # a big resource is read in parallel slices through this session (slices.py)
+            paginator.session = session
     resources: list[DltResource] = rest_api_resources(config)  # type: ignore[arg-type]
     for resource in resources:
         # The resources are read at once, each page on dlt's extract thread pool. Set here,

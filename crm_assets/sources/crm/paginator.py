@@ -5,6 +5,12 @@ the keyset read of keyset.py) into the API's parameters (`filter`, `from`, `size
 ascending sort) and hands each answer back. dlt's incremental passes its cursor in through
 `UPDATED_SINCE_PARAM`; it becomes the keyset read's lower bound. An answer that is not what was
 asked for (order, filter, field types) fails the read, naming the URL path.
+
+Given the sync's session (`session`, set by `crm_resources`), a resource of more than a few pages
+is read in parallel slices (slices.py): the plan ends after the probe with the count to slice,
+the slices are planned and read on worker threads, and each next request dlt sends is set to a page
+a worker has already fetched, which the session hands back (`CrmSession.hand_over`). Without a
+session (or with SOURCES__CRM__MAX_IN_FLIGHT=1) every resource is read sequentially, as before.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from .catalog import DEFAULT_PRIMARY_KEY
 from .errors import CrmApiBehaviourError
 from .keyset import KeysetRead, PageRequest
 from .reach import ReadPlan
+from .slices import SlicedRead, SlicePlan, Slices, slice_count
 from .settings import CREATED_FIELD, CURSOR_FIELD, RESULT_WINDOW
 
 logger = logging.getLogger("crm_assets.sources.crm")
@@ -81,33 +88,58 @@ class KeysetPaginator(BasePaginator):
         KeysetRead(resource, page_size, result_window=result_window)
         # made per read in init_request: it holds a generator, which cannot be copied or pickled
         self.plan: Optional[ReadPlan] = None
+        # the sync's CrmSession (crm_resources sets it): the slices' workers send through it
+        self.session: Any = None
+        self.sliced: Optional[SlicedRead] = None
+        self._static: dict[str, Any] = {}  # the endpoint's own parameters, sent with every page
+        self._request: Optional[requests.Request] = None
+        self._path = ""
+        self._ready: Optional[tuple[dict[str, Any], str, requests.Response]] = None
 
     def init_request(self, request: requests.Request) -> None:
         params = request.params if isinstance(request.params, dict) else {}
         since = params.pop(UPDATED_SINCE_PARAM, None)
+        self._static = dict(params)
+        self._request = request  # dlt's request: the slices' workers send its URL, headers, auth, hooks
+        self.sliced, self._ready = None, None
         # inclusive: a record edited in the cursor's own second is read again, not missed
         self.plan = ReadPlan(
             self.resource, self.page_size, since=None if since is None else int(since), now=int(time.time()),
             result_window=self.result_window, cursor_field=CURSOR_FIELD, created_field=CREATED_FIELD,
-            key_field=self.key_field,
+            key_field=self.key_field, max_slices=self.session.max_in_flight if self.session is not None else 1,
         )
         self._has_next_page = True
         request.params = params
         self.update_request(request)
 
     def update_request(self, request: requests.Request) -> None:
+        if self.sliced is not None:
+            if self._ready is not None:
+                params, url, response = self._ready
+                self._ready = None
+                # exactly the worker's parameters: dlt's prepared URL is the one its answer waits at
+                request.params = dict(params)
+                self.session.hand_over(url, response)
+            return
         if self.plan is None or self.plan.done:
             return
         request.params.pop("filter", None)
         request.params.update(page_params(self.plan.request()))
 
     def update_state(self, response: requests.Response, data: Optional[list[Any]] = None) -> None:
+        if self.sliced is not None:
+            self._next_sliced()
+            return
         plan = self.plan
         assert plan is not None, "init_request comes first"
         try:
             plan.take(data or [], response.json()["count"])
         except CrmApiBehaviourError as error:
             raise error.at(urlsplit(response.url or "").path) from None
+        if plan.done and plan.sliced is not None:
+            self._start_slices(plan, response)
+            self._next_sliced()
+            return
         if plan.done:
             self._has_next_page = False
             logger.info(
@@ -118,6 +150,59 @@ class KeysetPaginator(BasePaginator):
                 "%s: %d records read in %d requests, now at %s",
                 self.resource, plan.records_read, plan.requests, plan.describe(),
             )
+
+    # -- sliced ----------------------------------------------------------------------------------
+
+    def _start_slices(self, plan: ReadPlan, response: requests.Response) -> None:
+        assert plan.sliced is not None and self.session is not None
+        since = max(plan.since or 0, 0)
+        slices = slice_count(plan.sliced, self.page_size, plan.max_slices)
+        path = urlsplit(response.url or "").path
+        endpoint = next((e for e in self.session.endpoints if e.name == self.resource), None)
+        selector = endpoint.data_selector if endpoint is not None else "results"
+
+        def answer_of(answer: requests.Response) -> tuple[list[Any], int]:
+            payload = answer.json()
+            return payload[selector], payload["count"]
+
+        def slices_of(ranges: list[tuple[int, Optional[int]]]) -> Slices:
+            return Slices(
+                self.resource, self.page_size, ranges, result_window=self.result_window,
+                cursor_field=CURSOR_FIELD, tie_field=CREATED_FIELD, key_field=self.key_field,
+            )
+
+        assert self._request is not None
+        self.sliced = SlicedRead(
+            self.session, self._request, lambda page: {**self._static, **page_params(page)}, answer_of,
+            SlicePlan(self.resource, self.page_size, since=since, total=plan.sliced, slices=slices,
+                      result_window=self.result_window, cursor_field=CURSOR_FIELD),
+            slices_of,
+        )
+        self._path = path
+        try:
+            self.sliced.start()
+        except CrmApiBehaviourError as error:
+            raise error.at(path) from None
+
+    def _next_sliced(self) -> None:
+        sliced = self.sliced
+        assert sliced is not None
+        try:
+            self._ready = sliced.next_page()
+        except CrmApiBehaviourError as error:
+            raise error.at(self._path) from None
+        slices = sliced.slices
+        assert slices is not None
+        if self._ready is None:
+            self._has_next_page = False
+            logger.info(
+                "%s: read complete in %d slices: %d records in %d requests (%d planning the slices) in %.1fs",
+                self.resource, len(slices.reads), slices.records_read, slices.requests, sliced.plan.requests,
+                time.monotonic() - sliced.began,
+            )
+        elif slices.requests % PROGRESS_EVERY == 0:
+            logger.info("%s: %d records read in %d slices, %d requests", self.resource, slices.records_read,
+                        len(slices.reads), slices.requests)
 
     def __str__(self) -> str:
         return f"KeysetPaginator({self.resource}, {self.plan.describe() if self.plan else 'not started'})"

@@ -21,6 +21,11 @@ cursor (the largest `date_updated` loaded): a range read also returns records th
 that follows, which ends later; so the largest `date_updated` loaded is still one the keyset read
 reached, with everything before it read.
 
+A read of more than a few pages (`slices.slice_count`) may instead end the plan there, with
+`sliced` set to the count of `date_updated >= since`: the paginator then reads that part in
+parallel slices (slices.py), each with the keyset read's proof. Ranges of records without a cursor
+are still read first, for the reason above.
+
 The probe's two counts are taken one after the other: a record created or deleted between them
 shifts the difference. One created makes a range be read for nothing; one deleted can hide a record
 without a cursor until the next sync's probe (or the audit) finds it.
@@ -33,6 +38,7 @@ from collections.abc import Generator
 from typing import Any, Optional, Sequence
 
 from .keyset import KeysetRead, PageRequest
+from .slices import slice_count
 
 logger = logging.getLogger("crm_assets.sources.crm")
 
@@ -57,6 +63,7 @@ class ReadPlan:
         cursor_field: str = "date_updated",
         created_field: str = "date_created",
         key_field: str = "id",
+        max_slices: int = 1,
     ) -> None:
         self.resource = resource
         self.page_size = page_size
@@ -66,6 +73,9 @@ class ReadPlan:
         self.cursor_field = cursor_field
         self.created_field = created_field
         self.key_field = key_field
+        self.max_slices = max_slices
+        self.sliced: Optional[int] = None  # set: the keyset read is left to slices of this many records
+        self.with_cursor: Optional[int] = None  # the probe's count of records with a cursor value
         self.reads: list[KeysetRead] = []  # the range reads, then the keyset read
         self.without_cursor = 0  # records without a cursor value, as the probe counted them
         self.probe_requests = 0
@@ -111,7 +121,19 @@ class ReadPlan:
     def _plan(self) -> Steps:
         for lowest, highest in (yield from self._probe()):
             yield from self._drive(self._read(self.created_field, lowest, highest))
-        yield from self._drive(self._read(self.cursor_field, max(self.since or 0, 0), None))
+        since = max(self.since or 0, 0)
+        if self._sliceable(self.with_cursor):
+            total = self.with_cursor
+            if since > 0:  # an incremental read: how many records from the cursor on
+                _, total, _ = yield PageRequest(self.cursor_field, since, None, 0, 0)
+                self.probe_requests += 1
+            if self._sliceable(total):
+                self.sliced = total
+                return
+        yield from self._drive(self._read(self.cursor_field, since, None))
+
+    def _sliceable(self, total: Optional[int]) -> bool:
+        return total is not None and slice_count(total, self.page_size, self.max_slices) > 1
 
     def _read(self, field: str, since: int, until: Optional[int]) -> KeysetRead:
         keyset = field == self.cursor_field
@@ -145,7 +167,7 @@ class ReadPlan:
     def _probe(self) -> Steps:
         """The `date_created` ranges (inclusive; None: open) that hold records without a cursor."""
         every = yield from self._count(None, None, False)
-        with_cursor = yield from self._count(None, None, True)
+        with_cursor = self.with_cursor = yield from self._count(None, None, True)
         if self._trusted(every) and self._trusted(with_cursor) and every <= with_cursor:
             return []
         # where the listing starts: the first record in date_created order, if nothing is counted
