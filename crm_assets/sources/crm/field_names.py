@@ -17,10 +17,10 @@ step), so dlt's normalizer and the Arrow step see the same keys. The rule:
 The claims are kept in the resource's dlt state, which dlt commits with the data and restores from
 the destination: a colliding field that appears in a later sync lands as it would have from the
 start. Names are normalized with the source schema's naming convention (the destination's), as dlt's
-normalizer does. Each renaming is logged once per run.
+normalizer does. A renaming is logged (a warning) in the run that first makes it.
 
-Cost: a record's key tuple is looked up among the shapes already worked out; only a new shape (a
-few per resource) is planned.
+Cost: a record's key tuple is looked up among the shapes already worked out, and its objects are
+counted in C; only a new shape (a few per resource) is planned. benchmarks/field_names.py measures it.
 """
 
 from __future__ import annotations
