@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     dishonest.add_argument("--fields-param", action="store_true",
                            help="honour fields=a,b,c: each record carries only those keys (the real API "
                                 "family documents it); without this flag the parameter is ignored")
+    p.add_argument("--colliding-fields", type=_parse_resources, default=[], metavar="RESOURCES",
+                   help="records of these resources also carry Status, first-name, first_name and custom.Region/"
+                        "custom.region: names that normalize to the same column, each with its own value")
     p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
     p.add_argument("--ready-file", default=None, help="write the URL here once listening")
     return p
@@ -157,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         repeat_every=args.repeat_every, insert_every=args.insert_every, delete_every=args.delete_every,
         count_capped=args.count_capped, forbidden=args.forbid, fail_resources=args.fail_resources,
         ignore_sort=args.ignore_sort,
-        ignore_filter=args.ignore_filter, fields_param=args.fields_param,
+        ignore_filter=args.ignore_filter, fields_param=args.fields_param, colliding_fields=args.colliding_fields,
         verbose=args.verbose,
     )
     try:
