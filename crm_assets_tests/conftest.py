@@ -36,21 +36,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
 
 
-# Under pytest-xdist (`make test`, --dist loadgroup) tests go to whichever worker is free, except
-# these modules, whose module-scoped fixtures (a webserver and daemon, a large simulator) must be
-# set up once: each stays on one worker, and they are handed out first, the longest first.
-ONE_WORKER_MODULES = ("test_webserver.py", "test_simulator.py")
+# Under pytest-xdist `make test` hands out whole modules (--dist loadscope): a module's tests run on
+# one worker, so its module-scoped fixtures (a webserver and daemon, a large simulator) are set up
+# once. (--dist loadgroup with xdist_group marks no longer groups anything under pytest 9.2, whose
+# node ids xdist 3.8 cannot suffix: pytest-xdist issue #1386.) A worker takes the next module in
+# collection order when it is nearly done (--no-loadscope-reorder keeps this order): the longest
+# modules come first, as measured (benchmarks/README.md), so that none of them starts last and
+# keeps one worker busy while the other has nothing left. Modules not named keep their order.
+LONGEST_MODULES_FIRST = (
+    "test_reliability.py", "test_scripts.py", "test_webserver.py", "test_audit.py", "test_sync.py",
+    "test_definitions.py", "test_arrow_pages.py", "test_real_api_shape.py", "test_incremental.py",
+    "test_adversary.py", "test_isolation.py", "test_dishonest_api.py", "test_readme_commands.py",
+    "test_checks.py", "test_orchestration.py",
+)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not hasattr(config, "workerinput"):  # not an xdist worker: the order stays as collected
         return
-    for item in items:
-        if item.path.name in ONE_WORKER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    rank = {name: index for index, name in enumerate(ONE_WORKER_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    rank = {name: index for index, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order stays
 
 
 @pytest.fixture(autouse=True)
