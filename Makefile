@@ -33,9 +33,8 @@ test: $(STAMP)
 ## resource settings, the docs against the code, the definitions), on every core: about 35 s on 2
 ## busy cores. The syncs through the CLIs from other directories are left to make test.
 FAST_SKIP = $(addprefix --deselect crm_assets_tests/test_definitions.py::,\
-	test_the_cli_materializes_everything_from_another_directory \
-	test_dg_launch_materializes_every_asset_exactly \
-	test_two_directories_on_one_machine_keep_their_own_warehouse_and_cursors)
+	test_the_cli_materializes_everything_from_another_directory_and_each_keeps_its_own_warehouse \
+	test_dg_launch_materializes_every_asset_exactly)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not postgres and not browser" $(FAST_SKIP) \
 		crm_assets_tests/test_keyset_read.py crm_assets_tests/test_paginator.py crm_assets_tests/test_catalog.py \
