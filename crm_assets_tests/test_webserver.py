@@ -1,8 +1,8 @@
 """End to end through the real Dagster UI: dagster-webserver and dagster-daemon as subprocesses.
 
 The module starts both on loopback against the repository's workspace.yaml, with a temporary
-DAGSTER_HOME (holding a copy of the repository's dagster.yaml), the simulator and a temporary
-DuckDB file. The tests talk to the webserver like its own front end does (GraphQL over HTTP):
+DAGSTER_HOME (holding a copy of the repository's dagster.yaml; its run queue is polled every
+second), the simulator and a temporary DuckDB file. The tests talk to the webserver like its own front end does (GraphQL over HTTP):
 the code location, a crm_sync launched through the run queue and drained by the daemon, the
 check results. Then headless Chromium (Debian's, driven by Playwright; Playwright's own browser
 is never downloaded) opens the asset graph and an asset's checks page and reads what a user sees.
@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import duckdb
 import pytest
 import requests
+from dagster import DagsterInstance
 from playwright.sync_api import Page, expect, sync_playwright
 
 from crm_assets.audit import WAREHOUSE_MATCHES_API
@@ -87,6 +89,9 @@ def dagster_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUi]:
     home.mkdir()
     if (REPO / "dagster.yaml").exists():
         shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    with open(home / "dagster.yaml", "a") as settings:  # the queue looks every 5 s by default
+        settings.write("\nrun_coordinator:\n  module: dagster.core.run_coordinator\n"
+                       "  class: QueuedRunCoordinator\n  config:\n    dequeue_interval_seconds: 1\n")
     warehouse = root / "warehouse.duckdb"
     simulator = CrmSimulator(
         SimulatorConfig(api_key=API_KEY, counts=dict(SMALL_COUNTS), page_cap=90)
@@ -116,9 +121,10 @@ def dagster_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUi]:
     try:
         # The instance's SQLite storage is created before either process starts: on a new
         # DAGSTER_HOME the webserver and the daemon would otherwise race through the same
-        # migration, and the loser exits ("table alembic_version already exists").
-        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=root, env=env, check=True,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # migration, and the loser exits ("table alembic_version already exists"). What
+        # `dagster instance migrate` does, in this process: not another one importing Dagster.
+        with DagsterInstance.from_config(str(home)) as instance:
+            instance.upgrade()
         for name, command in commands.items():
             with open(root / f"{name}.log", "wb") as log:
                 processes.append(subprocess.Popen(
@@ -138,8 +144,13 @@ def dagster_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUi]:
             time.sleep(0.5)
         yield ui
     finally:
-        for process in reversed(processes):
-            stop_group(process, ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)))
+        # both at once: each takes seconds to shut down its code server and threads
+        steps = ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0))
+        stoppers = [threading.Thread(target=stop_group, args=(process, steps)) for process in processes]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
         simulator.stop()
 
 
@@ -179,7 +190,7 @@ def synced(dagster_ui: DagsterUi) -> str:
     while status not in ("SUCCESS", "FAILURE", "CANCELED"):
         if time.monotonic() > deadline:
             pytest.fail(f"crm_sync still {status} after {RUN_TIMEOUT_SECONDS}s\n{dagster_ui.log_tail()}")
-        time.sleep(1)
+        time.sleep(0.25)
         status = dagster_ui.graphql(_RUN_STATUS, runId=run_id)["runOrError"]["status"]
     if status != "SUCCESS":
         events = dagster_ui.graphql(
