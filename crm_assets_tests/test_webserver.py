@@ -2,10 +2,11 @@
 
 The module starts both on loopback against the repository's workspace.yaml, with a temporary
 DAGSTER_HOME (holding a copy of the repository's dagster.yaml; its run queue is polled every
-second), the simulator and a temporary DuckDB file. The tests talk to the webserver like its own front end does (GraphQL over HTTP):
-the code location, a crm_sync launched through the run queue and drained by the daemon, the
-check results. Then headless Chromium (Debian's, driven by Playwright; Playwright's own browser
-is never downloaded) opens the asset graph and an asset's checks page and reads what a user sees.
+second), the simulator and a temporary DuckDB file. The tests talk to the webserver like its own
+front end does (GraphQL over HTTP): the code location, a crm_sync launched through the run queue
+and drained by the daemon, the check results. Then headless Chromium (Debian's, driven by
+Playwright; Playwright's own browser is never downloaded) opens the asset graph and an asset's
+checks page and reads what a user sees.
 
 `CRM_UPDATE_SCREENSHOTS=1` also writes the asset graph to docs/screenshots/asset-graph.png
 (the README's picture); otherwise the screenshots stay in the test's temporary folder.
