@@ -59,19 +59,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order stays
 
 
-@pytest.fixture(autouse=True)
-def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own dlt state folder and no stray configuration from the machine."""
+def isolate_dlt(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own dlt state folder under `folder` (also the working directory), and no stray
+    configuration from the machine: what every test gets, and a module-scoped fixture's setup."""
     for name in ("SOURCES__CRM__BASE_URL", "SOURCES__CRM__API_KEY", "API_KEY",
                  "DESTINATION__DUCKDB__CREDENTIALS", "SOURCES__CRM__PAGE_SIZES", "CRM_DESTINATION",
                  "DESTINATION__POSTGRES__CREDENTIALS", "CRM_ALERT_WEBHOOK_URL"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt"))
+    monkeypatch.setenv("DLT_DATA_DIR", str(folder / "dlt"))
     monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
     monkeypatch.setenv("DAGSTER_DISABLE_TELEMETRY", "true")
     # the retry policy's shape is the spec's (3 retries, exponential); tests need not wait seconds
     monkeypatch.setenv("SOURCES__CRM__BACKOFF_FACTOR", "0.01")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(folder)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    isolate_dlt(tmp_path, monkeypatch)
 
 
 @pytest.fixture

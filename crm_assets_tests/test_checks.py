@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+
 import duckdb
 import pytest
 from dagster import AssetCheckSeverity, DagsterInstance
 
 from crm_assets.checks import ID_IS_NOT_NULL, ID_IS_UNIQUE, ROW_COUNT_MATCHES_API
 from crm_assets.definitions import defs
+from crm_assets.simulator import CrmSimulator, SimulatorConfig
 from crm_assets.warehouse import DatabaseUndefinedRelation, query
 
-from .conftest import RESOURCES, SMALL_COUNTS, failure_message
+from .conftest import API_KEY, RESOURCES, SMALL_COUNTS, failure_message, isolate_dlt
 
 ALL_CHECKS = {
     f"crm/{resource}:{check}"
@@ -39,15 +42,37 @@ def plant(warehouse, *statements: str) -> None:
             connection.execute(statement)
 
 
+@pytest.fixture(scope="module")
+def _clean_load(tmp_path_factory):
+    """One clean load of all five resources through `crm_sync` for the module (each took ~2 s of
+    CPU): its simulator, its warehouse file and its result."""
+    root = tmp_path_factory.mktemp("clean_load")
+    simulator = CrmSimulator(SimulatorConfig(api_key=API_KEY, counts=dict(SMALL_COUNTS))).start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            isolate_dlt(root, patch)
+            patch.setenv("SOURCES__CRM__BASE_URL", simulator.url)
+            patch.setenv("SOURCES__CRM__API_KEY", API_KEY)
+            patch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(root / "warehouse.duckdb"))
+            result = run_job("crm_sync", DagsterInstance.ephemeral())
+        assert result.success, failure_message(result)
+        yield simulator, root / "warehouse.duckdb", result
+    finally:
+        simulator.stop()
+
+
 @pytest.fixture
-def loaded(start_simulator, crm_env):
-    """A clean load of all five resources through `crm_sync`, in an instance the test keeps."""
-    simulator = start_simulator()
+def loaded(_clean_load, crm_env, warehouse):
+    """That clean load as the test's own: a copy of the warehouse (tests plant rows in it), the
+    simulator back at its seed (tests change it), dlt's state read back from the warehouse (the
+    test's dlt folder is empty), and an instance the test keeps."""
+    simulator, clean, result = _clean_load
+    simulator.reset()
+    for suffix in ("", ".wal"):  # DuckDB's write-ahead log, if the load left one
+        if clean.with_name(clean.name + suffix).exists():
+            shutil.copy(clean.with_name(clean.name + suffix), warehouse.with_name(warehouse.name + suffix))
     crm_env(simulator)
-    instance = DagsterInstance.ephemeral()
-    result = run_job("crm_sync", instance)
-    assert result.success, failure_message(result)
-    return simulator, instance, result
+    return simulator, DagsterInstance.ephemeral(), result
 
 
 def test_crm_sync_runs_every_check_after_the_load_and_all_pass(loaded):
