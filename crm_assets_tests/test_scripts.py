@@ -82,7 +82,7 @@ def test_make_dev_stopped_by_sigterm_to_its_group_leaves_nothing_running(tmp_pat
             except requests.RequestException:
                 pass
             assert time.monotonic() < deadline, "the UI never answered:\n" + (tmp_path / "make-dev.log").read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(0.25)
         # the UI would show no community pop-up (Dagster's `nux` setting in the instance it prepared)
         answer = requests.post(f"http://127.0.0.1:{port}/graphql", json={"query": "{ shouldShowNux }"}, timeout=30)
         assert answer.json()["data"]["shouldShowNux"] is False
@@ -100,7 +100,7 @@ def test_make_dev_stopped_by_sigterm_to_its_group_leaves_nothing_running(tmp_pat
         leader.wait(timeout=90)
         deadline = time.monotonic() + 30
         while (_processes_with(marker) or _answers(port)) and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.1)
 
         assert _processes_with(marker) == {}
         assert not _answers(port)
