@@ -34,7 +34,7 @@ containment and indexing in a query or a view. Figures in benchmarks/README.md.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any
 
 import dlt
 from dlt.common.json import json
