@@ -6,8 +6,8 @@ For each kind of change, and all of them at once with 5% faults and dropped conn
 - nothing lands that the API never had;
 - the sync takes at most 3x the requests of an undisturbed sync of the same data, plus a constant.
 
-At 20 records a page, resources of more than 8 pages are read in parallel slices (slices.py), so
-these syncs check the sliced read too (the test says which resources were sliced).
+Resources of more than 16 pages are read in parallel slices (slices.py): at 10 records a page,
+jobs and contacts are, so these syncs check the sliced read too (the test says it was sliced).
 """
 
 from __future__ import annotations
@@ -45,15 +45,19 @@ MODES = {
 }
 
 
-def _small_pages(monkeypatch) -> None:
-    monkeypatch.setenv("SOURCES__CRM__PAGE_SIZES", json.dumps({r: PAGE_SIZE for r in RESOURCES}))
+SLICED_PAGE_SIZE = 10  # jobs and contacts: 24 and 31 pages, read in slices
+
+
+def _small_pages(monkeypatch, sliced: tuple[str, ...] = ()) -> None:
+    sizes = {r: SLICED_PAGE_SIZE if r in sliced else PAGE_SIZE for r in RESOURCES}
+    monkeypatch.setenv("SOURCES__CRM__PAGE_SIZES", json.dumps(sizes))
 
 
 def _pages_served(simulator) -> dict[str, int]:
     return {r: simulator.stats()["statuses"][r].get("200", 0) for r in RESOURCES}
 
 
-def _undisturbed_pages(start_simulator) -> dict[str, int]:
+def _undisturbed_pages(start_simulator, sliced: tuple[str, ...] = ()) -> dict[str, int]:
     """Pages an undisturbed read of the same data takes, per resource (the same reader, no sync)."""
     calm = start_simulator()
     pages = {}
@@ -61,7 +65,7 @@ def _undisturbed_pages(start_simulator) -> dict[str, int]:
         session.headers["Authorization"] = f"Bearer {API_KEY}"
         for resource in RESOURCES:
             endpoint = {e.name: e for e in BUILT_IN}[resource]
-            read = KeysetRead(resource, PAGE_SIZE)
+            read = KeysetRead(resource, SLICED_PAGE_SIZE if resource in sliced else PAGE_SIZE)
             while not read.done:
                 body = session.get(calm.url + endpoint.path, params=page_params(read.request())).json()
                 read.take(body[endpoint.data_selector], body["count"])
@@ -74,8 +78,8 @@ def test_every_record_present_throughout_lands_once_within_the_request_bound(
     start_simulator, crm_env, any_warehouse, monkeypatch, caplog, mode
 ):
     caplog.set_level(logging.INFO, logger="crm_assets.sources.crm")
-    _small_pages(monkeypatch)
-    undisturbed = _undisturbed_pages(start_simulator)
+    _small_pages(monkeypatch, sliced=("jobs", "contacts"))
+    undisturbed = _undisturbed_pages(start_simulator, sliced=("jobs", "contacts"))
 
     simulator = start_simulator()
     crm_env(simulator)
@@ -86,7 +90,7 @@ def test_every_record_present_throughout_lands_once_within_the_request_bound(
 
     assert result.success, failure_message(result)
     sliced = set(re.findall(r"(\w+): reading date_updated >= 0 in [2-8] slice", caplog.text))
-    assert {"jobs", "contacts"} <= sliced, sliced  # 12 and 15 pages: read in slices
+    assert sliced == {"jobs", "contacts"}, sliced
     simulator.configure(repeat_every=None, insert_every=None, delete_every=None, fault_every=None)
     for resource in RESOURCES:
         ids = any_warehouse.table_ids(resource)

@@ -346,8 +346,8 @@ def test_slices_are_cut_by_count_and_cover_the_listing_from_since_on():
 
 
 def test_no_slices_under_a_few_pages_a_slice():
-    assert slice_count(7 * 1000, 1000, 8) == 1
-    assert slice_count(8 * 1000, 1000, 8) == 2
+    assert slice_count(15 * 1000, 1000, 8) == 1
+    assert slice_count(16 * 1000, 1000, 8) == 2
     assert slice_count(200_000, 1000, 8) == 8 and slice_count(200_000, 1000, 1) == 1
 
 

@@ -124,3 +124,12 @@ def test_a_sync_through_a_429_storm_slows_down_and_stays_within_the_limit(start_
 def test_a_limit_below_one_request_is_refused_naming_the_setting(bad):
     with pytest.raises(CrmConfigurationError, match="SOURCES__CRM__MAX_IN_FLIGHT"):
         crm_session(BUILT_IN, max_in_flight=bad)
+
+
+def test_the_slices_of_a_sync_are_bounded_and_given_back():
+    gate = CrmSession(max_in_flight=3).gate  # 6 slices for the whole sync
+    assert gate.claim_slices(4) == 4
+    assert gate.claim_slices(4) == 2
+    assert gate.claim_slices(4) == 0  # none left: that resource is read sequentially
+    gate.release_slices(4)
+    assert gate.claim_slices(8) == 4

@@ -21,7 +21,9 @@ the session's `token`:
   the API asking for patience, not a fault: its retries do not count towards `max_retries`, and a
   request gives up on them only once it has waited `RATE_LIMIT_PATIENCE` seconds for 429s alone;
 * a sliced read's worker that has already fetched a page hands it over (`hand_over`), and dlt's own
-  `send` of exactly that prepared request gets it without a second request.
+  `send` of exactly that prepared request gets it without a second request; and the resources of
+  a sync read at most 2 x `max_in_flight` slices at once (`claim_slices`), each a page ahead of
+  dlt at most, so a sync of many big resources stays within bounded memory.
 """
 
 from __future__ import annotations
@@ -79,12 +81,29 @@ class _Gate:
         self.lock = threading.Lock()
         self.not_before = 0.0  # time.monotonic()
         self.pauses = 0  # 429s that paused the session
+        # slice workers the sync's resources may run at once (slices.py): each holds a page ahead
+        # of dlt, so this bounds the memory of all slices together
+        self.slices_left = 2 * max_in_flight
         self.handed_over: dict[str, deque[requests.Response]] = {}
 
     def pause(self, seconds: float) -> None:
         with self.lock:
             self.not_before = max(self.not_before, time.monotonic() + seconds)
             self.pauses += 1
+
+    def claim_slices(self, wanted: int) -> int:
+        """Slices a resource may read at once: up to `wanted` of what is left, and none (a
+        sequential read) where fewer than two are left. Give them back with `release_slices`."""
+        with self.lock:
+            granted = min(wanted, self.slices_left)
+            if granted < 2:
+                return 0
+            self.slices_left -= granted
+            return granted
+
+    def release_slices(self, count: int) -> None:
+        with self.lock:
+            self.slices_left += count
 
     def wait_for_pause(self) -> None:
         while True:

@@ -28,7 +28,7 @@ from .catalog import DEFAULT_PRIMARY_KEY
 from .errors import CrmApiBehaviourError
 from .keyset import KeysetRead, PageRequest
 from .reach import ReadPlan
-from .slices import SlicedRead, SlicePlan, Slices, slice_count
+from .slices import SlicedRead, SlicePlan, Slices
 from .settings import CREATED_FIELD, CURSOR_FIELD, RESULT_WINDOW
 
 logger = logging.getLogger("crm_assets.sources.crm")
@@ -107,6 +107,7 @@ class KeysetPaginator(BasePaginator):
             self.resource, self.page_size, since=None if since is None else int(since), now=int(time.time()),
             result_window=self.result_window, cursor_field=CURSOR_FIELD, created_field=CREATED_FIELD,
             key_field=self.key_field, max_slices=self.session.max_in_flight if self.session is not None else 1,
+            claim_slices=self.session.gate.claim_slices if self.session is not None else None,
         )
         self._has_next_page = True
         request.params = params
@@ -156,7 +157,7 @@ class KeysetPaginator(BasePaginator):
     def _start_slices(self, plan: ReadPlan, response: requests.Response) -> None:
         assert plan.sliced is not None and self.session is not None
         since = max(plan.since or 0, 0)
-        slices = slice_count(plan.sliced, self.page_size, plan.max_slices)
+        slices = plan.slices
         path = urlsplit(response.url or "").path
         endpoint = next((e for e in self.session.endpoints if e.name == self.resource), None)
         selector = endpoint.data_selector if endpoint is not None else "results"
@@ -172,8 +173,9 @@ class KeysetPaginator(BasePaginator):
             )
 
         assert self._request is not None
+        gate = self.session.gate
         self.sliced = SlicedRead(
-            self.session, self._request, lambda page: {**self._static, **page_params(page)}, answer_of,
+            lambda: gate.release_slices(slices), self.session, self._request, lambda page: {**self._static, **page_params(page)}, answer_of,
             SlicePlan(self.resource, self.page_size, since=since, total=plan.sliced, slices=slices,
                       result_window=self.result_window, cursor_field=CURSOR_FIELD),
             slices_of,

@@ -23,7 +23,8 @@ reached, with everything before it read.
 
 A read of more than a few pages (`slices.slice_count`) may instead end the plan there, with
 `sliced` set to the count of `date_updated >= since`: the paginator then reads that part in
-parallel slices (slices.py), each with the keyset read's proof. Ranges of records without a cursor
+parallel slices (slices.py), each with the keyset read's proof, as many as the sync can run now
+(`claim_slices`; none left: the keyset read as usual). Ranges of records without a cursor
 are still read first, for the reason above.
 
 The probe's two counts are taken one after the other: a record created or deleted between them
@@ -34,7 +35,7 @@ without a cursor until the next sync's probe (or the audit) finds it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Optional, Sequence
 
 from .keyset import KeysetRead, PageRequest
@@ -64,6 +65,7 @@ class ReadPlan:
         created_field: str = "date_created",
         key_field: str = "id",
         max_slices: int = 1,
+        claim_slices: Optional[Callable[[int], int]] = None,
     ) -> None:
         self.resource = resource
         self.page_size = page_size
@@ -74,6 +76,9 @@ class ReadPlan:
         self.created_field = created_field
         self.key_field = key_field
         self.max_slices = max_slices
+        # how many of the slices wanted the sync can run now (CrmSession's gate); None: all of them
+        self.claim_slices = claim_slices
+        self.slices = 0  # granted, once `sliced` is set
         self.sliced: Optional[int] = None  # set: the keyset read is left to slices of this many records
         self.with_cursor: Optional[int] = None  # the probe's count of records with a cursor value
         self.reads: list[KeysetRead] = []  # the range reads, then the keyset read
@@ -128,8 +133,11 @@ class ReadPlan:
                 _, total, _ = yield PageRequest(self.cursor_field, since, None, 0, 0)
                 self.probe_requests += 1
             if self._sliceable(total):
-                self.sliced = total
-                return
+                wanted = slice_count(total, self.page_size, self.max_slices)  # type: ignore[arg-type]
+                self.slices = self.claim_slices(wanted) if self.claim_slices is not None else wanted
+                if self.slices > 1:
+                    self.sliced = total
+                    return
         yield from self._drive(self._read(self.cursor_field, since, None))
 
     def _sliceable(self, total: Optional[int]) -> bool:

@@ -73,11 +73,12 @@ from .keyset import KeysetRead, PageRequest
 
 logger = logging.getLogger("crm_assets.sources.crm")
 
-# A slice reads at least this many pages: below, the counts that plan it and the last slice's
-# re-check cost more round trips than reading it in parallel saves.
-MIN_SLICE_PAGES = 4
-# Pages a slice's worker fetches ahead of dlt, at most: memory stays bounded at any size.
-PREFETCH_PAGES = 2
+# A slice reads at least this many pages: below, the requests that plan it (about one a slice,
+# plus two) and each slice's own last page weigh more than a few percent of the read's requests.
+MIN_SLICE_PAGES = 8
+# Pages a slice's worker holds ahead of dlt, at most: memory stays bounded at any size (at most
+# one page a slice, at most SOURCES__CRM__MAX_IN_FLIGHT slices a resource).
+PREFETCH_PAGES = 1
 # The most parts a range is cut into at once, and the most counts planning spends beyond the
 # first two requests, per slice: within a few percent of a read's requests.
 MAX_PARTS = 8
@@ -357,6 +358,7 @@ class SlicedRead:
 
     def __init__(
         self,
+        release: Callable[[], None],
         session: Any,
         request: requests.Request,
         params_of: Callable[[PageRequest], dict[str, Any]],
@@ -364,6 +366,7 @@ class SlicedRead:
         plan: SlicePlan,
         slices_of: Callable[[list[Range]], Slices],
     ) -> None:
+        self._release = release  # gives the sync its slices back, once
         self.session = session
         self.request = request
         self.params_of = params_of
@@ -396,11 +399,15 @@ class SlicedRead:
     def start(self) -> None:
         """Plan the slices (their counts asked at once, round by round), then start a worker each."""
         plan = self.plan
-        with ThreadPoolExecutor(max_workers=MAX_PARTS, thread_name_prefix="crm-slice-plan") as pool:
-            while not plan.done:
-                asked = plan.pending()
-                fetched = list(pool.map(self.fetch, asked))
-                plan.take([self.answer_of(response) for _, _, response in fetched])
+        try:
+            with ThreadPoolExecutor(max_workers=MAX_PARTS, thread_name_prefix="crm-slice-plan") as pool:
+                while not plan.done:
+                    asked = plan.pending()
+                    fetched = list(pool.map(self.fetch, asked))
+                    plan.take([self.answer_of(response) for _, _, response in fetched])
+        except BaseException:
+            self.stop()
+            raise
         self.slices = self._slices_of(plan.ranges)
         count = len(self.slices.reads)
         self._room = [threading.Semaphore(PREFETCH_PAGES) for _ in range(count)]
@@ -429,7 +436,7 @@ class SlicedRead:
                 while not self._room[index].acquire(timeout=1.0):
                     waited += 1.0
                     if waited > ABANDONED_AFTER:  # dlt stopped reading (another resource failed)
-                        self.stopped.set()
+                        self.stop()
                     if self.stopped.is_set():
                         return
                 params, url, response = self.fetch(page)
@@ -450,6 +457,7 @@ class SlicedRead:
         """The next fetched page of any slice, or None once every slice has ended."""
         while True:
             if self.running == 0 and self.pages.empty():
+                self.stop()
                 return None
             item = self.pages.get()
             if isinstance(item, _Done):
@@ -463,6 +471,11 @@ class SlicedRead:
             return page
 
     def stop(self) -> None:
+        """Stop every worker and give the sync its slices back (once)."""
         self.stopped.set()
+        with self._changed:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
         with self._changed:
             self._changed.notify_all()
