@@ -15,7 +15,7 @@ import dlt
 import pytest
 from dagster import AssetKey
 
-from crm_assets.sources.crm import configured_endpoints, crm
+from crm_assets.sources.crm import CrmConfigurationError, configured_endpoints, crm
 from crm_assets.sources.crm.lists_as_json import JsonText, ListsAsJson
 from crm_assets.sources.crm_pipeline import crm_pipeline
 from crm_assets.sources.destination import run_options
@@ -126,13 +126,8 @@ def test_the_lists_step_decides_a_field_by_its_first_value(tmp_path):
     assert plain([{"id": "c", "tags": ["z"]}]).data == [{"id": "c", "tags": ["z"]}]
 
 
-def test_a_warehouse_with_lists_as_json_text_is_refused_with_the_full_refresh(
-    start_simulator, crm_env, warehouse
-):
-    """The version before kept lists as JSON text in text columns: such a table is refused before
-    any request, then a full refresh moves it over."""
-    simulator = start_simulator({"jobs": 60, "contacts": 40, "tasks": 0, "activities": 0, "files": 0})
-    crm_env(simulator)
+def _load_lists_as_text(simulator) -> None:
+    """jobs and contacts as the version before loaded them: lists as JSON text in text columns."""
 
     @dlt.source(name="crm")  # the source's name is the schema's, whose resources a full refresh drops
     def text_lists_crm():
@@ -148,7 +143,21 @@ def test_a_warehouse_with_lists_as_json_text_is_refused_with_the_full_refresh(
 
         return earlier("jobs"), earlier("contacts")
 
-    crm_pipeline().run(text_lists_crm())
+    pipeline = crm_pipeline()
+    pipeline.run(text_lists_crm(), **run_options(pipeline))
+
+
+TEXT_LISTS_FOUND = "crm.contacts.tags, crm.jobs.related, crm.jobs.tags hold lists as JSON text"
+
+
+def test_a_warehouse_with_lists_as_json_text_is_refused_with_the_full_refresh(
+    start_simulator, crm_env, warehouse
+):
+    """The version before kept lists as JSON text in text columns: such a table is refused before
+    any request, then a full refresh moves it over."""
+    simulator = start_simulator({"jobs": 60, "contacts": 40, "tasks": 0, "activities": 0, "files": 0})
+    crm_env(simulator)
+    _load_lists_as_text(simulator)
     assert query(warehouse, "SELECT data_type FROM information_schema.columns WHERE table_schema = 'crm' "
                             "AND table_name = 'jobs' AND column_name = 'tags'") == [("VARCHAR",)]
     requests = sum(simulator.stats()["requests"].values())
@@ -158,7 +167,7 @@ def test_a_warehouse_with_lists_as_json_text_is_refused_with_the_full_refresh(
 
     assert not failed.success
     message = failure_message(failed)
-    assert "crm.contacts.tags, crm.jobs.related, crm.jobs.tags hold lists as JSON text" in message
+    assert TEXT_LISTS_FOUND in message
     assert "--assets crm/jobs,crm/contacts" in message and "full_refresh" in message
     assert sum(simulator.stats()["requests"].values()) == requests  # nothing was requested
     refreshed = run_sync(selection=selection, run_config={"ops": {"crm_sync_assets": {"config": {"full_refresh": True}}}})
@@ -167,3 +176,14 @@ def test_a_warehouse_with_lists_as_json_text_is_refused_with_the_full_refresh(
                             "AND table_name = 'jobs' AND column_name = 'tags'") == [("JSON",)]
     assert_lists_as_in_api(lambda sql: query(warehouse, sql), simulator, resources=["jobs", "contacts"])
     assert run_sync(selection=selection).success  # and the JSON columns are not refused
+
+
+def test_lists_as_json_text_are_found_in_postgres_too(start_simulator, crm_env, pg_warehouse):
+    simulator = start_simulator({"jobs": 60, "contacts": 40, "tasks": 0, "activities": 0, "files": 0})
+    crm_env(simulator)
+    _load_lists_as_text(simulator)
+    assert pg_warehouse.query("SELECT data_type FROM information_schema.columns WHERE table_schema = 'crm' "
+                              "AND table_name = 'jobs' AND column_name = 'tags'") == [("character varying",)]
+
+    with pytest.raises(CrmConfigurationError, match=re.escape(TEXT_LISTS_FOUND)):
+        refuse_earlier_layout(crm_pipeline(), configured_endpoints())
