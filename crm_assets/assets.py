@@ -234,7 +234,8 @@ def _load(
                     try:
                         # a fresh source each time: no step of the read keeps what a failed one saw
                         source = crm().with_resources(*remaining)
-                        results = list(dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options))
+                        run = dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
+                        results = list(run)
                         break
                     except Exception as exc:
                         isolated = _isolatable(exc)

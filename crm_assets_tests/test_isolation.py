@@ -178,8 +178,8 @@ def test_the_simulator_cli_forbids_and_fails_resources_and_its_defaults_are_unch
     args = parser.parse_args(["--forbid", "files,tasks", "--fail-resources", "jobs,contacts=503"])
     assert args.forbid == ["files", "tasks"]
     assert args.fail_resources == {"jobs": 500, "contacts": 503}
-    defaults = parser.parse_args([])
-    assert defaults.forbid == SimulatorConfig().forbidden and defaults.fail_resources == SimulatorConfig().fail_resources
+    defaults, config = parser.parse_args([]), SimulatorConfig()
+    assert defaults.forbid == config.forbidden and defaults.fail_resources == config.fail_resources
     for bad in (["--forbid", "all"], ["--forbid", "nope"], ["--fail-resources", "files=200"],
                 ["--fail-resources", "files=x"]):
         with pytest.raises(SystemExit):
