@@ -137,7 +137,8 @@ class KeysetPaginator(BasePaginator):
             plan.take(data or [], response.json()["count"])
         except CrmApiBehaviourError as error:
             raise error.at(urlsplit(response.url or "").path) from None
-        if plan.done and plan.sliced is not None:
+        # (the audit's RangeReads, a plan of its own, never slices)
+        if plan.done and getattr(plan, "sliced", None) is not None:
             self._start_slices(plan, response)
             self._next_sliced()
             return

@@ -9,17 +9,18 @@ into ranges of the cursor, and each range is read at once with its own `KeysetRe
   than its share (or a count at the result window, which may be only a lower bound) cut again,
   at its records' ranks where its count is within the result window (a one-record page at
   `from=<rank>` gives the cursor value there), then neighbours joined into slices of about equal
-  count. The planning requests of each round are sent at once. The first slice starts at `since`, each
-  next one where the previous one ends, the last is open-ended: together they cover the listing
-  whatever the counts said. Slices are only cut over `MIN_SLICE_PAGES` pages each; a resource of
-  fewer pages is read as before.
+  count. The planning requests of each round are sent at once. The first slice starts at `since`,
+  each next one where the previous one ends, the last is open-ended: together they cover the
+  listing whatever the counts said. A slice holds at least `MIN_SLICE_PAGES` pages; a resource of
+  fewer pages, or one the sync has no slices left for (`_Gate.claim_slices`), is read as before.
 * `Slices` holds the slice reads. Each is a `KeysetRead` bounded by its range (`until`), with
   everything that read proves: every page checked (`verify_page`), the counts, the gap reads, its
   own request bound (three times an undisturbed read of what it read, plus a constant, so the whole
   resource stays within the sum of those plus the planning counts). A failure names the slice.
 * `SlicedRead` reads the slices over HTTP on worker threads through the sync's session, whose gate
   (http.py) keeps the requests in flight of the whole sync within SOURCES__CRM__MAX_IN_FLIGHT. Each
-  worker runs a few pages ahead of dlt at most (`PREFETCH_PAGES`), so memory stays bounded.
+  worker runs a page ahead of dlt at most (`PREFETCH_PAGES`), and a sync runs at most twice that
+  many slices, so memory stays bounded whatever the size.
 
 How it fits dlt's REST API source (choice (a) of issue 25). dlt's client loop is sequential per
 resource: it sends what the paginator prepared, hands the answer to `update_state`, yields the
@@ -46,10 +47,9 @@ twice in one load; the merge keeps the newest (`dedup_sort` on `date_updated`).
 
 Interleaved answers. The API may serve "the previous answer's last record" again at a page's head.
 With several slices in flight that record may be another slice's, outside this page's range or out
-of its order. A head record that is the last record of the previous answer or of the slice's own previous
-answer, or that alone lies outside the range asked for or before the record after it, is taken
-for such a repeat (the
-read sets it aside wherever it could mislead). An honest page's head is never out of place, so
+of its order. A head record that is the last record of the previous answer or of the slice's own
+previous answer, or that alone lies outside the range asked for or before the record after it, is
+taken for such a repeat (the read sets it aside wherever it could mislead). An honest page's head is never out of place, so
 this cannot hide a record; an API that breaks the order at a page's head alone looks the same.
 A repeat of another slice's record is always out of place (the slices' ranges are disjoint; the
 last slice's second read runs alone); a repeat of the slice's own previous answer is what the
