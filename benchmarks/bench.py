@@ -38,6 +38,18 @@ API's count, per resource.
     python benchmarks/bench.py --counts jobs=20000,tasks=30000 --page-cap 250 --repeat 3
     python benchmarks/bench.py --only c2 --profile c2           # + where the CPU goes (py-spy)
     python benchmarks/bench.py --only c2,au --fields-param      # a full sync next to an audit
+    python benchmarks/bench.py --latency-scenario               # issue 25: slices against latency
+
+--latency-scenario (issue 25, reads that hide latency): activities 200,000 records and the four
+others 2,000 each, at each of --latencies (default 0,50,100,200 ms; set live on one simulator).
+Per latency: (a) the sequential HTTP floor, (c') the project's sync read sequentially
+(SOURCES__CRM__MAX_IN_FLIGHT=1: no slices, one request at a time per resource) and (c') as
+configured (slices, 8 in flight). Each reports the sync's seconds (inside the process: the run
+without imports or Dagster), records/s, API requests and the simulator's peak requests in flight;
+and the floors: the sequential reader, and the ideal pages / in-flight limit x round trip (the
+unsliced read's requests, the round trip as the floor measured it). At the first latency, one
+more sliced sync runs through a 429 storm (--storm-seconds, default 10: every request answers
+429 with Retry-After: 1 for that long): it must slow down, not fail, within the in-flight limit.
 
 Everything temporary lives in one tempfile.mkdtemp() directory, removed at the end; the
 simulator and a running variant are stopped on errors and Ctrl-C too. Only the standard library
@@ -1003,6 +1015,14 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--counts", type=parse_counts, help="per resource, e.g. jobs=20000,tasks=30000 "
                       "(others keep their defaults)")
     p.add_argument("--latency-ms", type=float, default=0, help="simulator latency per request (default 0)")
+    p.add_argument("--latency-scenario", action="store_true",
+                   help="issue 25's scenario instead: activities 200,000 + four of 2,000 at --latencies, "
+                        "the sequential floor, the sequential sync and the sliced sync (see above)")
+    p.add_argument("--storm-seconds", type=float, default=10,
+                   help="--latency-scenario: one more sliced sync (at the first latency) through a 429 storm "
+                        "of this many seconds (0: none)")
+    p.add_argument("--latencies", type=parse_latencies, default=[0.0, 50.0, 100.0, 200.0],
+                   help="milliseconds for --latency-scenario (default 0,50,100,200)")
     p.add_argument("--page-cap", type=int, default=None, help="simulator returns at most N records a page")
     p.add_argument("--fields-param", action="store_true", help="the simulator honours fields=a,b,c (records "
                    "carry only those keys), as the real API family documents; the audit (au) then lists keys "
@@ -1037,6 +1057,91 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LATENCY_COUNTS = {"jobs": 2_000, "contacts": 2_000, "tasks": 2_000, "activities": 200_000, "files": 2_000}
+LATENCY_IN_FLIGHT = 8  # the default SOURCES__CRM__MAX_IN_FLIGHT
+
+
+def latency_scenario(args: argparse.Namespace, runner: "Runner") -> int:
+    """--latency-scenario: see the module docstring. Prints a markdown table; 1 if a run failed."""
+    import copy
+
+    counts = dict(LATENCY_COUNTS)
+    url = runner.start_simulator(counts, 0, args.page_cap)
+    expected = api_counts(url)
+    print(f"simulator at {url}: {sum(expected.values()):,} records; latencies {args.latencies}",
+          file=sys.stderr, flush=True)
+    sequential = copy.copy(args)
+    sequential.env = {**args.env, "SOURCES__CRM__MAX_IN_FLIGHT": "1"}
+    runs = (("a", "(a) HTTP floor, sequential", args), ("c2", "(c') sync, sequential (1 in flight)", sequential),
+            ("c2", f"(c') sync, slices ({LATENCY_IN_FLIGHT} in flight)", args))
+    rows, failed = [], False
+    notes: list[tuple[float, dict[str, str]]] = []  # the floors and ratios, per latency
+    for latency in args.latencies:
+        _admin(url, "/_admin/config", {"latency_ms": latency})
+        results = {}
+        for number, (variant, title, variant_args) in enumerate(runs):
+            print(f"[{latency:g} ms] {title} ...", file=sys.stderr, flush=True)
+            _admin(url, "/_admin/stats/reset", {})
+            result = run_variant(variant, f"latency-{latency:g}-{number}", runner, variant_args, url, expected)
+            stats = _admin(url, "/_admin/stats")
+            result["peak_in_flight"] = stats["peak_in_flight"]
+            result["big_requests"] = stats["requests"]["activities"]
+            results[number] = result
+            if result.get("error"):
+                failed = True
+                continue
+            print(f"    sync {result['sync_seconds']:.2f} s, {result['requests']:,} requests, peak in flight "
+                  f"{result['peak_in_flight']}", file=sys.stderr, flush=True)
+            rows.append((latency, title, result))
+        if args.storm_seconds and latency == args.latencies[0]:
+            # the storm starts as the variant's process does (its imports take ~2 s of it)
+            title = f"(c') sync, slices, through a {args.storm_seconds:g} s 429 storm (Retry-After: 1)"
+            print(f"[{latency:g} ms] {title} ...", file=sys.stderr, flush=True)
+            _admin(url, "/_admin/stats/reset", {})
+            _admin(url, "/_admin/config", {"retry_after": 1, "storm_seconds": args.storm_seconds})
+            stormy = run_variant("c2", f"latency-{latency:g}-storm", runner, args, url, expected)
+            stats = _admin(url, "/_admin/stats")
+            stormy["peak_in_flight"] = stats["peak_in_flight"]
+            stormy["answered_429"] = sum(s.get("429", 0) for s in stats["statuses"].values())
+            if stormy.get("error"):
+                failed = True
+            else:
+                rows.append((latency, f"{title}: {stormy['answered_429']:,} answered 429", stormy))
+        floor, unsliced, sliced = results[0], results[1], results[2]
+        if not any(r.get("error") for r in results.values()):
+            round_trip = floor["sync_seconds"] / max(1, floor["pages"])
+            ideal = unsliced["requests"] / LATENCY_IN_FLIGHT * round_trip
+            notes.append((latency, {
+                "note": f"ideal {unsliced['requests']:,} requests / {LATENCY_IN_FLIGHT} x {round_trip * 1000:.1f} ms = "
+                        f"{ideal:.2f} s; slices/sequential reader {sliced['sync_seconds'] / floor['sync_seconds']:.2f}x, "
+                        f"slices/sequential sync {sliced['sync_seconds'] / unsliced['sync_seconds']:.2f}x; requests "
+                        f"slices/unsliced {sliced['requests'] / unsliced['requests']:.2f}x (activities "
+                        f"{sliced['big_requests']:,} / {unsliced['big_requests']:,})"}))
+    print(f"## Latency scenario (issue 25): {sum(expected.values()):,} records "
+          f"({', '.join(f'{k} {v:,}' for k, v in expected.items())}), revision {revision()}\n")
+    print("| latency ms | variant | sync s | wall s | records/s (sync) | API requests | peak in flight | "
+          "peak RSS MB | complete |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    for latency, title, r in rows:
+        print(f"| {latency:g} | {title} | {r['sync_seconds']:.2f} | {r['wall_seconds']:.2f} | "
+              f"{r['records'] / r['sync_seconds']:,.0f} | {r['requests']:,} | {r['peak_in_flight']} | "
+              f"{r['peak_tree_rss_mb']:,.0f} | {r['completeness_total']:.0%} |")
+    print("\nFloors (sync s of the sequential reader above, and the ideal) and ratios of sync s:\n")
+    for latency, note in notes:
+        print(f"- {latency:g} ms: {note['note']}")
+    return 1 if failed else 0
+
+
+def parse_latencies(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds like 0,50,200, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0 like 0,50,200, got {text!r}")
+    return values
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.env = dict(args.env)
@@ -1055,6 +1160,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     runner = Runner(tmp, args.max_rss_mb, args.timeout)
     status = 0
     try:
+        if args.latency_scenario:
+            return latency_scenario(args, runner)
         load_before = _loadavg()
         url = runner.start_simulator(counts, args.latency_ms, args.page_cap, args.fields_param)
         expected = api_counts(url)
