@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml setup.cfg
 ## make test: the whole suite (what CI runs). scripts/services.sh installs PostgreSQL and chromium
 ## when missing (apt-get) and starts a private PostgreSQL on loopback; it is stopped afterwards,
 ## whatever the outcome. Narrow it with e.g. make test PYTEST_ARGS="-k postgres". It runs on every
-## core (pytest-xdist, a module per worker at a time, the longest first: conftest.py says why):
+## core (pytest-xdist, a module per worker at a time, the longest first: conftest.py says why),
+## with one worker more than cores: a worker spends about a sixth of its time waiting on the
+## servers and processes its tests start, which the extra one fills (benchmarks/README.md).
 ## PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= auto
-XDIST = -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder
+TEST_WORKERS = $(if $(filter auto,$(PYTEST_WORKERS)),$(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 ))),$(PYTEST_WORKERS))
+XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: $(STAMP)
 	trap 'bash scripts/services.sh down' EXIT; trap 'exit 130' INT TERM; \
 	bash scripts/services.sh up && $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
