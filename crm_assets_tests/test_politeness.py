@@ -44,12 +44,13 @@ def _at_once(count: int, send) -> list:
 
 def test_a_storm_answers_429_with_retry_after_until_it_ends(start_simulator):
     simulator = start_simulator(retry_after=1)
-    simulator.configure(storm_seconds=0.4)
+    # windows of seconds, not tenths: a loaded machine may take that long to send the first request
+    simulator.configure(storm_seconds=1.5)
     url = f"{simulator.url}/v1/jobs?size=2"
 
     stormy = requests.get(url, headers=HEADERS)
     assert stormy.status_code == 429 and stormy.headers["Retry-After"] == "1"
-    time.sleep(0.5)
+    time.sleep(1.6)
     assert requests.get(url, headers=HEADERS).status_code == 200
     assert simulator.stats()["statuses"]["jobs"] == {"429": 1, "200": 1}
 
@@ -73,12 +74,14 @@ def test_a_429_pauses_every_request_of_the_session_not_only_its_own(start_simula
     simulator = start_simulator(retry_after=1)
     session = CrmSession()
     other = copy.deepcopy(session)
-    simulator.configure(storm_seconds=0.6)
+    simulator.configure(storm_seconds=0.9)  # shorter than Retry-After: the pause outlasts it
     url = f"{simulator.url}/v1/jobs?size=1"
 
     def send(n: int) -> requests.Response:
-        if n == 1:
-            time.sleep(0.2)  # after the first request got its 429
+        if n == 1:  # once the first request got its 429 (not a fixed sleep: the machine may be loaded)
+            deadline = time.monotonic() + 10
+            while not simulator.stats()["statuses"].get("jobs", {}).get("429") and time.monotonic() < deadline:
+                time.sleep(0.01)
         return (session if n == 0 else other).get(url, headers=HEADERS)
 
     began = time.monotonic()
@@ -92,7 +95,7 @@ def test_a_429_pauses_every_request_of_the_session_not_only_its_own(start_simula
 def test_429s_do_not_use_up_the_retries_of_other_faults(start_simulator):
     """Four 429s in a row (more than max_retries) are waited out, not failed."""
     simulator = start_simulator(retry_after=0)  # no Retry-After: the session's backoff (0.05 s, doubling)
-    simulator.configure(storm_seconds=0.5)
+    simulator.configure(storm_seconds=1.5)  # backoff 0.05, 0.1, 0.2, 0.4, 0.8 s: five 429s at least
     session = CrmSession(backoff_factor=0.05)
 
     response = session.get(f"{simulator.url}/v1/jobs?size=1", headers=HEADERS)
@@ -107,13 +110,13 @@ def test_a_sync_through_a_429_storm_slows_down_and_stays_within_the_limit(start_
     crm_env(simulator)
     monkeypatch.setenv("SOURCES__CRM__MAX_IN_FLIGHT", "3")
     monkeypatch.setenv("SOURCES__CRM__PAGE_SIZES", '{"jobs": 20, "contacts": 20, "tasks": 20}')
-    simulator.configure(storm_seconds=1.5)
-
     pipeline = crm_pipeline()
+    # seconds, so that the sync's first request meets the storm even on a loaded machine
+    simulator.configure(storm_seconds=3)
     began = time.monotonic()
     pipeline.run(crm(), **run_options(pipeline))
 
-    assert time.monotonic() - began >= 1.5
+    assert time.monotonic() - began >= 2.9
     stats = simulator.stats()
     assert sum(s.get("429", 0) for s in stats["statuses"].values()) > 0
     assert stats["peak_in_flight"] <= 3
