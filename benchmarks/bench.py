@@ -38,9 +38,9 @@ API's count, per resource.
     python benchmarks/bench.py --counts jobs=20000,tasks=30000 --page-cap 250 --repeat 3
     python benchmarks/bench.py --only c2 --profile c2           # + where the CPU goes (py-spy)
     python benchmarks/bench.py --only c2,au --fields-param      # a full sync next to an audit
-    python benchmarks/bench.py --latency-scenario               # issue 25: slices against latency
+    python benchmarks/bench.py --latency-scenario               # slices against latency
 
---latency-scenario (issue 25, reads that hide latency): activities 200,000 records and the four
+--latency-scenario (reads that hide latency): activities 200,000 records and the four
 others 2,000 each, at each of --latencies (default 0,50,100,200 ms; set live on one simulator).
 Per latency: (a) the sequential HTTP floor, (c') the project's sync read sequentially
 (SOURCES__CRM__MAX_IN_FLIGHT=1: no slices, one request at a time per resource) and (c') as
@@ -1016,7 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(others keep their defaults)")
     p.add_argument("--latency-ms", type=float, default=0, help="simulator latency per request (default 0)")
     p.add_argument("--latency-scenario", action="store_true",
-                   help="issue 25's scenario instead: activities 200,000 + four of 2,000 at --latencies, "
+                   help="the latency scenario instead: activities 200,000 + four of 2,000 at --latencies, "
                         "the sequential floor, the sequential sync and the sliced sync (see above)")
     p.add_argument("--storm-seconds", type=float, default=10,
                    help="--latency-scenario: one more sliced sync (at the first latency) through a 429 storm "
@@ -1117,7 +1117,7 @@ def latency_scenario(args: argparse.Namespace, runner: "Runner") -> int:
                         f"slices/sequential sync {sliced['sync_seconds'] / unsliced['sync_seconds']:.2f}x; requests "
                         f"slices/unsliced {sliced['requests'] / unsliced['requests']:.2f}x (activities "
                         f"{sliced['big_requests']:,} / {unsliced['big_requests']:,})"}))
-    print(f"## Latency scenario (issue 25): {sum(expected.values()):,} records "
+    print(f"## Latency scenario: {sum(expected.values()):,} records "
           f"({', '.join(f'{k} {v:,}' for k, v in expected.items())}), revision {revision()}\n")
     print("| latency ms | variant | sync s | wall s | records/s (sync) | API requests | peak in flight | "
           "peak RSS MB | complete |")

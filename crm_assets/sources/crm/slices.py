@@ -22,7 +22,7 @@ into ranges of the cursor, and each range is read at once with its own `KeysetRe
   worker runs a page ahead of dlt at most (`PREFETCH_PAGES`), and a sync runs at most twice that
   many slices, so memory stays bounded whatever the size.
 
-How it fits dlt's REST API source (choice (a) of issue 25). dlt's client loop is sequential per
+How it fits dlt's REST API source. dlt's client loop is sequential per
 resource: it sends what the paginator prepared, hands the answer to `update_state`, yields the
 page, asks `update_request` for the next one. Here the paginator (paginator.py) takes each next
 page from whichever slice has one ready, sets the request to exactly that page's parameters, and
