@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The services the test suite needs beyond Python: a throwaway PostgreSQL server on loopback and
-# Debian's chromium for the browser test. `make test` runs `up` before pytest and `down` after.
+# The services the test suite needs beyond Python: a throwaway PostgreSQL server and a Redis
+# server on loopback, and Debian's chromium for the browser test. `make test` runs `up` before
+# pytest and `down` after. Redis is the broker of the Celery run launcher (deploy/celery/).
 #
-#   scripts/services.sh up      install postgresql / chromium if missing (apt-get), start a
-#                               private PostgreSQL on 127.0.0.1:<free port>, write its address
-#                               to .tmp/services/postgres.env; a server already up is reused
-#   scripts/services.sh down    stop that server and delete its data directory, unless another
-#                               caller's `up` still holds it (`down --force`: stop it anyway)
-#   scripts/services.sh env     print the address file (KEY=value lines), fail if not up
+#   scripts/services.sh up      install postgresql / redis-server / chromium if missing
+#                               (apt-get), start a private PostgreSQL and a private Redis on
+#                               127.0.0.1:<free port>, write their addresses to
+#                               .tmp/services/{postgres,redis}.env; servers already up are reused
+#   scripts/services.sh down    stop those servers and delete their data directories, unless
+#                               another caller's `up` still holds them (`down --force`: stop anyway)
+#   scripts/services.sh env     print the address files (KEY=value lines), fail if not up
 #
 # Several `make test` may share the working tree: each `up` registers its caller (the parent
 # process id) as a holder, and `down` stops the server only when no living holder is left.
@@ -22,6 +24,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE_DIR="$ROOT/.tmp/services"
 PG_STATE="$STATE_DIR/postgres.env"
+REDIS_STATE="$STATE_DIR/redis.env"
 HOLDERS="$STATE_DIR/holders"
 HOLDER="$PPID"  # the process that called us: its `up` and its `down` name the same holder
 PG_USER=crm
@@ -74,6 +77,14 @@ ensure_postgresql() {
             done
     fi
     pg_bindir >/dev/null || die "postgresql was installed but initdb/pg_ctl are still missing"
+}
+
+ensure_redis() {
+    if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then return 0; fi
+    apt_install redis-server
+    # Debian's package may start its own server on 6379; ours is separate, stop that one
+    if command -v service >/dev/null 2>&1; then as_root service redis-server stop >/dev/null 2>&1 || true; fi
+    command -v redis-server >/dev/null 2>&1 || die "redis-server was installed but is still missing"
 }
 
 ensure_chromium() {
@@ -168,6 +179,86 @@ postgres_down() {
     log "PostgreSQL stopped"
 }
 
+redis_cli() {  # redis_cli PORT PASSWORD ARGS...: the password through the environment, not argv
+    local port="$1" password="$2"
+    shift 2
+    REDISCLI_AUTH="$password" redis-cli -h 127.0.0.1 -p "$port" "$@"
+}
+
+redis_is_up() {
+    [ -f "$REDIS_STATE" ] || return 1
+    (
+        # shellcheck disable=SC1090
+        . "$REDIS_STATE"
+        [ "$(redis_cli "$CRM_TEST_REDIS_PORT" "$CRM_TEST_REDIS_PASSWORD" ping 2>/dev/null)" = PONG ]
+    )
+}
+
+wait_for_redis() {  # wait_for_redis PORT PASSWORD
+    local try
+    for try in $(seq 50); do
+        [ "$(redis_cli "$1" "$2" ping 2>/dev/null)" = PONG ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# A Redis of its own: no persistence (the queue holds test runs only), a password like a
+# deployment's, its files in a private directory.
+redis_up() {
+    if redis_is_up; then
+        log "Redis already running ($(grep '^CRM_TEST_REDIS_PORT=' "$REDIS_STATE"))"
+        return 0
+    fi
+    [ -f "$REDIS_STATE" ] && redis_down  # a stale one
+
+    local data port password attempt
+    data="$(mktemp -d "$TMP_ROOT/crm-test-redis.XXXXXX")"
+    chmod 700 "$data"
+    password="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+    for attempt in 1 2 3; do
+        port="$(free_port)"
+        # the password goes in through stdin (a one-line config file), not the command line
+        if printf 'requirepass %s\n' "$password" | redis-server - --bind 127.0.0.1 --port "$port" \
+            --dir "$data" --daemonize yes --pidfile "$data/redis.pid" --logfile "$data/redis.log" \
+            --save '' --appendonly no >/dev/null 9>&- && wait_for_redis "$port" "$password"; then
+            break
+        fi
+        tail -n 20 "$data/redis.log" >&2 || true
+        [ "$attempt" = 3 ] && die "Redis did not start (log above)"
+    done
+
+    mkdir -p "$STATE_DIR"
+    (
+        umask 077
+        cat >"$REDIS_STATE" <<EOF
+CRM_TEST_REDIS_HOST=127.0.0.1
+CRM_TEST_REDIS_PORT=$port
+CRM_TEST_REDIS_PASSWORD=$password
+CRM_TEST_REDIS_DATA=$data
+EOF
+    )
+    log "Redis up on 127.0.0.1:$port (data $data)"
+}
+
+redis_down() {
+    [ -f "$REDIS_STATE" ] || { log "Redis: nothing to stop"; return 0; }
+    local data port password pid
+    data="$(sed -n 's/^CRM_TEST_REDIS_DATA=//p' "$REDIS_STATE")"
+    port="$(sed -n 's/^CRM_TEST_REDIS_PORT=//p' "$REDIS_STATE")"
+    password="$(sed -n 's/^CRM_TEST_REDIS_PASSWORD=//p' "$REDIS_STATE")"
+    if [ -n "$data" ] && [ -d "$data" ]; then
+        redis_cli "$port" "$password" shutdown nosave >/dev/null 2>&1 || true
+        # the server we started, by its pid file, if it did not answer
+        pid="$(cat "$data/redis.pid" 2>/dev/null || true)"
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; fi
+        case "$data" in */crm-test-redis.*) rm -rf "$data" ;; esac
+    fi
+    rm -f "$REDIS_STATE"
+    log "Redis stopped"
+}
+
+
 # one `up` or `down` at a time in this working tree (the server started meanwhile must not inherit
 # the lock's descriptor: it would hold the lock for as long as it runs)
 lock() {
@@ -188,9 +279,11 @@ living_holders() {
 case "${1:-}" in
     up)
         ensure_postgresql
+        ensure_redis
         ensure_chromium
         lock
         postgres_up
+        redis_up
         touch "$HOLDERS/$HOLDER"
         ;;
     down)
@@ -198,15 +291,17 @@ case "${1:-}" in
         rm -f "$HOLDERS/$HOLDER"
         others="$(living_holders | wc -l)"
         if [ "${2:-}" != --force ] && [ "$others" -gt 0 ]; then
-            log "PostgreSQL left running: $others other caller(s) still use it"
+            log "PostgreSQL and Redis left running: $others other caller(s) still use them"
         else
             postgres_down
+            redis_down
             rm -f "$HOLDERS"/*
         fi
         ;;
     env)
         pg_is_up || die "PostgreSQL is not running: run scripts/services.sh up"
-        cat "$PG_STATE"
+        redis_is_up || die "Redis is not running: run scripts/services.sh up"
+        cat "$PG_STATE" "$REDIS_STATE"
         ;;
     *)
         echo "usage: $0 up|down [--force]|env" >&2
