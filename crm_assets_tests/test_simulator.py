@@ -895,3 +895,152 @@ def test_cli_flags_for_an_api_that_does_not_do_what_it_is_asked(tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
+
+
+# --------------------------------------------------------------------------- many accounts, one process
+PER_ACCOUNT = {"jobs": 30, "contacts": 20, "tasks": 25, "activities": 15, "files": 10}
+
+
+@pytest.fixture(scope="module")
+def accounts_sim():
+    config = SimulatorConfig(accounts=["north", "south"], counts=PER_ACCOUNT, page_cap=None)
+    with CrmSimulator(config) as s:
+        yield s
+
+
+@pytest.fixture()
+def accounts(accounts_sim):
+    accounts_sim.reset()
+    yield accounts_sim
+
+
+def _account_get(sim: CrmSimulator, name: str, resource: str, key: str | None = None, **params):
+    return requests.get(sim.account_url(name) + f"/v1/{resource}", params=params, timeout=10,
+                        headers={"Authorization": f"Bearer {key or 'key-' + name}"})
+
+
+def test_accounts_serve_their_own_data_under_their_own_prefix_and_key(accounts):
+    assert accounts.accounts == ["north", "south"]
+    assert accounts.account_url("north") == accounts.url + "/north"
+    north = _account_get(accounts, "north", "jobs", size=1000).json()["results"]
+    south = _account_get(accounts, "south", "jobs", size=1000).json()["results"]
+    assert len(north) == len(south) == PER_ACCOUNT["jobs"]
+    # Ids and references stay inside an account, so a record landing in the wrong account shows.
+    assert [r["id"] for r in north] == accounts.account("north").ids("jobs") == [
+        f"north-job_{i:08d}" for i in range(PER_ACCOUNT["jobs"])]
+    tasks = _account_get(accounts, "south", "tasks", size=1000).json()["results"]
+    assert tasks and all(t["job_id"].startswith("south-job_") for t in tasks)
+    # Its own seed: other names and dates, the same on every start.
+    assert [r["name"] for r in north] != [r["name"] for r in south]
+    assert north == accounts.account("north").records("jobs")
+    again = CrmSimulator(SimulatorConfig(accounts=["south", "north"], counts=PER_ACCOUNT))
+    assert again.account("north").records("jobs") == north
+    other_seed = CrmSimulator(SimulatorConfig(accounts=["north"], counts=PER_ACCOUNT, seed=7))
+    assert other_seed.account("north").records("jobs") != north
+
+    # A's key is a wrong key on B; no key and the root paths of a single account are not served.
+    assert _account_get(accounts, "south", "jobs", key="key-north").status_code == 401
+    assert requests.get(accounts.account_url("south") + "/v1/jobs", timeout=10).status_code == 401
+    assert requests.get(accounts.url + "/v1/jobs", headers={"Authorization": "Bearer key-north"},
+                        timeout=10).status_code == 404
+    assert requests.get(accounts.url + "/east/v1/jobs", headers={"Authorization": "Bearer key-north"},
+                        timeout=10).status_code == 404
+    with pytest.raises(ValueError, match="account"):
+        accounts.mutate("jobs", edit=1)  # the data is each account's
+    with pytest.raises(ValueError, match="east"):
+        accounts.account("east")
+
+
+def test_each_account_has_its_own_admin_mutate_stats_and_live_config(accounts):
+    north, south = accounts.account("north"), accounts.account("south")
+    out = requests.post(north.url + "/_admin/mutate", json={"resource": "jobs", "insert": 2}, timeout=10).json()
+    assert out["inserted"] == ["north-job_00000030", "north-job_00000031"]
+    assert north.ids("jobs")[-2:] == out["inserted"] and len(south.ids("jobs")) == PER_ACCOUNT["jobs"]
+    assert requests.get(south.url + "/_admin/ids", params={"resource": "jobs"}, timeout=10).json()["ids"] == south.ids("jobs")
+
+    # One account's API fails on every path while the other answers.
+    requests.post(south.url + "/_admin/config", json={"fail_resources": {r: 500 for r in PER_ACCOUNT}}, timeout=10)
+    assert {_account_get(accounts, "south", r).status_code for r in PER_ACCOUNT} == {500}
+    assert {_account_get(accounts, "north", r).status_code for r in PER_ACCOUNT} == {200}
+    assert north.configure()["fail_resources"] == {}
+
+    stats = requests.get(accounts.url + "/_admin/stats", timeout=10).json()
+    assert stats == accounts.stats() == {"north": north.stats(), "south": south.stats()}
+    assert stats["south"]["statuses"]["jobs"] == {"500": 1} and stats["north"]["statuses"]["jobs"] == {"200": 1}
+    assert requests.get(north.url + "/_admin/stats", timeout=10).json() == stats["north"]
+
+    # The root's config applies to every account; its reset resets every account.
+    assert requests.post(accounts.url + "/_admin/config", json={"page_cap": 3}, timeout=10).json() == {
+        "north": north.configure(), "south": south.configure()}
+    assert len(_account_get(accounts, "north", "files").json()["files"]) == 3
+    assert requests.post(accounts.url + "/_admin/mutate", json={"resource": "jobs"}, timeout=10).status_code == 404
+    requests.post(accounts.url + "/_admin/reset", timeout=10)
+    assert len(north.ids("jobs")) == PER_ACCOUNT["jobs"] and south.configure()["fail_resources"] == {}
+    assert accounts.stats()["north"]["requests"]["jobs"] == 0
+
+
+def test_a_revoked_key_answers_401_like_a_wrong_key():
+    config = SimulatorConfig(accounts=["a", "b", "c"], counts=PER_ACCOUNT,
+                             account_overrides={"b": {"revoked": True}, "c": {"api_key": "own-key"}})
+    with CrmSimulator(config) as sim:
+        revoked = _account_get(sim, "b", "jobs")
+        assert revoked.status_code == 401 and revoked.json() == _account_get(sim, "b", "jobs", key="nope").json()
+        assert _account_get(sim, "a", "jobs").status_code == 200
+        assert _account_get(sim, "c", "jobs", key="own-key").status_code == 200
+        assert _account_get(sim, "c", "jobs").status_code == 401  # key-c is not its key
+        # Live, over the account's admin endpoint: revoke a, and give b its key back.
+        requests.post(sim.account_url("a") + "/_admin/config", json={"revoked": True}, timeout=10)
+        sim.account("b").configure(revoked=False)
+        assert _account_get(sim, "a", "jobs").status_code == 401
+        assert _account_get(sim, "b", "jobs").status_code == 200
+    with CrmSimulator(SimulatorConfig(api_key=KEY, counts=PER_ACCOUNT, revoked=True)) as single:  # one account too
+        assert requests.get(single.url + "/v1/jobs", headers=AUTH, timeout=10).status_code == 401
+        assert single.accounts == [] and single.configure(revoked=False)["revoked"] is False
+        assert requests.get(single.url + "/v1/jobs", headers=AUTH, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"accounts": ["North"]}, "must match"),
+    ({"accounts": "north"}, "list of names"),
+    ({"accounts": ["a", "a"]}, "repeat"),
+    ({"accounts": ["a"], "account_overrides": {"b": {}}}, "not in accounts"),
+    ({"accounts": ["a"], "account_overrides": {"a": {"port": 1}}}, "cannot set"),
+    ({"accounts": ["a"], "account_overrides": {"a": {"page_cap": 0}}}, "page_cap"),
+])
+def test_account_config_is_validated(config, message):
+    with pytest.raises(ValueError, match=message):
+        CrmSimulator(SimulatorConfig(**config))
+
+
+def test_an_account_can_have_its_own_counts():
+    sim = CrmSimulator(SimulatorConfig(accounts=["a", "b"], counts=PER_ACCOUNT, account_overrides={"b": {"counts": {"jobs": 3}}}))
+    assert len(sim.account("a").ids("jobs")) == PER_ACCOUNT["jobs"] and len(sim.account("b").ids("jobs")) == 3
+    assert len(sim.account("b").ids("tasks")) == PER_ACCOUNT["tasks"]  # the others keep every account's
+
+
+def test_cli_serves_many_accounts(tmp_path: Path):
+    from crm_assets.simulator.__main__ import build_parser
+
+    assert build_parser().parse_args(["--accounts", "100"]).accounts[::99] == ["acct001", "acct100"]
+    assert build_parser().parse_args(["--accounts", "3"]).accounts == ["acct01", "acct02", "acct03"]
+    for bad in (["--accounts", "0"], ["--accounts", "a,A"], ["--accounts", "a,a"], ["--account-key", "a"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+    flags = ("--accounts", "3", "--revoke", "acct02", "--account-key", "acct03=sekrit-3")
+    with _cli_simulator(tmp_path, *flags) as (proc, url):
+        def status(name: str, key: str) -> int:
+            return requests.get(f"{url}/{name}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                                timeout=10).status_code
+
+        assert requests.get(f"{url}/acct01/v1/jobs", headers={"Authorization": "Bearer key-acct01"},
+                            timeout=10).json()["count"] == 5  # --records applies to every account
+        assert (status("acct01", KEY), status("acct02", "key-acct02"), status("acct03", "sekrit-3")) == (401, 401, 200)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert out.strip() == (f"CRM simulator listening on {url}/<account> for 3 accounts "
+                               f"(acct01, acct02, acct03; api key: key-<account> unless set)")
+        assert "sekrit-3" not in out + err
+    with _cli_simulator(tmp_path, "--accounts", "a,b", "--revoke", "c") as (proc, _):
+        assert proc.wait(timeout=10) == 2 and "'c'" in proc.stderr.read()

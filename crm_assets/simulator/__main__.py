@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, REAL_FAMILY_PATHS, RESOURCES
 from .query import DIRECTIONS, SORT_FIELDS
-from .server import FAULT_KINDS, CrmSimulator, SimulatorConfig
+from .server import ACCOUNT_NAME, FAULT_KINDS, CrmSimulator, SimulatorConfig
 
 
 def _parse_records(text: str) -> dict[str, int]:
@@ -70,6 +70,46 @@ def _parse_failures(text: str) -> dict[str, int]:
     if not failures:
         raise argparse.ArgumentTypeError("--fail-resources needs at least one resource name")
     return failures
+
+
+def _parse_accounts(text: str) -> list[str]:
+    """``20`` (acct01..acct20; three digits from 100 on) or ``north,south``."""
+    text = text.strip()
+    if text.isdigit():
+        n = int(text)
+        if n < 1:
+            raise argparse.ArgumentTypeError("--accounts needs at least one account")
+        width = max(2, len(str(n)))
+        return [f"acct{i:0{width}d}" for i in range(1, n + 1)]
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in names if not ACCOUNT_NAME.fullmatch(a)]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected N or distinct names matching {ACCOUNT_NAME.pattern}, comma-separated, got {text!r}")
+    return names
+
+
+def _parse_account_key(text: str) -> tuple[str, str]:
+    name, sep, key = text.partition("=")
+    if not sep or not name.strip() or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=KEY, got {text!r}")
+    return name.strip(), key
+
+
+def _account_overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """--account-key and --revoke as SimulatorConfig.account_overrides; a name that is not an
+    account is an error (a typo must not leave an account's key working)."""
+    named = [n for n, _ in args.account_key] + [n for text in args.revoke for n in text.split(",") if n]
+    unknown = sorted(set(named) - set(args.accounts))
+    if unknown:
+        raise ValueError(f"--account-key/--revoke name accounts not in --accounts: {unknown}")
+    overrides: dict[str, dict] = {}
+    for name, key in args.account_key:
+        overrides.setdefault(name, {})["api_key"] = key
+    for text in args.revoke:
+        for name in filter(None, text.split(",")):
+            overrides.setdefault(name, {})["revoked"] = True
+    return overrides
 
 
 def _non_negative(text: str) -> int:
@@ -139,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colliding-fields", type=_parse_resources, default=[], metavar="RESOURCES",
                    help="records of these resources also carry Status, first-name, first_name and custom.Region/"
                         "custom.region: names that normalize to the same column, each with its own value")
+    many = p.add_argument_group(
+        "many accounts from one process",
+        "Each account at http://HOST:PORT/NAME/v1/... and /NAME/_admin/..., with its own key, data "
+        "(a seed derived from --seed and the name; ids prefixed NAME-), stats and live config; the "
+        "other flags apply to every account.")
+    many.add_argument("--accounts", type=_parse_accounts, default=[], metavar="N|NAME,...",
+                      help="N accounts acct01..acctNN, or these names; each account's key is key-NAME "
+                           "(--api-key is not used)")
+    many.add_argument("--account-key", type=_parse_account_key, action="append", default=[],
+                      metavar="NAME=KEY", help="this account's key instead of key-NAME (repeatable)")
+    many.add_argument("--revoke", action="append", default=[], metavar="NAME[,NAME]",
+                      help="these accounts' keys are revoked: every request answers 401, as a wrong key's "
+                           "(live: revoked in /NAME/_admin/config)")
     p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
     p.add_argument("--ready-file", default=None, help="write the URL here once listening")
     return p
@@ -164,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         verbose=args.verbose,
     )
     try:
+        config.accounts = args.accounts
+        config.account_overrides = _account_overrides(args)
         sim = CrmSimulator(config).start()
     except (ValueError, OSError) as exc:
         print(f"crm-simulator: {exc}", file=sys.stderr)
@@ -172,7 +227,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"CRM simulator listening on {sim.url} (api key: {config.api_key})", flush=True)
+    if sim.accounts:  # the pattern, not a hundred URLs
+        names = sim.accounts
+        listed = ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]}"
+        print(f"CRM simulator listening on {sim.url}/<account> for {len(names)} accounts ({listed}; "
+              f"api key: key-<account> unless set)", flush=True)
+    else:
+        print(f"CRM simulator listening on {sim.url} (api key: {config.api_key})", flush=True)
     if args.ready_file:
         # Write then rename, so a script polling for the file never reads half a URL.
         tmp = f"{args.ready_file}.tmp{os.getpid()}"

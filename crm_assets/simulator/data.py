@@ -19,6 +19,7 @@ lies above every generated date; edits never change ``date_created``.  The adver
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 import zlib
 from typing import Any
@@ -78,6 +79,11 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def account_seed(seed: int, name: str) -> int:
+    """The seed of account `name` of a simulator seeded `seed`: its own data, the same every run."""
+    return _mix((seed & _M64) ^ int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big"))
+
+
 def generated_date_created(i: int) -> int:
     # Three records share each timestamp, so (date_created) alone has ties and id must break them.
     return BASE + (i // 3) * 7
@@ -121,12 +127,15 @@ PRODUCT_UNITS = ["each", "sq", "ft", "hour", "box"]
 class Dataset:
     """One resource: generated records ``0..count-1`` plus an overlay of mutated/inserted ones."""
 
-    def __init__(self, resource: str, count: int, seed: int, counts: dict[str, int], key_field: str = "id"):
+    def __init__(self, resource: str, count: int, seed: int, counts: dict[str, int], key_field: str = "id",
+                 id_prefix: str = ""):
         self.resource = resource
         self.key_field = key_field  # the name of the record's own key: "id" or "jnid"
         self.count = count  # generated records
         self.total = count  # generated + inserted
-        self.prefix = PREFIXES[resource]
+        # id_prefix: prepended to every id and reference (one account's ids never equal another's)
+        self.id_prefix = id_prefix
+        self.prefix = id_prefix + PREFIXES[resource]
         self.salt = _mix((seed & _M64) ^ (zlib.crc32(resource.encode()) << 20))
         self.late_from = (count * 9) // 10  # records from here on carry the "late" field
         self.counts = counts  # referenced ids (job_id, contact_id) point into the other datasets
@@ -145,7 +154,7 @@ class Dataset:
 
     def ref(self, resource: str, h: int) -> str:
         n = max(1, self.counts.get(resource, 1))
-        return f"{PREFIXES[resource]}_{h % n:08d}"
+        return f"{self.id_prefix}{PREFIXES[resource]}_{h % n:08d}"
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, i: int) -> dict[str, Any]:
@@ -320,7 +329,7 @@ class Dataset:
         rec.update({
             "amount": round(((g >> 8) % 2_000_000 + 100) / 100, 2),
             "method": PAYMENT_METHODS[g % len(PAYMENT_METHODS)],
-            "invoice_id": None if g % 9 == 0 else f"inv_{(g >> 24) % max(1, self.counts.get('invoices', 1)):08d}",
+            "invoice_id": None if g % 9 == 0 else f"{self.id_prefix}inv_{(g >> 24) % max(1, self.counts.get('invoices', 1)):08d}",
             "date_paid": rec["date_created"] + ((g >> 4) % 30) * DAY,
         })
 
@@ -346,11 +355,12 @@ class Dataset:
 class Store:
     """All datasets plus the mutation logic and the shared "now" clock."""
 
-    def __init__(self, seed: int, counts: dict[str, int], key_field: str = "id"):
+    def __init__(self, seed: int, counts: dict[str, int], key_field: str = "id", id_prefix: str = ""):
         if key_field not in KEY_FIELDS:
             raise ValueError(f"key_field must be one of {list(KEY_FIELDS)}, got {key_field!r}")
         self.seed = seed
         self.key_field = key_field
+        self.id_prefix = id_prefix
         # The five always; an optional resource only when counts names it.
         self.counts = {r: int(counts.get(r, DEFAULT_COUNTS[r])) for r in RESOURCES}
         self.counts.update({r: int(counts[r]) for r in OPTIONAL_RESOURCES if r in counts})
@@ -359,7 +369,8 @@ class Store:
         self.reset()
 
     def reset(self) -> None:
-        self.datasets = {r: Dataset(r, self.counts[r], self.seed, self.counts, self.key_field) for r in self.counts}
+        self.datasets = {r: Dataset(r, self.counts[r], self.seed, self.counts, self.key_field, self.id_prefix)
+                         for r in self.counts}
         self._mutations = 0
 
     def now(self) -> int:

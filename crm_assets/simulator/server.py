@@ -12,6 +12,7 @@ import dataclasses
 import hmac
 import json
 import random
+import re
 import socket
 import sys
 import threading
@@ -22,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, OPTIONAL_RESOURCES, RESOURCES, Store
+from .data import DEFAULT_COUNTS, KEY_FIELDS, KNOWN_RESOURCES, OPTIONAL_RESOURCES, RESOURCES, Store, account_seed
 from .query import DIRECTIONS, NO_BOUNDS, SORT_FIELDS, Drift, QueryError, parse_filter, plan
 
 try:  # optional speed-up; the output is the same JSON
@@ -97,12 +98,29 @@ class SimulatorConfig:
     # these resources (or ["*"]): what custom-field-heavy CRMs send (`with_colliding_fields`).
     colliding_fields: list[str] = field(default_factory=list)
     verbose: bool = False  # one stderr line per request
+    # A revoked key: every data request answers 401, as a wrong key does (live, so a test can revoke
+    # one account's key between syncs).
+    revoked: bool = False
+    # Prepended to every record id and reference, so ids never repeat between accounts. Set at start.
+    id_prefix: str = ""
+    # --- many accounts from one process (set at start) ---
+    # Account names (slugs). Each is served under its own path prefix, http://host:port/<name>/v1/...
+    # and /<name>/_admin/..., with its own key (key-<name>), data (a seed derived from `seed` and the
+    # name; ids prefixed "<name>-"), stats and live config; every other field here is each account's
+    # default. Empty: one account at the root, as always.
+    accounts: list[str] = field(default_factory=list)
+    # name -> the fields that differ for that account, e.g. {"b": {"api_key": "k", "revoked": True}}
+    account_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+
+ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# What an account cannot set for itself: the server's own fields.
+_SERVER_FIELDS = ("host", "port", "accounts", "account_overrides")
 
 LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "storm_seconds", "latency_ms",
                "drift_every", "repeat_every", "insert_every", "delete_every", "count_capped", "fail_resources", "corrupt", "forbidden", "verbose",
                "result_window", "max_size", "default_size", "default_sort_field", "default_sort_direction",
-               "ignore_sort", "ignore_filter", "fields_param", "colliding_fields")
+               "ignore_sort", "ignore_filter", "fields_param", "colliding_fields", "revoked")
 
 
 def _check_config(c: SimulatorConfig) -> None:
@@ -157,6 +175,10 @@ def _check_config(c: SimulatorConfig) -> None:
     resources("ignore_sort", [r for r in c.ignore_sort if r != "*"])
     resources("ignore_filter", [r for r in c.ignore_filter if r != "*"])
     resources("colliding_fields", [r for r in c.colliding_fields if r != "*"])
+    if not isinstance(c.revoked, bool):
+        raise ValueError(f"revoked must be true or false, got {c.revoked!r}")
+    if not isinstance(c.id_prefix, str):
+        raise ValueError(f"id_prefix must be a string, got {c.id_prefix!r}")
     if not isinstance(c.fields_param, bool):
         raise ValueError(f"fields_param must be true or false, got {c.fields_param!r}")
     pos_int("result_window", c.result_window, optional=False)
@@ -183,6 +205,34 @@ def _check_config(c: SimulatorConfig) -> None:
 def _served(c: SimulatorConfig) -> list[str]:
     """The resources a config serves: the five, then any optional one its counts name."""
     return list(RESOURCES) + [r for r in OPTIONAL_RESOURCES if r in c.counts]
+
+
+def _account_configs(c: SimulatorConfig) -> dict[str, SimulatorConfig]:
+    """Each account's config: `c` with the account's key, seed and id prefix, then its overrides."""
+    if isinstance(c.accounts, str):
+        raise ValueError(f"accounts must be a list of names, got {c.accounts!r}")
+    names = list(c.accounts)
+    bad = [n for n in names if not isinstance(n, str) or not ACCOUNT_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"account names must match {ACCOUNT_NAME.pattern}, got {bad}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"account names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+    unknown = sorted(set(c.account_overrides) - set(names))
+    if unknown:
+        raise ValueError(f"account_overrides name accounts not in accounts: {unknown}")
+    base = dataclasses.replace(c, accounts=[], account_overrides={})
+    settable = {f.name for f in dataclasses.fields(SimulatorConfig)} - set(_SERVER_FIELDS)
+    out = {}
+    for name in names:
+        over = copy.deepcopy(dict(c.account_overrides.get(name, {})))
+        wrong = sorted(set(over) - settable)
+        if wrong:
+            raise ValueError(f"account {name!r}: cannot set {wrong}; settable: {sorted(settable)}")
+        if "counts" in over:  # the resources it names; the others keep every account's counts
+            over["counts"] = {**c.counts, **over["counts"]}
+        own = {"api_key": f"key-{name}", "seed": account_seed(c.seed, name), "id_prefix": f"{name}-"}
+        out[name] = dataclasses.replace(base, **{**own, **over})
+    return out
 
 
 def with_colliding_fields(record: dict[str, Any]) -> dict[str, Any]:
@@ -250,10 +300,11 @@ class CrmSimulator:
         config.counts = {r: int(given.get(r, DEFAULT_COUNTS[r])) for r in RESOURCES}
         config.counts.update({r: int(given[r]) for r in OPTIONAL_RESOURCES if r in given})
         _check_config(config)
+        account_configs = _account_configs(config)
         self._initial = copy.deepcopy(config)  # what /_admin/reset goes back to
         self.config = config
         self._lock = threading.RLock()
-        self._store = Store(config.seed, config.counts, config.key_field)
+        self._store = Store(config.seed, config.counts, config.key_field, config.id_prefix)
         # name -> (path, records key) of what this simulator serves; any other path is a 404.
         self.resources: dict[str, tuple[str, str]] = {
             r: (config.paths.get(r, KNOWN_RESOURCES[r][0]), KNOWN_RESOURCES[r][1]) for r in _served(config)
@@ -263,6 +314,32 @@ class CrmSimulator:
         self._thread: Optional[threading.Thread] = None
         self._conns: set[socket.socket] = set()
         self._reset_runtime()
+        # Each account is a simulator of its own without a server: this one's handler routes
+        # /<name>/... to it, so it has its own lock, data, stats and config.
+        self._accounts: dict[str, SimulatedAccount] = {
+            name: SimulatedAccount(self, name, c) for name, c in account_configs.items()}
+
+    # ------------------------------------------------------------------ accounts
+    @property
+    def accounts(self) -> list[str]:
+        """The account names this simulator serves (none: it serves one account at the root)."""
+        return list(self._accounts)
+
+    def account(self, name: str) -> "SimulatedAccount":
+        """Account `name`, with the test helpers of a simulator: configure, mutate, ids, records,
+        stats, reset, url."""
+        try:
+            return self._accounts[name]
+        except KeyError:
+            raise ValueError(f"no account {name!r}; accounts: {self.accounts}") from None
+
+    def account_url(self, name: str) -> str:
+        """The base URL of account `name`: its API is at account_url(name) + "/v1/jobs"."""
+        return self.account(name).url
+
+    def _single(self, what: str) -> None:
+        if self._accounts:
+            raise ValueError(f"this simulator serves accounts {self.accounts}: use account(name).{what}")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "CrmSimulator":
@@ -310,10 +387,13 @@ class CrmSimulator:
 
     # ------------------------------------------------------------------ admin (Python API)
     def configure(self, **kw: Any) -> dict[str, Any]:
-        """Apply live config changes; returns the live config."""
+        """Apply live config changes; returns the live config. With accounts: to every account,
+        and returns {name: live config}."""
         unknown = set(kw) - set(LIVE_FIELDS)
         if unknown:
             raise ValueError(f"not live-configurable: {sorted(unknown)}; allowed: {list(LIVE_FIELDS)}")
+        if self._accounts:
+            return {name: a.configure(**kw) for name, a in self._accounts.items()}
         with self._lock:
             new = dataclasses.replace(self.config, **copy.deepcopy(kw))
             _check_config(new)
@@ -333,6 +413,7 @@ class CrmSimulator:
                missing_cursor: Optional[int] = None, silent_edit: Optional[int] = None,
                delete: Optional[int] = None) -> dict[str, list[str]]:
         """See Store.mutate: the kinds, and the reply's keys (the last four only when given)."""
+        self._single("mutate")
         with self._lock:
             return self._store.mutate(resource, edit=edit, insert=insert, deactivate=deactivate,
                                       add_field=add_field, null_cursor=null_cursor,
@@ -340,7 +421,10 @@ class CrmSimulator:
                                       delete=delete)
 
     def reset(self) -> None:
-        """Back to the seeded data and the config given at construction; clears stats."""
+        """Back to the seeded data and the config given at construction; clears stats. With
+        accounts: every account."""
+        for a in self._accounts.values():
+            a.reset()
         with self._lock:
             self.config = copy.deepcopy(self._initial)
             self._store.reset()
@@ -348,27 +432,35 @@ class CrmSimulator:
             self._index_for_reads()
 
     def stats(self) -> dict[str, dict]:
+        """Requests, statuses and records served per resource. With accounts: {name: stats}."""
+        if self._accounts:
+            return {name: a.stats() for name, a in self._accounts.items()}
         with self._lock:
             return copy.deepcopy(self._stats)
 
     def reset_stats(self) -> None:
+        for a in self._accounts.values():
+            a.reset_stats()
         with self._lock:
             self._stats = _empty_stats(list(self.resources))
 
     def ids(self, resource: str) -> list[str]:
         """All current ids of a resource, in (date_created, id) order."""
+        self._single("ids")
         ds = self._dataset(resource)
         with self._lock:
             return [ds.record_id(i) for i in ds.order_by("date_created")[1]]
 
     def ids_ever(self, resource: str) -> set[str]:
         """Every id the resource has had, hard-deleted ones included."""
+        self._single("ids_ever")
         ds = self._dataset(resource)
         with self._lock:
             return {ds.record_id(i) for i in range(ds.total)}
 
     def records(self, resource: str) -> list[dict[str, Any]]:
         """All current records of a resource (copies), in (date_created, id) order."""
+        self._single("records")
         ds = self._dataset(resource)
         with self._lock:
             records = [copy.deepcopy(ds.get(i)) for i in ds.order_by("date_created")[1]]
@@ -380,6 +472,8 @@ class CrmSimulator:
     def _index_for_reads(self) -> None:
         """Sort every resource on date_updated now, not on the first request (clients read in
         that order; at a million records the sort takes seconds)."""
+        if self._accounts:  # each account sorts its own on its first request: 100 start at once
+            return
         with self._lock:
             for ds in self._store.datasets.values():
                 ds.order_by("date_updated")
@@ -430,7 +524,7 @@ class CrmSimulator:
 
         supplied = h.headers.get("Authorization", "")
         expected = f"Bearer {cfg.api_key}"
-        if not hmac.compare_digest(supplied.encode("utf-8", "replace"), expected.encode("utf-8")):
+        if cfg.revoked or not hmac.compare_digest(supplied.encode("utf-8", "replace"), expected.encode("utf-8")):
             return _error(401, "missing or invalid API key" if supplied else "missing Authorization header")
         if resource in cfg.forbidden:
             return _error(403, f"this API key has no access to {resource}")
@@ -567,6 +661,15 @@ class CrmSimulator:
     # -- admin ----------------------------------------------------------------
     def _serve_admin(self, method: str, path: str, params: dict[str, str], body: Any) -> _Reply:
         route = (method, path)
+        if self._accounts:  # the routes about every account; the rest are each account's own
+            if route == ("GET", "/_admin/accounts"):
+                return _Reply(200, _dumps({"accounts": self.accounts}))
+            if route == ("GET", "/_admin/config"):
+                return _Reply(200, _dumps({name: a._live_config() for name, a in self._accounts.items()}))
+            if route not in {("GET", "/_admin/stats"), ("POST", "/_admin/stats/reset"),
+                             ("POST", "/_admin/config"), ("POST", "/_admin/reset")}:
+                return _error(404, f"no admin route {method} {path} for all accounts: "
+                                   f"/<account>/_admin/... serves one account's")
         if route == ("GET", "/_admin/stats"):
             return _Reply(200, _dumps(self.stats()))
         if route == ("POST", "/_admin/stats/reset"):
@@ -610,11 +713,33 @@ class CrmSimulator:
         return _error(404, f"no admin route {method} {path}")
 
 
+class SimulatedAccount(CrmSimulator):
+    """One account of a simulator serving many (SimulatorConfig.accounts): the test helpers of a
+    simulator (configure, mutate, ids, records, stats, reset), served by that simulator under
+    /<name>; it has no server of its own."""
+
+    def __init__(self, server: CrmSimulator, name: str, config: SimulatorConfig):
+        super().__init__(config)
+        self.name = name
+        self._server_of = server
+
+    def start(self) -> "SimulatedAccount":
+        raise RuntimeError(f"account {self.name!r} is served by its simulator: start that one")
+
+    @property
+    def url(self) -> str:
+        return f"{self._server_of.url}/{self.name}"
+
+    def _index_for_reads(self) -> None:
+        pass  # its first request sorts its records: a hundred accounts start in no time
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every reply carries Content-Length
     server_version = "CrmSimulator/1.0"
     disable_nagle_algorithm = True  # small replies on kept-alive connections: no Nagle delays
     records_in_reply = 0
+    target: Optional[CrmSimulator] = None  # the account a request is for (the simulator: no accounts)
 
     @property
     def sim(self) -> CrmSimulator:
@@ -645,19 +770,27 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
         resource = None
+        target = self.target = self.sim
+        if target._accounts and not path.startswith("/_admin/"):  # /<account>/v1/jobs
+            name, _, rest = path[1:].partition("/")
+            self.target = target._accounts.get(name)
+            path = "/" + rest
         try:
-            if path in self.sim._paths:
-                resource, key = self.sim._paths[path]
+            target = self.target
+            if target is None:
+                reply: Optional[_Reply] = _error(404, f"no such account: {name!r}")
+            elif path in target._paths:
+                resource, key = target._paths[path]
                 if method != "GET":
-                    reply: Optional[_Reply] = _error(405, "method not allowed")
+                    reply = _error(405, "method not allowed")
                 else:
-                    reply = self.sim._serve_counted(self, resource, key, params)
+                    reply = target._serve_counted(self, resource, key, params)
             elif path.startswith("/_admin/"):
                 try:
                     body = json.loads(raw) if raw.strip() else {}
                 except ValueError:
                     raise _error(400, "request body is not valid JSON") from None
-                reply = self.sim._serve_admin(method, path, params, body)
+                reply = target._serve_admin(method, path, params, body)
             else:
                 reply = _error(404, f"no such endpoint: {path}")
         except _Reply as r:
@@ -670,13 +803,13 @@ class _Handler(BaseHTTPRequestHandler):
 
         if reply is None:  # "drop": close the connection without any response
             if resource:
-                self.sim._count(resource, "drop")
+                target._count(resource, "drop")
             self.close_connection = True
             self.log_message('"%s" dropped', self.requestline)
             return
         if resource:
             ok_page = reply.status == 200 and reply.ctype == "application/json"
-            self.sim._count(resource, str(reply.status), self.records_in_reply if ok_page else 0)
+            target._count(resource, str(reply.status), self.records_in_reply if ok_page else 0)
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.ctype)
         self.send_header("Content-Length", str(len(reply.body)))
@@ -687,7 +820,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         # Only the request line and status are logged; never headers (the Authorization token).
-        if self.sim.config.verbose:
+        if (self.target or self.sim).config.verbose:
             sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
 
