@@ -22,7 +22,8 @@ import copy
 import hashlib
 import time
 import zlib
-from typing import Any
+from array import array
+from typing import Any, Sequence
 
 # name -> (path, key under which the records are listed)
 RESOURCES: dict[str, tuple[str, str]] = {
@@ -145,7 +146,7 @@ class Dataset:
         self.deleted: set[int] = set()  # hard-deleted indices: gone from every listing
         self.ordered = True  # index order == (date_created, id) order, deleted records aside
         self.cursorless = False  # some record has had its date_updated nulled or removed
-        self._orders: dict[str, tuple[int, list[int], list[int]]] = {}  # field -> (version, keys, indices)
+        self._orders: dict[str, tuple[int, array, array]] = {}  # field -> (version, keys, indices)
         self._extra = getattr(self, "_fields_" + resource)
 
     # -- ids ---------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class Dataset:
         """Indices of the records that exist, in index order."""
         return [i for i in range(self.total) if i not in self.deleted]
 
-    def order_by(self, field: str) -> tuple[list[int], list[int]]:
+    def order_by(self, field: str) -> tuple[Sequence[int], Sequence[int]]:
         """(values, indices) of the live records sorted on (field, id), built once per version.
 
         Records without a value (date_updated null or absent) have none in ``values``: they are
@@ -215,6 +216,9 @@ class Dataset:
                 value = self.date_updated if field == "date_updated" else self.date_created
                 pairs = sorted((value(i), i) for i in self.live())
                 cached = (self.version, [v for v, _ in pairs], [i for _, i in pairs])
+            # Arrays of machine integers: a quarter of a list of int objects' memory, which counts
+            # when a hundred accounts (or a million records) keep their orders.
+            cached = (cached[0], array("q", cached[1]), array("q", cached[2]))
             self._orders[field] = cached
         return cached[1], cached[2]
 
