@@ -4,7 +4,8 @@ per account read, with two readers at once (two syncs).
     .venv/bin/python benchmarks/simulator_accounts.py --accounts 100 --records 1000
 
 Starts `python -m crm_assets.simulator --accounts N --records R` (R records of each of the five
-resources per account), reports the time from the process's start to serving and its RSS, then
+resources per account), reports the time from the process's start to serving and its RSS (and the time to build and start
+one in a running process, as a test does), then
 reads every record of every account once, the accounts split between two reader threads, each
 resource in pages of 1,000 sorted on date_updated under a date_updated range (as a sync asks), and
 reports the simulator's CPU seconds for it and its peak RSS. The readers run in this process, on
@@ -26,7 +27,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crm_assets.simulator import RESOURCES  # noqa: E402
+from crm_assets.simulator import RESOURCES, CrmSimulator, SimulatorConfig  # noqa: E402
 from crm_assets.simulator.process import start_simulator, stop_group  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -67,6 +68,12 @@ def main() -> int:
     p.add_argument("--records", type=int, default=1000, help="records of each resource per account")
     args = p.parse_args()
 
+    names = [f"acct{i:0{max(2, len(str(args.accounts)))}d}" for i in range(1, args.accounts + 1)]
+    began = time.perf_counter()  # in a test's process: build and start, imports done
+    sim = CrmSimulator(SimulatorConfig(accounts=names, counts={r: args.records for r in RESOURCES})).start()
+    in_process = time.perf_counter() - began
+    sim.stop()  # not timed: shutdown waits for the server's next poll
+
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
         process, url = start_simulator(Path(tmp) / "ready", "--accounts", str(args.accounts),
@@ -76,7 +83,6 @@ def main() -> int:
         try:
             rss, _ = _rss_mb(process.pid)
             cpu_before = _cpu_seconds(process.pid)
-            names = [f"acct{i:0{max(2, len(str(args.accounts)))}d}" for i in range(1, args.accounts + 1)]
             counted: list[int] = []
             readers = [threading.Thread(target=_read_accounts, args=(url, names[k::2], counted)) for k in (0, 1)]
             began = time.perf_counter()
@@ -92,7 +98,7 @@ def main() -> int:
     total = sum(counted)
     expected = args.accounts * args.records * len(RESOURCES)
     print(f"{args.accounts} accounts x {args.records * len(RESOURCES)} records: serving {started:.2f} s after "
-          f"the process started, RSS {rss:.0f} MB")
+          f"the process started, RSS {rss:.0f} MB; built and started in a process {in_process * 1000:.0f} ms")
     print(f"read {total} records ({'all' if total == expected else f'expected {expected}'}) in {len(counted)} pages "
           f"with 2 readers: {wall:.1f} s wall, simulator CPU {cpu:.1f} s ({cpu / args.accounts * 1000:.0f} ms per "
           f"account), RSS {rss_after:.0f} MB after, peak {peak:.0f} MB; load average {os.getloadavg()[0]:.1f}")
