@@ -1,7 +1,8 @@
 """The HTTP side of the simulator: the CRM API contract, opt-in faults and loopback admin endpoints.
 
 Standard library only.  ``ThreadingHTTPServer`` speaking HTTP/1.1 with an exact Content-Length on
-every response, so clients can keep connections alive.  One lock guards all mutable state; record
+every response, so clients can keep connections alive.  One lock guards all mutable state (of one
+account, when the simulator serves many: each is a ``SimulatedAccount`` with its own); record
 generation for a page happens under it, JSON encoding and socket writes do not.
 """
 
@@ -770,13 +771,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
         resource = None
-        target = self.target = self.sim
-        if target._accounts and not path.startswith("/_admin/"):  # /<account>/v1/jobs
+        target: Optional[CrmSimulator] = self.sim
+        if self.sim._accounts and not path.startswith("/_admin/"):  # /<account>/v1/jobs, /<account>/_admin/...
             name, _, rest = path[1:].partition("/")
-            self.target = target._accounts.get(name)
-            path = "/" + rest
+            target, path = self.sim._accounts.get(name), "/" + rest
+        self.target = target
         try:
-            target = self.target
             if target is None:
                 reply: Optional[_Reply] = _error(404, f"no such account: {name!r}")
             elif path in target._paths:
