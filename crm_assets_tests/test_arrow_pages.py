@@ -109,7 +109,7 @@ def test_a_full_then_an_incremental_sync_land_the_same_tables_as_dlts_normalizer
         assert_exact(tmp_path / "arrow.duckdb", simulator)
 
 
-# Records dlt's normalizer has opinions about. Each case is loaded on its own (a page that needs
+# Records dlt's normalizer has opinions about. Each case is loaded on its own table (a page that needs
 # the record-by-record check sends the resource's next pages straight there, so the whole-page
 # rules are only tested by a case's first pages), and each page's other records are plain.
 PLAIN_PAGE = [  # nested objects (a list inside one), lists of objects and of scalars, nulls, empty lists
@@ -168,8 +168,8 @@ AWKWARD_CASES = {
 
 
 def _awkward_resource(pages: list[list[dict]], arrow_pages: bool,
-                      columns: Optional[dict[str, dict[str, Any]]] = None) -> Any:
-    @dlt.resource(name="things", primary_key="id",
+                      columns: Optional[dict[str, dict[str, Any]]] = None, name: str = "things") -> Any:
+    @dlt.resource(name=name, primary_key="id",
                   write_disposition={"disposition": "merge", "strategy": "delete-insert"},
                   columns={"updated": {"data_type": "bigint", "dedup_sort": "desc"},
                            "payload": {"data_type": "json"}, **(columns or {})})
@@ -186,29 +186,64 @@ def _awkward_resource(pages: list[list[dict]], arrow_pages: bool,
     return resource
 
 
-@pytest.mark.parametrize("case", list(AWKWARD_CASES))
-def test_awkward_records_land_as_dlts_normalizer_lands_them(tmp_path, case):
-    pages, expected_columns = AWKWARD_CASES[case]
+def _case_tables(cases) -> dict[Any, str]:
+    """A table of its own for each case: `things_0`, `things_1`, ..."""
+    return {case: f"things_{index}" for index, case in enumerate(cases)}
+
+
+AWKWARD_TABLES = _case_tables(AWKWARD_CASES)
+
+
+def _table_content(content: tuple[dict, dict[str, list]], table: str) -> tuple[dict, dict[str, list]]:
+    """One case's part of `warehouse_content`: the columns with their types and the rows of its
+    table and of any child table dlt made of it (`<table>__...`)."""
+    columns, rows = content
+
+    def ours(name: str) -> bool:
+        return name == table or name.startswith(f"{table}__")
+
+    return ({key: kind for key, kind in columns.items() if ours(key[0])},
+            {name: table_rows for name, table_rows in rows.items() if ours(name)})
+
+
+@pytest.fixture(scope="module")
+def awkward_loads(tmp_path_factory):
+    """Every case's records in one load per path, each case in a table of its own (the Arrow step
+    and dlt's normalizer work table by table, so each case is still loaded on its own; one load
+    instead of one per case saves dlt's per-run cost, about 0.8 s of CPU a case): the Arrow step's
+    metrics by table and both warehouses' content."""
+    root = tmp_path_factory.mktemp("awkward")
+    metrics = {}
     for label, arrow_pages in (("arrow", True), ("dlt", False)):
         pipeline = dlt.pipeline(
-            pipeline_name=f"awkward_{label}", pipelines_dir=str(tmp_path / label), dataset_name="crm",
-            destination=dlt.destinations.duckdb(str(tmp_path / f"{label}.duckdb")),
+            pipeline_name=f"awkward_{label}", pipelines_dir=str(root / label), dataset_name="crm",
+            destination=dlt.destinations.duckdb(str(root / f"{label}.duckdb")),
         )
-        pipeline.run(_awkward_resource(pages, arrow_pages), loader_file_format="parquet")
+        pipeline.run([_awkward_resource(AWKWARD_CASES[case][0], arrow_pages, name=table)
+                      for case, table in AWKWARD_TABLES.items()], loader_file_format="parquet")
         if arrow_pages:
-            metrics = _arrow_metrics(pipeline)["things"]
-            records = sum(len(page) for page in pages)
-            assert metrics["records_built_with_arrow"] + metrics["records_left_to_dlt_normalizer"] == records
-            if case == "plain":
-                assert metrics["records_built_with_arrow"] == records
+            metrics = _arrow_metrics(pipeline)
+    return metrics, warehouse_content(root / "arrow.duckdb"), warehouse_content(root / "dlt.duckdb")
 
-    assert_same_warehouse(tmp_path / "arrow.duckdb", tmp_path / "dlt.duckdb")
-    with duckdb.connect(str(tmp_path / "arrow.duckdb"), read_only=True) as connection:
-        columns = _columns(connection)
-    for column, data_type in expected_columns:  # what the case is about, as dlt decided it
-        assert column in columns, (column, sorted(columns))
+
+@pytest.mark.parametrize("case", list(AWKWARD_CASES))
+def test_awkward_records_land_as_dlts_normalizer_lands_them(awkward_loads, case):
+    pages, expected_columns = AWKWARD_CASES[case]
+    table = AWKWARD_TABLES[case]
+    all_metrics, arrow, dlt_only = awkward_loads
+    metrics = all_metrics[table]
+    records = sum(len(page) for page in pages)
+    assert metrics["records_built_with_arrow"] + metrics["records_left_to_dlt_normalizer"] == records
+    if case == "plain":
+        assert metrics["records_built_with_arrow"] == records
+
+    assert table in dlt_only[1]
+    assert _table_content(arrow, table) == _table_content(dlt_only, table)
+    columns = arrow[0]
+    for (_, column), data_type in expected_columns:  # what the case is about, as dlt decided it
+        assert (table, column) in columns, (column, sorted(columns))
         if data_type:
-            assert columns[column][0].startswith(data_type), (column, columns[column])
+            assert columns[(table, column)][0].startswith(data_type), (column, columns[(table, column)])
 
 
 # Epoch seconds in columns the resource hints as timestamps (the CRM's date fields): dlt's
@@ -332,19 +367,60 @@ ODD_EPOCH_VALUES = {  # what dlt's normalizer does with them
 }
 
 
+ODD_CASES = _case_tables([(case, first) for case in ODD_EPOCH_VALUES for first in (False, True)])
+
+
+@pytest.fixture(scope="module")
+def odd_loads(tmp_path_factory):
+    """Every odd value's two loads, each (value, place) in a table of its own, once per path for all
+    twelve: the Arrow step's metrics by table and load, both warehouses' content and dlt's two
+    schemas after each load (one pair of loads instead of twelve saves ~1.3 s of CPU a case)."""
+    root = tmp_path_factory.mktemp("odd_epochs")
+    first_loads = {}
+    for (case, first), table in ODD_CASES.items():
+        odd = {"id": "odd", "date_created": ODD_EPOCH_VALUES[case][0], "date_updated": 1700000000}
+        plain = [{"id": f"p{i}", "date_created": 1700000000 + i, "date_updated": None} for i in range(3)]
+        first_loads[table] = [[odd, *plain] if first else [*plain[:2], odd, plain[2]], EPOCH_PAGES[1]]
+    loads = [first_loads, {table: EPOCH_PAGES_AGAIN for table in first_loads}]
+    pipelines = {
+        label: dlt.pipeline(
+            pipeline_name=f"odd_{label}", pipelines_dir=str(root / label), dataset_name="crm",
+            destination=dlt.destinations.duckdb(str(root / f"{label}.duckdb")),
+        )
+        for label in ("arrow", "dlt")
+    }
+    after = []
+    for pages_by_table in loads:
+        for label, pipeline in pipelines.items():
+            pipeline.run([_awkward_resource(pages, label == "arrow", EPOCH_HINTS, name=table)
+                          for table, pages in pages_by_table.items()], loader_file_format="parquet")
+        after.append({
+            "metrics": _arrow_metrics(pipelines["arrow"]),
+            "records": {table: sum(len(page) for page in pages) for table, pages in pages_by_table.items()},
+            "content": {label: warehouse_content(root / f"{label}.duckdb") for label in pipelines},
+            "schemas": {label: {table: _schema_columns(pipeline, table) for table in first_loads}
+                        for label, pipeline in pipelines.items()},
+        })
+    return after
+
+
 @pytest.mark.parametrize("first", [False, True], ids=["mid-page", "first-on-page"])
 @pytest.mark.parametrize("case", list(ODD_EPOCH_VALUES))
-def test_other_values_in_a_hinted_timestamp_column_are_left_to_dlt(tmp_path, case, first):
+def test_other_values_in_a_hinted_timestamp_column_are_left_to_dlt(odd_loads, case, first):
     value, variant = ODD_EPOCH_VALUES[case]
-    odd = {"id": "odd", "date_created": value, "date_updated": 1700000000}
-    plain = [{"id": f"p{i}", "date_created": 1700000000 + i, "date_updated": None} for i in range(3)]
-    page = [odd, *plain] if first else [*plain[:2], odd, plain[2]]
-    metrics = _load_both(tmp_path, [[page, EPOCH_PAGES[1]], EPOCH_PAGES_AGAIN], EPOCH_HINTS)
+    table = ODD_CASES[(case, first)]
+    metrics = []
+    for load in odd_loads:  # what _load_both checks after each load, for this case's table
+        metrics.append(load["metrics"][table])
+        assert metrics[-1]["records_built_with_arrow"] + metrics[-1]["records_left_to_dlt_normalizer"] == (
+            load["records"][table])
+        assert table in load["content"]["dlt"][1]
+        assert _table_content(load["content"]["arrow"], table) == _table_content(load["content"]["dlt"], table)
+        assert load["schemas"]["arrow"][table] == load["schemas"]["dlt"][table], table
     assert metrics[0]["records_left_to_dlt_normalizer"] == 1, metrics
     assert metrics[1]["records_left_to_dlt_normalizer"] == 0, metrics
     if variant:
-        with duckdb.connect(str(tmp_path / "arrow.duckdb"), read_only=True) as connection:
-            assert variant in _columns(connection)
+        assert (table, variant[1]) in odd_loads[-1]["content"]["arrow"][0]
 
 
 @pytest.mark.parametrize("hint", [{"data_type": "timestamp", "precision": 3},
