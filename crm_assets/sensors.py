@@ -5,6 +5,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
@@ -19,7 +21,9 @@ from dagster import (
     RunFailureSensorContext,
     RunRequest,
     RunStatusSensorContext,
+    SensorDefinition,
     SensorEvaluationContext,
+    SensorResult,
     SkipReason,
     run_failure_sensor,
     run_status_sensor,
@@ -36,12 +40,20 @@ from .assets import CRM_ENDPOINTS
 from .audit import WAREHOUSE_MATCHES_API
 from .checks import ROW_COUNT_MATCHES_API
 from .jobs import active_runs, active_sync_runs, crm_audit, crm_checks, crm_sync
+from .partitions import ACCOUNTS, PARTITION_TAG, Account, account_api_key
+from .schedules import account_run_tags, active_runs_by_account
 from .sources.crm import CrmError, connection_settings, count_records
+from .sources.crm.accounts import configured_accounts
 from .sources.crm.http import CrmSession
 
 # A sensor tick must finish within Dagster's sensor timeout (60 s by default): one quick retry
 # per request, short waits. A failed tick costs nothing, the next one asks again.
 _SENSOR_SESSION = dict(max_retries=1, backoff_factor=1.0, max_retry_delay=5.0, request_timeout=15.0)
+# With accounts, up to this many accounts' APIs are asked at once, and an account without an answer
+# after the deadline is asked again next time (its cursor stays): the tick stays within the
+# timeout even when some APIs hang (each request gives up after 15 s, and is tried twice).
+CHANGE_SENSOR_ACCOUNT_THREADS = 8
+CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS = 40
 _ALERT_TIMEOUT_SECONDS = 10
 _MAX_ALERT_ERROR_CHARS = 2500
 
@@ -89,19 +101,7 @@ def _dump_cursor(cursor: dict[str, int]) -> str:
     )
 
 
-@sensor(
-    name="crm_change_sensor",
-    job=crm_sync,
-    minimum_interval_seconds=CHANGE_SENSOR_INTERVAL_SECONDS,
-    default_status=DefaultSensorStatus.RUNNING,
-    description=(
-        "Asks the CRM API, with one size=0 request per resource, which resources have records "
-        "updated since the last evaluation, and runs crm_sync for only those assets. Never "
-        "requests a run while a crm_sync run is queued or in progress. Its first evaluation only "
-        "starts the clock (the hourly schedule does the first load)."
-    ),
-)
-def crm_change_sensor(context: SensorEvaluationContext) -> Union[RunRequest, SkipReason]:
+def _single_account(context: SensorEvaluationContext) -> Union[RunRequest, SkipReason]:
     active = active_sync_runs(context.instance)
     if active:
         # the cursor stays: whatever changes meanwhile is found once that run is over
@@ -156,13 +156,192 @@ def crm_change_sensor(context: SensorEvaluationContext) -> Union[RunRequest, Ski
     )
 
 
+def _load_account_cursors(raw: Optional[str]) -> dict[str, dict[str, int]]:
+    """{account: {resource: epoch seconds}}; the single account's flat cursor (a deployment that
+    has just configured accounts) reads as none: every account starts its clock."""
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {
+        name: _load_cursor(json.dumps(resources))
+        for name, resources in value.items()
+        if isinstance(resources, dict)
+    }
+
+
+def _dump_account_cursors(cursors: dict[str, dict[str, int]]) -> str:
+    return json.dumps({name: json.loads(_dump_cursor(cursor)) for name, cursor in cursors.items()}, sort_keys=True)
+
+
+def _account_changes(account: Account, watched: dict[str, int]) -> dict[str, int]:
+    """{resource: records updated since its cursor} of one account, asked with its own key. Raises
+    what failed (a CrmError names the resource and path, never the key)."""
+    endpoints = [endpoint for endpoint in account.endpoints if endpoint.name in watched]
+    session = CrmSession(endpoints=endpoints, **_SENSOR_SESSION)
+    try:
+        api_key = account_api_key(account)
+        changed = {}
+        for endpoint in endpoints:
+            updated = count_records(
+                endpoint, updated_after=watched[endpoint.name], base_url=account.base_url,
+                api_key=api_key, session=session,
+            )
+            if updated:
+                changed[endpoint.name] = updated
+        return changed
+    finally:
+        session.close()
+
+
+def _ask_accounts(asked: dict[Account, dict[str, int]]) -> dict[str, Union[dict[str, int], str]]:
+    """Each account's changes, or why it could not be asked. The accounts are asked side by side
+    (a slow API costs its own account time, not everyone's); those without an answer within
+    `CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS` are left for the next evaluation, so the tick ends
+    within Dagster's sensor timeout whatever the APIs do."""
+    if not asked:
+        return {}
+    executor = ThreadPoolExecutor(
+        max_workers=min(CHANGE_SENSOR_ACCOUNT_THREADS, len(asked)), thread_name_prefix="crm_change_sensor"
+    )
+    futures = {executor.submit(_account_changes, account, watched): account for account, watched in asked.items()}
+    done, _ = wait(futures, timeout=CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS)
+    # requests still under way finish on their own (each has its timeout); nothing waits for them
+    executor.shutdown(wait=False, cancel_futures=True)
+    outcomes: dict[str, Union[dict[str, int], str]] = {}
+    for future, account in futures.items():
+        if future not in done:
+            outcomes[account.name] = (
+                f"no answer within {CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS}s; asked again next evaluation"
+            )
+            continue
+        error = future.exception()
+        if error is None:
+            outcomes[account.name] = future.result()
+        elif isinstance(error, CrmError):
+            outcomes[account.name] = str(error)
+        else:  # whatever it is, it is this account's alone: the others are still requested
+            outcomes[account.name] = scrub(f"{type(error).__name__}: {error}")
+    return outcomes
+
+
+def _per_account(context: SensorEvaluationContext, accounts: Sequence[Account]) -> SensorResult:
+    """One run per account whose resources changed; an account with a crm_sync still queued or
+    running, or whose API cannot be asked, is skipped (with a log line naming it) and keeps its
+    cursor; the others are requested all the same."""
+    cursors = _load_account_cursors(context.cursor)
+    busy = active_runs_by_account(context.instance, crm_sync.name)
+    checked_until = int(_now()) - CHANGE_SENSOR_OVERLAP_SECONDS
+    new_cursors: dict[str, dict[str, int]] = {}
+    asked: dict[Account, dict[str, int]] = {}
+    moved: dict[str, dict[str, int]] = {}
+    started, waiting = [], []
+    for account in accounts:
+        previous = cursors.get(account.name, {})
+        run = busy.get(account.name)
+        if run is not None:  # its cursor stays: what changes meanwhile is found once that run is over
+            if previous:
+                new_cursors[account.name] = previous
+            waiting.append(f"{account.name} (crm_sync run {run.run_id} {run.status.value.lower()})")
+            continue
+        names = [endpoint.name for endpoint in account.endpoints]
+        moved[account.name] = {name: max(previous.get(name, checked_until), checked_until) for name in names}
+        watched = {name: previous[name] for name in names if name in previous}
+        if watched:
+            asked[account] = watched
+        else:
+            new_cursors[account.name] = moved[account.name]
+            started.append(account.name)
+
+    requests, failed = [], []
+    for account, outcome in sorted(_ask_accounts(asked).items()):
+        if isinstance(outcome, str):
+            new_cursors[account] = cursors[account]
+            failed.append(f"{account}: {outcome}")
+            continue
+        new_cursors[account] = moved[account]
+        if not outcome:
+            continue
+        summary = ", ".join(f"{name} ({count} updated)" for name, count in outcome.items())
+        context.log.info(f"Account {account} changed since the last evaluation: {summary}")
+        requests.append(
+            RunRequest(
+                partition_key=account,
+                asset_selection=[AssetKey([ASSET_KEY_PREFIX, name]) for name in outcome],
+                tags={**account_run_tags(account), "crm_assets/changed": ",".join(outcome)},
+            )
+        )
+
+    if waiting:
+        context.log.info("Not asked, a crm_sync is still queued or running: " + ", ".join(waiting))
+    for line in failed:
+        context.log.warning(f"Could not ask the CRM API of account {line}")
+    if started:
+        context.log.info(f"Changes are watched from now on for: {', '.join(started)}")
+    cursor = _dump_account_cursors(new_cursors)
+    if requests:
+        return SensorResult(run_requests=requests, cursor=cursor)
+    reasons = ["no account's CRM resources changed since the last evaluation"] if asked else []
+    if started:
+        reasons.append(f"first evaluation for {', '.join(started)} (earlier changes are the schedule's job)")
+    if waiting:
+        reasons.append(f"still syncing: {', '.join(waiting)}")
+    if failed:
+        reasons.append(f"could not ask {'; '.join(failed)}")
+    reason = "; ".join(reasons)
+    return SensorResult(skip_reason=SkipReason(reason[:1].upper() + reason[1:]), cursor=cursor)
+
+
+def change_sensor(accounts: Sequence[Account] = ACCOUNTS) -> SensorDefinition:
+    """crm_change_sensor, for `accounts` (none: the single account)."""
+
+    @sensor(
+        name="crm_change_sensor",
+        job=crm_sync,
+        minimum_interval_seconds=CHANGE_SENSOR_INTERVAL_SECONDS,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=(
+            "Asks the CRM API, with one size=0 request per resource, which resources have records "
+            "updated since the last evaluation, and runs crm_sync for only those assets. Never "
+            "requests a run while a crm_sync run is queued or in progress. Its first evaluation only "
+            "starts the clock (the hourly schedule does the first load)."
+            + (
+                " Per account: each account's API is asked with its own key, and one run is requested "
+                "per changed account; an account whose sync is under way, or whose API fails, is "
+                "skipped (named in the tick's log) without holding back the others."
+                if accounts else ""
+            )
+        ),
+    )
+    def crm_change_sensor(context: SensorEvaluationContext) -> Union[RunRequest, SkipReason, SensorResult]:
+        if accounts:
+            return _per_account(context, accounts)
+        return _single_account(context)
+
+    return crm_change_sensor
+
+
+crm_change_sensor = change_sensor()
+
+
 def _secrets() -> list[str]:
-    """The API key wherever it may be configured, longest first."""
+    """The API keys wherever they may be configured (every account's too), longest first."""
     keys = {os.environ.get("SOURCES__CRM__API_KEY"), os.environ.get("API_KEY")}
     try:
         keys.add(connection_settings()[1])
     except Exception:  # not configured: nothing more to hide
         pass
+    try:
+        accounts = configured_accounts()  # read now: the keys are never kept with the accounts
+    except Exception:  # a bad entry: its key, if any, is not a valid account's to leak
+        accounts = ()
+    for account in accounts:
+        try:
+            keys.add(account_api_key(account))
+        except Exception:
+            pass
     return sorted((key for key in keys if key), key=len, reverse=True)
 
 
@@ -196,14 +375,17 @@ def _error_text(context: RunFailureSensorContext) -> str:
     default_status=DefaultSensorStatus.RUNNING,
     description=(
         "When a crm_sync run fails: logs the error and, if the CRM_ALERT_WEBHOOK_URL environment "
-        'variable is set, posts a Slack-style {"text": ...} message with the job, run id and '
-        "error (API key scrubbed) to that URL."
+        'variable is set, posts a Slack-style {"text": ...} message with the job, run id, account '
+        "(with accounts configured) and error (API keys scrubbed) to that URL."
     ),
 )
 def crm_sync_failure_sensor(context: RunFailureSensorContext) -> None:
     run = context.dagster_run
+    account = run.tags.get(PARTITION_TAG)
     text = scrub(
-        f"Dagster job `{run.job_name}` failed (run `{run.run_id}`):\n{_error_text(context)}"
+        f"Dagster job `{run.job_name}` failed"
+        + (f" for account `{account}`" if account else "")
+        + f" (run `{run.run_id}`):\n{_error_text(context)}"
     )
     context.log.error(text)
     url = os.environ.get(ALERT_WEBHOOK_ENV, "").strip()
@@ -247,23 +429,33 @@ def failed_row_counts(instance: Any, run_id: str) -> list[AssetKey]:
     description=(
         "After a successful crm_sync or crm_checks run in which row_count_matches_api failed, "
         "runs crm_audit for those tables (their warehouse_matches_api checks). Skips while an audit "
-        "is queued or running."
+        "is queued or running. With accounts, per account: the audit is of the run's account, and "
+        "only that account's audit under way makes it wait."
     ),
 )
 def crm_audit_sensor(context: RunStatusSensorContext) -> Union[RunRequest, SkipReason]:
     run_id = context.dagster_run.run_id
+    account = context.dagster_run.tags.get(PARTITION_TAG)
+    of_account = f" (account {account})" if account else ""
     failed = failed_row_counts(context.instance, run_id)
     if not failed:
-        return SkipReason(f"Every row_count_matches_api of run {run_id} passed")
-    active = active_runs(context.instance, crm_audit.name)
+        return SkipReason(f"Every row_count_matches_api of run {run_id}{of_account} passed")
+    if account:
+        under_way = active_runs_by_account(context.instance, crm_audit.name).get(account)
+        active = [under_way] if under_way is not None else []
+    else:
+        active = active_runs(context.instance, crm_audit.name)
     if active:
         return SkipReason(
-            f"crm_audit run {active[0].run_id} is {active[0].status.value.lower()}; not requesting another"
+            f"crm_audit run {active[0].run_id}{of_account} is {active[0].status.value.lower()}; "
+            "not requesting another"
         )
     tables = ", ".join(key.to_user_string() for key in failed)
-    context.log.info(f"row_count_matches_api failed in run {run_id} for {tables}: requesting crm_audit")
+    context.log.info(
+        f"row_count_matches_api failed in run {run_id}{of_account} for {tables}: requesting crm_audit"
+    )
     return RunRequest(
         run_key=f"crm_audit_after_{run_id}",
         asset_check_keys=[AssetCheckKey(key, WAREHOUSE_MATCHES_API) for key in failed],
-        tags={"crm_assets/audit_after_run": run_id},
+        tags={"crm_assets/audit_after_run": run_id, **(account_run_tags(account) if account else {})},
     )

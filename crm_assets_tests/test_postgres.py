@@ -202,8 +202,16 @@ def test_deploy_dagster_yaml_keeps_every_setting_of_the_development_instance():
     development_yaml = REPO / "dagster.yaml"
     development = yaml.safe_load(development_yaml.read_text()) if development_yaml.exists() else {}
 
-    # production = development + PostgreSQL storage: a setting changed in one must change in both
+    # production = development + PostgreSQL storage: a setting changed in one must change in both,
+    # but concurrency: on PostgreSQL accounts run side by side, one run per account (on DuckDB, one
+    # run at a time), test_account_orchestration.py checks both
     for section, settings in (development or {}).items():
+        if section == "concurrency":
+            assert deploy[section]["pools"]["granularity"] == settings["pools"]["granularity"]
+            assert {limit["key"] for limit in deploy[section]["runs"]["tag_concurrency_limits"]} == {
+                limit["key"] for limit in settings["runs"]["tag_concurrency_limits"]
+            }
+            continue
         assert deploy.get(section) == settings, f"deploy/dagster.yaml differs in `{section}`"
     assert set(deploy["storage"]) == {"postgres"}
     assert deploy["run_coordinator"]["class"] == "QueuedRunCoordinator"
@@ -226,12 +234,14 @@ def test_deploy_dagster_yaml_is_a_postgres_backed_instance_that_runs_the_sync(
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
         concurrency = instance.get_concurrency_config()
-        # one warehouse run at a time (crm_sync and crm_checks carry the tag) ...
+        # one warehouse run per value of the tag at a time (crm_sync and crm_checks carry it: the
+        # single account's runs one value, each account its own) ...
         limits = concurrency.run_queue_config.tag_concurrency_limits
-        assert {"key": WAREHOUSE_RUN_TAG, "limit": 1} in limits
+        assert {"key": WAREHOUSE_RUN_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
         assert WAREHOUSE_RUN_TAG in defs.resolve_job_def("crm_sync").run_tags
-        # ... and one step in the `crm_warehouse` pool (assets.py: pool="crm_warehouse")
-        assert concurrency.pool_config.default_pool_limit == 1
+        # ... and several steps in the `crm_warehouse` pool (assets.py: pool="crm_warehouse"), for
+        # accounts side by side
+        assert concurrency.pool_config.default_pool_limit == 4
 
         simulator = start_simulator()
         crm_env(simulator)
