@@ -6,6 +6,8 @@ Pure and fast: no server. The read itself is tested in test_keyset_read.py.
 from __future__ import annotations
 
 import json
+import threading
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -13,6 +15,7 @@ import requests
 from crm_assets.sources.crm import CrmApiBehaviourError, CrmConfigurationError, crm
 from crm_assets.sources.crm.keyset import PageRequest
 from crm_assets.sources.crm.paginator import UPDATED_SINCE_PARAM, KeysetPaginator, page_params
+from crm_assets.sources.crm.slices import SlicedRead, _Done
 
 
 class _Answer:
@@ -88,6 +91,53 @@ def test_an_answer_out_of_order_fails_naming_the_resource_the_behaviour_and_the_
     message = str(failure.value)
     assert message.startswith("jobs: the API did not sort on date_updated as asked: GET /v1/jobs (")
     assert "id='j2' (date_updated=101) after id='j1' (date_updated=105)" in message
+
+
+class _Page(_Answer):
+    def __init__(self, records: list) -> None:
+        super().__init__(len(records))
+        self._payload["results"] = records
+
+
+class _Session:
+    """Takes what the paginator hands over for dlt's next request."""
+
+    max_in_flight = 8
+
+    def __init__(self) -> None:
+        self.handed: list = []
+
+    def hand_over(self, url, response) -> None:
+        self.handed.append((url, response))
+
+
+def test_pages_the_slices_have_fetched_reach_dlt_as_one_page_waiting_for_none():
+    read = SlicedRead(lambda: None, None, None, None, None, SimpleNamespace(requests=1), None)
+    read.slices = SimpleNamespace(reads=[None, None], requests=3, records_read=6)
+    read._room = [threading.Semaphore(0), threading.Semaphore(0)]
+    read.running = 2
+    pages = [({"from": 0, "page": n}, f"http://x/v1/jobs?page={n}", _Page([{"id": f"j{n}{k}"} for k in range(2)]))
+             for n in range(3)]
+    for index, page in zip((0, 1, 0), pages):
+        read.pages.put((index, page))
+    paginator = KeysetPaginator("jobs", page_size=3)
+    paginator.session, paginator.sliced = _Session(), read
+    request = requests.Request("GET", "http://x/v1/jobs", params={})
+
+    paginator.update_state(None, [])  # the three pages waiting, not a fourth one
+    paginator.update_request(request)
+    assert request.params == {"from": 0, "page": 0}  # the first page's request: its answer waits there
+    [(url, answer)] = paginator.session.handed
+    assert url == pages[0][1]
+    assert [r["id"] for r in answer.json()["results"]] == ["j00", "j01", "j10", "j11", "j20", "j21"]
+    # each slice may fetch again: one page ahead for slice 2, two for slice 1 (both its pages taken)
+    assert read._room[1].acquire(blocking=False) and not read._room[1].acquire(blocking=False)
+    assert read._room[0].acquire(blocking=False) and read._room[0].acquire(blocking=False)
+
+    read.pages.put(_Done(0))
+    read.pages.put(_Done(1))
+    paginator.update_state(None, [])
+    assert not paginator.has_next_page
 
 
 def test_a_second_read_on_its_own_holds_date_updated_and_sorts_on_date_created():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any, Optional
 
 import dlt
@@ -95,6 +96,8 @@ class FieldNames(ItemTransform):  # type: ignore[type-arg]
         if type(item) is dict:
             return self.record(item)
         if isinstance(item, list):  # a page (rest_api's PageData is a list)
+            if self._plain_page(item):
+                return item
             top, apply = self._top, self._apply
             for index, record in enumerate(item):
                 if type(record) is not dict:
@@ -108,6 +111,19 @@ class FieldNames(ItemTransform):  # type: ignore[type-arg]
                     if renamed is not record:
                         item[index] = renamed
         return item
+
+    def _plain_page(self, item: list) -> bool:
+        """Nothing to rename on this page: every record a shape planned before with no renaming,
+        and no object among its values. Checked over the whole page in C (the usual page of a flat
+        resource), not record by record."""
+        if set(map(type, item)) != {dict} or dict in set(map(type, chain.from_iterable(map(dict.values, item)))):
+            return False
+        top = self._top
+        for shape in set(map(tuple, item)):
+            plan = top.get(shape)
+            if plan is None or plan[0] is not None:
+                return False
+        return True
 
     def record(self, record: dict) -> dict:
         """The record with its colliding keys renamed (a new dict if any is)."""

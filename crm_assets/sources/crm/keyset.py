@@ -347,6 +347,13 @@ class KeysetRead:
         # `type(...) is int` on purpose: a bool is no cursor
         if not all(type(c) is int for c in cursors) or not all(type(i) is str for i in ids):
             pairs = [(c, i) for c, i in pairs if type(c) is int and type(i) is str]
+        elif asked.within is None and cursors:
+            # the usual page: inside the bounds and strictly ascending is already its sorted set
+            low, high = asked.lowest, asked.highest
+            pairs = list(pairs)
+            if ((low is None or min(cursors) >= low) and (high is None or max(cursors) <= high)
+                    and all(map(operator.lt, pairs, pairs[1:]))):
+                return pairs
         if asked.within is not None:
             field, value = asked.within
             pairs = (p for p, r in zip(pairs, records) if r.get(field) == value)

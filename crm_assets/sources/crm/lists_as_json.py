@@ -34,6 +34,7 @@ containment and indexing in a query or a view. Figures in benchmarks/README.md.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 import dlt
@@ -87,6 +88,8 @@ class ListsAsJson(ItemTransform):  # type: ignore[type-arg]
         # builds would otherwise retype them as text in dlt's schema
         found: set[str] = set() if self._seeded else self._seed()
         self.other_values_in_json_columns = False
+        if not found and self._plain_page(item):
+            return item
         for record in item:
             if type(record) is dict:
                 self._walk(record, (), found)
@@ -103,6 +106,18 @@ class ListsAsJson(ItemTransform):  # type: ignore[type-arg]
         if self.resource is not None:  # keep the item's own meta; the hint applies from the next write
             self.resource.apply_hints(columns=hints)
         return item
+
+    def _plain_page(self, item: list) -> bool:
+        """Nothing to do on this page: records of fields all decided as no JSON column, without a
+        list or an object among their values. Checked over the whole page in C (the usual page of
+        a flat resource), not field by field in `_walk`."""
+        top = self._fields.get(())
+        if top is None or set(map(type, item)) != {dict}:
+            return False
+        kinds = set(map(type, chain.from_iterable(map(dict.values, item))))
+        if list in kinds or dict in kinds:
+            return False
+        return all(top.get(key) is False for key in set(chain.from_iterable(item)))
 
     def _seed(self) -> set[str]:
         """Learns the columns the resource declares and the stored schema holds, as they are typed;

@@ -37,6 +37,11 @@ logger = logging.getLogger("crm_assets.sources.crm")
 # folds it into the `filter` JSON. It never reaches the API.
 UPDATED_SINCE_PARAM = "crm_updated_since"
 PROGRESS_EVERY = 20  # pages between two progress lines in the log
+# A sliced read hands dlt up to this many pages its workers have already fetched as one page: dlt
+# pays a fixed cost per page it extracts (its schema computed again, an Arrow table written: about
+# 2.5 ms, a quarter of a 1,000-record page's work), and the sync's steps pay theirs per page too.
+# Only pages already waiting are joined, so nothing waits longer and memory stays within a few pages.
+PAGES_AT_ONCE = 4
 
 
 def range_clause(field: str, op: str, value: int) -> dict[str, Any]:
@@ -95,6 +100,8 @@ class KeysetPaginator(BasePaginator):
         self._request: Optional[requests.Request] = None
         self._path = ""
         self._ready: Optional[tuple[dict[str, Any], str, requests.Response]] = None
+        self._selector = "results"  # the key of a page's records (a sliced read's)
+        self._logged = 0  # requests of the sliced read at its last progress line
 
     def init_request(self, request: requests.Request) -> None:
         params = request.params if isinstance(request.params, dict) else {}
@@ -161,7 +168,8 @@ class KeysetPaginator(BasePaginator):
         slices = plan.slices
         path = urlsplit(response.url or "").path
         endpoint = next((e for e in self.session.endpoints if e.name == self.resource), None)
-        selector = endpoint.data_selector if endpoint is not None else "results"
+        selector = self._selector = endpoint.data_selector if endpoint is not None else "results"
+        self._logged = 0
 
         def answer_of(answer: requests.Response) -> tuple[list[Any], int]:
             payload = answer.json()
@@ -191,7 +199,7 @@ class KeysetPaginator(BasePaginator):
         sliced = self.sliced
         assert sliced is not None
         try:
-            self._ready = sliced.next_page()
+            self._ready = self._joined(sliced.next_pages(PAGES_AT_ONCE))
         except CrmApiBehaviourError as error:
             raise error.at(self._path) from None
         slices = sliced.slices
@@ -203,9 +211,26 @@ class KeysetPaginator(BasePaginator):
                 self.resource, len(slices.reads), slices.records_read, slices.requests, sliced.plan.requests,
                 time.monotonic() - sliced.began,
             )
-        elif slices.requests % PROGRESS_EVERY == 0:
+        elif slices.requests >= self._logged + PROGRESS_EVERY:
+            self._logged = slices.requests
             logger.info("%s: %d records read in %d slices, %d requests", self.resource, slices.records_read,
                         len(slices.reads), slices.requests)
+
+    def _joined(
+        self, pages: list[tuple[dict[str, Any], str, requests.Response]]
+    ) -> Optional[tuple[dict[str, Any], str, requests.Response]]:
+        """Pages a sliced read fetched, as one: the first page's request, whose answer holds the
+        records of all of them (every one already checked by its slice, `Slices.take`)."""
+        if len(pages) < 2:
+            return pages[0] if pages else None
+        params, url, response = pages[0]
+        first = response.json()
+        records = list(first[self._selector])
+        for _, _, other in pages[1:]:
+            records.extend(other.json()[self._selector])
+        joined = {**first, self._selector: records}
+        response.json = lambda **_: joined  # type: ignore[method-assign]
+        return params, url, response
 
     def __str__(self) -> str:
         return f"KeysetPaginator({self.resource}, {self.plan.describe() if self.plan else 'not started'})"

@@ -26,7 +26,8 @@ How it fits dlt's REST API source. dlt's client loop is sequential per
 resource: it sends what the paginator prepared, hands the answer to `update_state`, yields the
 page, asks `update_request` for the next one. Here the paginator (paginator.py) takes each next
 page from whichever slice has one ready, sets the request to exactly that page's parameters, and
-the session's `send` hands back the answer the worker already fetched for that prepared URL. So
+the session's `send` hands back the answer the worker already fetched for that prepared URL (with
+the records of up to three more pages already waiting joined to it: `SlicedRead.next_pages`). So
 dlt's incremental cursor, the rest_api resource, its processing steps and hints stay as they are;
 the pages of different slices interleave in the resource's output. The other choice, a generator
 resource of our own beside rest_api, would have rebuilt the incremental and every processing step.
@@ -354,7 +355,7 @@ Page = tuple[dict[str, Any], str, requests.Response]  # parameters, prepared URL
 
 class SlicedRead:
     """The slices of one resource read at once over HTTP, on worker threads; see the module
-    docstring. `next_page()` gives dlt's loop the next fetched page of any slice."""
+    docstring. `next_pages()` gives dlt's loop the next fetched pages of any slices."""
 
     def __init__(
         self,
@@ -453,13 +454,20 @@ class SlicedRead:
                 self._changed.notify_all()
             self.pages.put(_Done(index, error))
 
-    def next_page(self) -> Optional[Page]:
-        """The next fetched page of any slice, or None once every slice has ended."""
-        while True:
+    def next_pages(self, most: int) -> list[Page]:
+        """The next fetched pages of any slices: the first one waited for, then up to `most` in
+        all of those already fetched; none once every slice has ended."""
+        pages: list[Page] = []
+        while len(pages) < most:
             if self.running == 0 and self.pages.empty():
-                self.stop()
-                return None
-            item = self.pages.get()
+                break
+            if not pages:
+                item = self.pages.get()
+            else:
+                try:
+                    item = self.pages.get_nowait()
+                except queue.Empty:
+                    break
             if isinstance(item, _Done):
                 self.running -= 1
                 if item.error is not None:
@@ -468,7 +476,10 @@ class SlicedRead:
                 continue
             index, page = item
             self._room[index].release()  # dlt has it: that slice may fetch another one
-            return page
+            pages.append(page)
+        if not pages:
+            self.stop()
+        return pages
 
     def stop(self) -> None:
         """Stop every worker and give the sync its slices back (once)."""
