@@ -1,4 +1,9 @@
-"""The `crm/*` assets: one multi-asset over the `crm` dlt source, its table checks in the same step."""
+"""The `crm/*` assets: one multi-asset over the `crm` dlt source, its table checks in the same step.
+
+With accounts configured (docs/accounts.md) the same assets are partitioned by account: a run
+loads one account, with its own source (base URL, key, resources) and its own dlt pipeline and
+dataset `crm_<name>`, so its cursors and tables are its own.
+"""
 
 # No `from __future__ import annotations` here: Dagster reads the config class from the signature.
 
@@ -8,13 +13,14 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 from dagster import (
     AssetCheckResult,
     AssetExecutionContext,
+    AssetsDefinition,
     Config,
     Failure,
     MaterializeResult,
@@ -31,43 +37,67 @@ from pydantic import Field
 
 from .checks import table_check_specs, table_checks
 from .constants import ASSET_KEY_PREFIX
+from .partitions import ACCOUNTS, account_partitions
 from .sources.crm import (
     CrmApiBehaviourError,
     CrmApiError,
     CrmConfigurationError,
     CrmError,
     CrmIncompleteReadError,
+    Endpoint,
     configured_endpoints,
     crm,
     find_crm_error,
 )
+from .sources.crm.accounts import Account, source_arguments
 from .sources.crm.settings import CURSOR_FIELD, RETRY_STATUSES
-from .sources.crm_pipeline import DATASET_NAME, crm_pipeline, drop_staging
+from .sources.crm_pipeline import DATASET_NAME, PIPELINE_NAME, crm_pipeline, drop_staging
 from .sources.destination import run_options, selected_destination
 from .sources.readback import refuse_earlier_layout, schema_changes, table_row_counts
 from .sources.run_lock import exclusive_run
 from .sources.tuning import sync_tuning
+from .sources.union_views import drop_union_views, refresh_union_views
 from .translator import CrmTranslator
 
 # Only one run may write the warehouse at a time (DuckDB allows a single writer; dlt state
 # must not be committed by two runs at once). The pool's limit is set on the instance.
 WAREHOUSE_POOL = "crm_warehouse"
 
-# Which resources there are, and their keys, is configuration (sources/crm/catalog.py), read
-# when the code location loads: a bad setting fails `dg check defs`, naming it.
-CRM_ENDPOINTS = configured_endpoints()
 
-# The source as Dagster sees it when it loads the code location: names and hints only. The
-# connection arguments are placeholders; the run builds the real source from configuration.
-_DEFINITION_SOURCE = crm(
-    base_url="http://crm-api.invalid",
-    api_key="not-used-at-definition-time",
-    page_sizes={},
-    hard_delete=False,
-    max_retries=0,
-    backoff_factor=0,
-    request_timeout=1,
-)
+
+def union_endpoints(accounts: Sequence[Account]) -> tuple[Endpoint, ...]:
+    """Every resource any account has, once (the first account's settings describe it): the
+    assets are their union, and an account without one of them does not materialize it."""
+    union: dict[str, Endpoint] = {}
+    for account in accounts:
+        for endpoint in account.endpoints:
+            union.setdefault(endpoint.name, endpoint)
+    return tuple(union.values())
+
+
+# Which resources there are, and their keys, is configuration (sources/crm/catalog.py; with
+# accounts, each account's), read when the code location loads: a bad setting fails
+# `dg check defs`, naming it.
+CRM_ENDPOINTS = union_endpoints(ACCOUNTS) if ACCOUNTS else configured_endpoints()
+
+
+def _definition_source(accounts: Sequence[Account], endpoints: Sequence[Endpoint]) -> Any:
+    """The source as Dagster sees it when it loads the code location: names and hints only. The
+    connection arguments are placeholders; the run builds the real source from configuration.
+    With accounts, its resources are every account's (placeholder paths: only names count here)."""
+    options: dict[str, Any] = {}
+    if accounts:
+        options["resources"] = {e.name: {"path": f"/definitions/{e.name}"} for e in endpoints}
+    return crm(
+        base_url="http://crm-api.invalid",
+        api_key="not-used-at-definition-time",
+        page_sizes={},
+        hard_delete=False,
+        max_retries=0,
+        backoff_factor=0,
+        request_timeout=1,
+        **options,
+    )
 
 
 def _definition_pipeline() -> Pipeline:
@@ -93,6 +123,14 @@ class CrmSyncConfig(Config):
         description=(
             "Drop the selected resources' tables and incremental cursors, then reload them "
             "from scratch. Resources that are not selected are left alone."
+        ),
+    )
+    checks_only: bool = Field(
+        default=False,
+        description=(
+            "Load nothing: run only the selected checks. With accounts, a partitioned run of checks "
+            "alone must select the assets too (Dagster finds no partitions in checks alone); "
+            "crm_checks sets this when accounts are configured."
         ),
     )
 
@@ -159,62 +197,135 @@ def _isolatable(exc: BaseException) -> Optional[tuple[str, CrmError]]:
     return None
 
 
-@multi_asset(
-    name="crm_sync_assets",
-    # what @dlt_assets would build, plus the table checks: evaluated in this step, they run for
-    # every resource that landed even when another one failed (checks.py)
-    specs=build_dlt_asset_specs(_DEFINITION_SOURCE, _DEFINITION_PIPELINE, CrmTranslator(CRM_ENDPOINTS)),
-    check_specs=table_check_specs(CRM_ENDPOINTS),
-    can_subset=True,
-    pool=WAREHOUSE_POOL,
-)
-def crm_sync_assets(
-    context: AssetExecutionContext, dlt: DagsterDltResource, config: CrmSyncConfig
-) -> Iterator[Union[MaterializeResult, AssetCheckResult]]:
-    selected = {key.path[-1] for key in context.selected_asset_keys}
-    names = [endpoint.name for endpoint in CRM_ENDPOINTS if endpoint.name in selected]
-    failed: dict[str, CrmError] = {}
-    if names:  # none when only checks are selected (job crm_checks)
-        materializations, failed = _load(context, dlt, config, names)
-        yield from materializations
-    checked = [key for key in context.selected_asset_check_keys if key.asset_key.path[-1] not in failed]
-    if checked:
-        yield from table_checks(context.log, checked, CRM_ENDPOINTS)
-    if failed:
-        raise _failure(
-            _failure_description(failed, loaded=[name for name in names if name not in failed]),
-            allow_retries=all(_is_transient(error) for error in failed.values()),
+def build_crm_sync_assets(accounts: Sequence[Account] = ()) -> AssetsDefinition:
+    """`crm_sync_assets` over the single account ([sources.crm]) or, with `accounts`, partitioned by
+    account: the union of their resources, each run loading one account."""
+    by_name = {account.name: account for account in accounts}
+    endpoints = union_endpoints(accounts) if accounts else CRM_ENDPOINTS
+    partitions = account_partitions(accounts)
+    specs = build_dlt_asset_specs(
+        _definition_source(accounts, endpoints), _DEFINITION_PIPELINE,
+        CrmTranslator(endpoints, dataset="crm_<account>" if accounts else DATASET_NAME),
+    )
+    if accounts:
+        # an account without a resource, and a run of checks alone (checks_only), yield no
+        # materialization of it
+        note = (
+            f" Partitioned by CRM account: one partition per account under [sources.crm.accounts] "
+            f"({len(accounts)} configured)."
         )
-    _unresolved_failure.clear()
+        specs = [
+            spec.replace_attributes(skippable=True, description=(spec.description or "") + note)
+            for spec in specs
+        ]
+
+    @multi_asset(
+        name="crm_sync_assets",
+        # what @dlt_assets would build, plus the table checks: evaluated in this step, they run for
+        # every resource that landed even when another one failed (checks.py)
+        specs=specs,
+        check_specs=table_check_specs(endpoints, partitions),
+        can_subset=True,
+        pool=WAREHOUSE_POOL,
+        partitions_def=partitions,
+    )
+    def crm_sync_assets(
+        context: AssetExecutionContext, dlt: DagsterDltResource, config: CrmSyncConfig
+    ) -> Iterator[Union[MaterializeResult, AssetCheckResult]]:
+        account = _account(context, by_name)
+        own = {e.name: e for e in (account.endpoints if account else endpoints)}
+        selected = {key.path[-1] for key in context.selected_asset_keys}
+        names = [name for name in own if name in selected and not config.checks_only]
+        if account is not None and not config.checks_only and selected - set(own):
+            context.log.info(
+                f"Account {account.name} has no resource {', '.join(sorted(selected - set(own)))}: "
+                "not materialized for it"
+            )
+        failed: dict[str, CrmError] = {}
+        if names:  # none when only checks are selected (job crm_checks)
+            materializations, failed = _load(context, dlt, config, names, account, accounts)
+            yield from materializations
+        checked = [
+            key for key in context.selected_asset_check_keys
+            if key.asset_key.path[-1] in own and key.asset_key.path[-1] not in failed
+        ]
+        if checked:
+            yield from table_checks(context.log, checked, list(own.values()), account)
+        if failed:
+            raise _failure(
+                _failure_description(failed, loaded=[name for name in names if name not in failed], account=account),
+                allow_retries=all(_is_transient(error) for error in failed.values()),
+                account=account,
+            )
+        _unresolved_failure.clear()
+
+    return crm_sync_assets
 
 
-def _failure_description(failed: dict[str, CrmError], loaded: list[str]) -> str:
+def _account(context: AssetExecutionContext, by_name: Mapping[str, Account]) -> Optional[Account]:
+    """The run's account (its partition key); None on the single-account path."""
+    if not by_name:
+        return None
+    name = context.partition_key if context.has_partition_key else None
+    if name not in by_name:
+        raise _failure(
+            f"No account {name!r} is configured (configured: {', '.join(by_name)}): every run of the "
+            "crm assets is for one account, picked as its partition (--partition <name>); after "
+            "changing the accounts, reload the code location",
+            allow_retries=False,
+        )
+    return by_name[name]
+
+
+crm_sync_assets = build_crm_sync_assets(ACCOUNTS)
+
+
+def _failure_description(failed: dict[str, CrmError], loaded: list[str], account: Optional[Account] = None) -> str:
     """One line: each failed resource with its reason, then what landed and how to re-run the rest."""
     reasons = "; ".join(str(error) for error in failed.values())
     if not loaded:
         return reasons
     assets = ",".join(f"{ASSET_KEY_PREFIX}/{name}" for name in failed)
+    partition = f" --partition {account.name}" if account else ""
     return (
         f"{reasons}. Loaded and checked the others ({', '.join(loaded)}); once that is fixed, "
-        f"re-run only the failed asset(s): dg launch --assets {assets}"
+        f"re-run only the failed asset(s): dg launch --assets {assets}{partition}"
     )
 
 
 def _load(
-    context: AssetExecutionContext, dlt: DagsterDltResource, config: CrmSyncConfig, names: list[str]
+    context: AssetExecutionContext,
+    dlt: DagsterDltResource,
+    config: CrmSyncConfig,
+    names: list[str],
+    account: Optional[Account] = None,
+    accounts: Sequence[Account] = (),
 ) -> tuple[list[MaterializeResult], dict[str, CrmError]]:
     """Load the resources `names`: the materializations of those that landed, and the errors of
     those that failed on their own (`_isolatable`). All are read in one dlt run; when one fails,
     the run is repeated without it. dlt stops the whole extract at a resource's error and
     dagster-dlt drops the pipeline's local state before every run, so a failed attempt loads
-    nothing and moves no cursor: the failed resource's table and cursor stay as they were."""
+    nothing and moves no cursor: the failed resource's table and cursor stay as they were.
+
+    `account`: load that account, with its own source, pipeline and dataset, then refresh the
+    views over every one of `accounts` (union_views.py)."""
     try:
-        crm()  # a missing or bad setting fails here, before any request
+        if account is None:
+            connection: dict[str, Any] = {}
+            # the run's own settings (the definitions' may be older): what the stored tables must take
+            endpoints = configured_endpoints()
+        else:
+            # its key is read now, from dlt's providers, and goes nowhere but the requests
+            connection = source_arguments(account)
+            endpoints = account.endpoints
+        crm(**connection)  # a missing or bad setting fails here, before any request
         selected_destination()
-        # the run's own settings (the definitions' may be older): what the stored tables must take
-        selected = [endpoint for endpoint in configured_endpoints() if endpoint.name in names]
+        selected = [endpoint for endpoint in endpoints if endpoint.name in names]
     except CrmConfigurationError as exc:
-        raise _failure(str(exc), allow_retries=False) from None
+        raise _failure(str(exc), allow_retries=False, account=account) from None
+    pipeline_names = (
+        {"pipeline_name": account.pipeline_name, "dataset_name": account.dataset_name} if account else {}
+    )
     if config.full_refresh:
         context.log.info("Full refresh: dropping and reloading %s" % ", ".join(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))
@@ -222,18 +333,20 @@ def _load(
     remaining = list(names)
     with _source_logs_in(context):
         try:
-            with exclusive_run(), sync_tuning():
-                pipeline = crm_pipeline()
+            with exclusive_run(pipeline_name=pipeline_names.get("pipeline_name", PIPELINE_NAME)), sync_tuning():
+                pipeline = crm_pipeline(**pipeline_names)
                 options: dict[str, Any] = run_options(pipeline)
                 if config.full_refresh:
                     options["refresh"] = "drop_resources"
+                    if account is not None:  # PostgreSQL drops no table a view reads
+                        drop_union_views(pipeline, names)
                 else:
-                    refuse_earlier_layout(pipeline, selected)
+                    refuse_earlier_layout(pipeline, selected, account.name if account else None)
                 results: list[Any] = []
                 while remaining:
                     try:
                         # a fresh source each time: no step of the read keeps what a failed one saw
-                        source = crm().with_resources(*remaining)
+                        source = crm(**connection).with_resources(*remaining)
                         run = dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
                         results = list(run)
                         break
@@ -254,20 +367,24 @@ def _load(
                 counts = table_row_counts(pipeline, tables) if tables else {}
                 cursors = {table: _cursor_metadata(pipeline, table) for table in tables}
                 changes = {table: schema_changes(pipeline, table) for table in tables}
+                if account is not None and tables:
+                    views = refresh_union_views(pipeline, {a.name: a.dataset_name for a in accounts}, tables)
+                    if views:
+                        context.log.info(f"Every account's rows: {', '.join(views)}")
         except Exception as exc:
             error = find_crm_error(exc)
             if error is not None:
-                raise _failure(str(error), allow_retries=_is_transient(error)) from None
+                raise _failure(str(error), allow_retries=_is_transient(error), account=account) from None
             violation = _contract_violation(exc)
             if violation is not None:
-                raise _failure(violation, allow_retries=False) from None
+                raise _failure(violation, allow_retries=False, account=account) from None
             raise
 
     materializations = []
     for result, table in zip(results, tables, strict=True):
         metadata = dict(result.metadata or {})
         metadata["dagster/row_count"] = counts.get(table)  # rows in the table after this run
-        metadata["dagster/table_name"] = f"{DATASET_NAME}.{table}"
+        metadata["dagster/table_name"] = f"{pipeline.dataset_name}.{table}"
         # dagster-dlt's `rows_loaded` counts every copy of a record the read met (the merge keeps
         # one), and its `first_run` is the pipeline's first run ever, false on a full refresh:
         # both said something else than they seemed to
@@ -299,10 +416,12 @@ def _say_failure_last() -> None:
         print(f"crm sync failed: {_unresolved_failure[-1]}", file=sys.stderr, flush=True)
 
 
-def _failure(description: str, allow_retries: bool) -> Failure:
-    """The step's failure: its description is the one line that says what to do. From a command
-    line that runs the assets itself, that line is also the last one it prints (unless a retry
-    of the step succeeded)."""
+def _failure(description: str, allow_retries: bool, account: Optional[Account] = None) -> Failure:
+    """The step's failure: its description is the one line that says what to do (for `account`,
+    naming it first). From a command line that runs the assets itself, that line is also the
+    last one it prints (unless a retry of the step succeeded)."""
+    if account is not None:
+        description = f"Account {account.name}: {description}"
     if tuple(os.path.basename(arg) for arg in sys.argv[:2]) in _CLI_RUNS:
         if not _unresolved_failure:
             atexit.register(_say_failure_last)

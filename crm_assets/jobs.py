@@ -1,5 +1,7 @@
 """Jobs over the `crm` group: the sync (load + checks), the checks on their own, and the audit."""
 
+from typing import Any, Optional
+
 from dagster import (
     AssetSelection,
     Backoff,
@@ -7,6 +9,7 @@ from dagster import (
     DagsterRun,
     DagsterRunStatus,
     Jitter,
+    PartitionsDefinition,
     RetryPolicy,
     RunsFilter,
     define_asset_job,
@@ -15,6 +18,7 @@ from dagster import (
 from .assets import WAREHOUSE_POOL
 from .audit import AUDIT_RUN_TAG, crm_audit_checks
 from .constants import GROUP_NAME, SYNC_MAX_RETRIES, SYNC_RETRY_DELAY_SECONDS, WAREHOUSE_RUN_TAG
+from .partitions import ACCOUNT_PARTITIONS
 
 # Runs carrying this tag wait in the run queue while another one is in progress (dagster.yaml:
 # concurrency > runs > tag_concurrency_limits). The `crm_warehouse` pool guards the same thing
@@ -42,15 +46,37 @@ crm_sync = define_asset_job(
     ),
 )
 
-crm_checks = define_asset_job(
-    name="crm_checks",
-    selection=(AssetSelection.all_asset_checks() & AssetSelection.groups(GROUP_NAME)) - AUDIT_CHECKS,
-    description=(
-        "Run the checks on the crm.* tables without loading anything: unique and non-null ids "
-        "(fail the run) and row counts against the API (warn)."
-    ),
-    run_tags=WAREHOUSE_RUN_TAGS,
+_CHECKS_DESCRIPTION = (
+    "Run the checks on the crm.* tables without loading anything: unique and non-null ids "
+    "(fail the run) and row counts against the API (warn)."
 )
+
+
+def build_crm_checks(partitions_def: Optional[PartitionsDefinition] = None) -> Any:
+    """The job `crm_checks`; with accounts (`partitions_def`), one account per run.
+
+    Dagster finds no partitions in a selection of checks alone ("no PartitionsDefinition shared by
+    all the provided assets"), so with accounts the job selects the assets with their table checks
+    and tells the step to load nothing: the assets are skippable then (assets.py), and the step
+    yields only the checks' results."""
+    if partitions_def is None:
+        return define_asset_job(
+            name="crm_checks",
+            selection=(AssetSelection.all_asset_checks() & AssetSelection.groups(GROUP_NAME)) - AUDIT_CHECKS,
+            description=_CHECKS_DESCRIPTION,
+            run_tags=WAREHOUSE_RUN_TAGS,
+        )
+    return define_asset_job(
+        name="crm_checks",
+        selection=AssetSelection.groups(GROUP_NAME) - AUDIT_CHECKS,
+        description=_CHECKS_DESCRIPTION.replace("crm.*", "crm_<account>.*") + " One account per run.",
+        run_tags=WAREHOUSE_RUN_TAGS,
+        partitions_def=partitions_def,
+        config={"ops": {"crm_sync_assets": {"config": {"checks_only": True}}}},
+    )
+
+
+crm_checks = build_crm_checks(ACCOUNT_PARTITIONS)
 
 crm_audit = define_asset_job(
     name="crm_audit",

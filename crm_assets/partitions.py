@@ -6,6 +6,7 @@ providers once per process, so a running code server would not see a new secrets
 anyway). Without accounts there are no partitions: the single-account path, exactly as before.
 """
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from dagster import DagsterRun, StaticPartitionsDefinition
@@ -19,6 +20,7 @@ __all__ = [
     "PARTITION_TAG",
     "Account",
     "account_api_key",
+    "account_partitions",
     "account_named",
     "account_of",
     "account_of_run",
@@ -27,10 +29,15 @@ __all__ = [
 # Dagster's own tag on a partitioned run, set by schedules, sensors, backfills and the UI alike.
 PARTITION_TAG = "dagster/partition"
 
+
+
+def account_partitions(accounts: Sequence[Account]) -> Optional[StaticPartitionsDefinition]:
+    """One partition per account, keyed by its name; None without accounts (no partitions)."""
+    return StaticPartitionsDefinition([account.name for account in accounts]) if accounts else None
+
+
 ACCOUNTS: tuple[Account, ...] = configured_accounts()
-ACCOUNT_PARTITIONS: Optional[StaticPartitionsDefinition] = (
-    StaticPartitionsDefinition([account.name for account in ACCOUNTS]) if ACCOUNTS else None
-)
+ACCOUNT_PARTITIONS: Optional[StaticPartitionsDefinition] = account_partitions(ACCOUNTS)
 _BY_NAME = {account.name: account for account in ACCOUNTS}
 
 

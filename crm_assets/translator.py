@@ -37,8 +37,9 @@ def core_table_schema(endpoint: Endpoint) -> TableSchema:
 class CrmTranslator(DagsterDltTranslator):
     """Keys `crm/<resource>` in group `crm`, with no phantom upstream `dlt_crm_*` assets."""
 
-    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+    def __init__(self, endpoints: Sequence[Endpoint], dataset: str = "crm") -> None:
         self.endpoints = {endpoint.name: endpoint for endpoint in endpoints}
+        self.dataset = dataset  # named in the descriptions; `crm_<account>` with accounts
 
     def get_asset_spec(self, data: DltResourceTranslatorData) -> AssetSpec:
         spec = super().get_asset_spec(data)
@@ -50,7 +51,7 @@ class CrmTranslator(DagsterDltTranslator):
             description = (
                 (f"{endpoint.description} " if endpoint.description else "")
                 + f"Loaded from GET {endpoint.path} and merged on `{endpoint.primary_key}` into "
-                f"table `crm.{name}`, one row per record (lists in JSON columns)."
+                f"table `{self.dataset}.{name}`, one row per record (lists in JSON columns)."
             )
             metadata = {"crm/api_path": endpoint.path, "dagster/column_schema": core_table_schema(endpoint)}
         return spec.replace_attributes(

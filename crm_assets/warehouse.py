@@ -13,7 +13,7 @@ from typing import Any, Optional, Protocol
 
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
-from .sources.crm_pipeline import crm_pipeline
+from .sources.crm_pipeline import DATASET_NAME, PIPELINE_NAME, crm_pipeline
 from .sources.destination import selected_destination
 from .sources.run_lock import exclusive_run
 
@@ -27,7 +27,7 @@ class Query(Protocol):
 
 
 @contextmanager
-def reader() -> Iterator[Query]:
+def reader(pipeline_name: str = PIPELINE_NAME, dataset_name: str = DATASET_NAME) -> Iterator[Query]:
     """One connection to the warehouse for several queries (the checks run fifteen).
 
     The function it yields runs one SELECT on a table of the `crm` dataset: `{table}` in the
@@ -38,10 +38,13 @@ def reader() -> Iterator[Query]:
 
     Waits while a load of the pipeline holds it on this machine, and holds it until the block
     ends: DuckDB lets no other process open the file meanwhile, and a read between a load's
-    steps would see half of it anyway.
+    steps would see half of it anyway. An account's checks pass its pipeline and dataset
+    (`Account.pipeline_name`, `Account.dataset_name`).
     """
     selected_destination()  # an unknown CRM_DESTINATION fails here, saying what to set
-    with exclusive_run(), crm_pipeline().sql_client() as client:
+    with exclusive_run(pipeline_name=pipeline_name), crm_pipeline(
+        pipeline_name=pipeline_name, dataset_name=dataset_name
+    ).sql_client() as client:
 
         def run(
             sql_template: str, table: str, *, key: str = "id", max_rows: Optional[int] = None

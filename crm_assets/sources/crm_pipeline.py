@@ -1,4 +1,6 @@
-"""The dlt pipeline `crm_warehouse` that lands the `crm` source in the dataset `crm`.
+"""The dlt pipeline `crm_warehouse` that lands the `crm` source in the dataset `crm`; with many
+accounts (crm/accounts.py), account `<name>`'s own pipeline `crm_warehouse_<name>` lands it in
+`crm_<name>`.
 
 Usable without Dagster (`python -m crm_assets.sources`); destination.py says where it loads.
 """
@@ -15,6 +17,7 @@ from dlt.common.pipeline import get_dlt_pipelines_dir
 from dlt.common.runtime.collector import LogCollector
 from dlt.pipeline.pipeline import Pipeline
 
+from .crm.accounts import Account
 from .destination import CrmDestinationError, destination_for, duckdb_path, selected_destination
 
 PIPELINE_NAME = "crm_warehouse"
@@ -30,8 +33,14 @@ def _pipelines_dir_for(path: str) -> str:
     return os.path.join(get_dlt_pipelines_dir(), "by_warehouse", digest)
 
 
-def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
+def crm_pipeline(
+    pipelines_dir: Optional[str] = None,
+    *,
+    pipeline_name: str = PIPELINE_NAME,
+    dataset_name: str = DATASET_NAME,
+) -> Pipeline:
     """A fresh handle on the pipeline; config (destination path, state dir) resolves when it runs.
+    An account's pipeline passes its own names (`Account.pipeline_name`, `Account.dataset_name`).
 
     The destination is the one `CRM_DESTINATION` names at the moment of the call. Dagster also
     calls this when it loads the code location (to build the asset definitions): an unknown
@@ -52,9 +61,9 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
     for attempt in (1, 2):
         try:
             return dlt.pipeline(
-                pipeline_name=PIPELINE_NAME,
+                pipeline_name=pipeline_name,
                 destination=destination,
-                dataset_name=DATASET_NAME,
+                dataset_name=dataset_name,
                 pipelines_dir=pipelines_dir,
                 # dlt's progress log, to a logger Dagster runs show
                 progress=LogCollector(
@@ -69,10 +78,16 @@ def crm_pipeline(pipelines_dir: Optional[str] = None) -> Pipeline:
     raise AssertionError("unreachable")
 
 
+def account_pipeline(account: Account, pipelines_dir: Optional[str] = None) -> Pipeline:
+    """`account`'s own pipeline (`crm_warehouse_<name>`, dataset `crm_<name>`): its state and
+    cursors are its own. Hold `exclusive_run(pipeline_name=account.pipeline_name)` around it."""
+    return crm_pipeline(pipelines_dir, pipeline_name=account.pipeline_name, dataset_name=account.dataset_name)
+
+
 def drop_staging(pipeline: Pipeline) -> None:
-    """Drop the merge's staging dataset (`crm_staging`) once a load is in. dlt stages every merged
-    table there and keeps the schema and its tables for good, empty at best: a second, useless
-    `crm_staging` beside `crm` in every warehouse browser. The next merge creates it again."""
+    """Drop the merge's staging dataset (`crm_staging`, or an account's `crm_<name>_staging`) once a
+    load is in. dlt stages every merged table there and keeps the schema and its tables for good,
+    empty at best: a second, useless `crm_staging` beside `crm` in every warehouse browser. The next merge creates it again."""
     with pipeline.sql_client() as client, client.with_staging_dataset():
         if client.has_dataset():
             client.drop_dataset()

@@ -10,7 +10,6 @@ from typing import Any, Optional
 from dlt.pipeline.pipeline import Pipeline
 
 from .crm.errors import CrmConfigurationError
-from .crm_pipeline import DATASET_NAME
 
 
 def table_row_counts(pipeline: Pipeline, tables: Iterable[str]) -> dict[str, Optional[int]]:
@@ -35,7 +34,7 @@ def _dataset_columns(pipeline: Pipeline) -> list[tuple[str, str, str, bool]]:
         with pipeline.sql_client() as client:
             rows = client.execute_sql(
                 "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
-                f"WHERE table_schema = '{DATASET_NAME}'"
+                f"WHERE table_schema = '{pipeline.dataset_name}'"
             )
     except Exception:  # no such dataset yet, or a destination without information_schema
         return []
@@ -85,7 +84,7 @@ def _text_lists(pipeline: Pipeline, columns: list[tuple[str, str, str, bool]], t
                 f"SELECT {selected} FROM {client.make_qualified_table_name(table)} LIMIT {_SAMPLE_ROWS}"
             ) or []
             found.extend(
-                f"{DATASET_NAME}.{table}.{name}"
+                f"{pipeline.dataset_name}.{table}.{name}"
                 for index, name in enumerate(names)
                 if any(_json_array(row[index]) for row in rows)
             )
@@ -111,14 +110,15 @@ def earlier_layout(
     of lists held as JSON text, as the version before JSON columns kept them)."""
     by_name = {e.name: e for e in endpoints}
     names = tuple(f"{name}__" for name in by_name)
+    dataset = pipeline.dataset_name
     columns = _dataset_columns(pipeline)
     bigint_dates = sorted(
-        f"{DATASET_NAME}.{table}.{column}"
+        f"{dataset}.{table}.{column}"
         for table, column, data_type, _ in columns
         if table in by_name and _epoch_held_otherwise(by_name[table], column, data_type.lower())
     )
     child_tables = sorted({
-        f"{DATASET_NAME}.{table}"
+        f"{dataset}.{table}"
         for table, column, _, _ in columns
         if column == "_dlt_parent_id" and table.startswith(names)
     })
@@ -130,7 +130,7 @@ def earlier_layout(
         if table in by_name and not nullable and not column.startswith("_dlt"):
             stored_keys.setdefault(table, set()).add(column)
     changed_keys = sorted(
-        f"{DATASET_NAME}.{table} is keyed by `{', '.join(sorted(keys))}`, the settings now say "
+        f"{dataset}.{table} is keyed by `{', '.join(sorted(keys))}`, the settings now say "
         f"`{by_name[table].primary_key}`"
         for table, keys in stored_keys.items()
         if by_name[table].primary_key not in keys
@@ -139,12 +139,13 @@ def earlier_layout(
     return bigint_dates, child_tables, changed_keys, text_lists
 
 
-def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
+def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any], partition: Optional[str] = None) -> None:
     """Stop before a load would mix what the warehouse holds with what these settings load, naming
     each difference and the way over: a full refresh of those resources. Loading timestamps into
     BIGINT date columns, lists into JSON columns next to the child tables or the text columns that
     held them, or records keyed by `jnid` into a table whose `id` is NOT NULL would leave both half
-    right, or fail deep in the load."""
+    right, or fail deep in the load. `partition`: the account whose pipeline this is, named in the
+    command that re-runs it."""
     endpoints = list(endpoints)
     bigint_dates, child_tables, changed_keys, text_lists = earlier_layout(pipeline, endpoints)
     found = []
@@ -170,16 +171,17 @@ def refuse_earlier_layout(pipeline: Pipeline, endpoints: Iterable[Any]) -> None:
         )
     if found:
         named = " ".join(bigint_dates + child_tables + changed_keys + text_lists)
+        dataset = pipeline.dataset_name
         assets = ",".join(
             f"crm/{e.name}" for e in endpoints
-            if f"{DATASET_NAME}.{e.name} " in named or f"{DATASET_NAME}.{e.name}." in named
-            or f"{DATASET_NAME}.{e.name}__" in named
+            if f"{dataset}.{e.name} " in named or f"{dataset}.{e.name}." in named
+            or f"{dataset}.{e.name}__" in named
         )
         raise CrmConfigurationError(
             f"The warehouse holds tables these settings cannot load into: {'; '.join(found)}. "
             "Nothing was requested or loaded. Reload those assets once with a full refresh "
             "(launchpad config `full_refresh: true`, or dg launch "
-            f"--assets {assets} --config-json "
+            f"--assets {assets}{f' --partition {partition}' if partition else ''} --config-json "
             '\'{"ops": {"crm_sync_assets": {"config": {"full_refresh": true}}}}\')'
         )
 
@@ -231,6 +233,6 @@ def database_location(pipeline: Pipeline) -> str:
         credentials = client.config.credentials  # type: ignore[attr-defined]
         if name == "duckdb":
             return str(getattr(credentials, "database", None) or credentials)
-        return f"{name} {credentials}, dataset {DATASET_NAME}"
+        return f"{name} {credentials}, dataset {pipeline.dataset_name}"
     except Exception:
         return name

@@ -1,9 +1,13 @@
-"""One run of the pipeline at a time on this machine, and a DuckDB file no one else holds.
+"""One run of a pipeline at a time on this machine, and a DuckDB file no one else holds.
 
 Two runs of the same dlt pipeline at once share its working folder (dagster-dlt even deletes it
 at the start of every run) and, on DuckDB, a file that admits a single writer. The second run
 therefore waits for the first, saying so in the log, instead of corrupting either. Across
-machines, Dagster's `crm_warehouse` pool does the same job.
+machines, Dagster's `crm_warehouse` pool and run tags do the same job.
+
+What is locked: the pipeline (its working folder), and on DuckDB also the file (every pipeline
+writing it, so accounts sharing one file take turns: DuckDB admits one writer). On PostgreSQL each
+account's own pipeline (crm/accounts.py) has its own lock, and different accounts sync at once.
 
 A DuckDB file can also be held by a process that is no run at all: an analyst's notebook or the
 DuckDB CLI with the file open. DuckDB then refuses every other connection, and dlt reports it as a
@@ -14,6 +18,7 @@ often, up to `CRM_WAREHOUSE_WAIT_SECONDS`, then fails saying what to do.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -47,17 +52,27 @@ class CrmWarehouseBusy(CrmRunLockTimeout):
     """Another process kept the DuckDB file open for longer than this run was willing to wait."""
 
 
-def lock_path(pipelines_dir: Optional[str] = None) -> str:
-    return os.path.join(pipelines_dir or get_dlt_pipelines_dir(), f"{PIPELINE_NAME}.lock")
+def lock_path(pipelines_dir: Optional[str] = None, pipeline_name: str = PIPELINE_NAME) -> str:
+    """The lock file of the pipeline `pipeline_name` on this machine."""
+    return os.path.join(pipelines_dir or get_dlt_pipelines_dir(), f"{pipeline_name}.lock")
+
+
+def duckdb_lock_path(pipelines_dir: Optional[str] = None) -> Optional[str]:
+    """The lock file of the DuckDB file a sync writes now, shared by every pipeline writing it
+    (accounts sharing one file); None when the warehouse is no DuckDB file."""
+    try:
+        database = duckdb_path() if selected_destination() == "duckdb" else None
+    except CrmError:
+        return None  # an unknown destination: the run fails on it with its own message
+    if database is None:
+        return None
+    digest = hashlib.sha1(database.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(pipelines_dir or get_dlt_pipelines_dir(), f"duckdb_{digest}.lock")
 
 
 @contextmanager
-def exclusive_run(
-    pipelines_dir: Optional[str] = None, wait_seconds: float = DEFAULT_WAIT_SECONDS
-) -> Iterator[None]:
-    """Hold the pipeline for this block. Create the pipeline object inside the block: even
-    `dlt.pipeline()` reads a working folder that a running sync may be deleting."""
-    path = lock_path(pipelines_dir)
+def _held(path: str, what: str, wait_seconds: float) -> Iterator[None]:
+    """Hold the lock file `path` for this block, waiting (and saying so) while another run does."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a+") as handle:
         started = time.monotonic()
@@ -69,23 +84,42 @@ def exclusive_run(
             except BlockingIOError:
                 if not announced:
                     logger.warning(
-                        "Another run of pipeline %s is in progress on this machine; waiting for it "
-                        "to finish (lock %s)", PIPELINE_NAME, path,
+                        "Another run of %s is in progress on this machine; waiting for it to finish "
+                        "(lock %s)", what, path,
                     )
                     announced = True
                 if time.monotonic() - started > wait_seconds:
                     raise CrmRunLockTimeout(
-                        f"Another run of pipeline {PIPELINE_NAME} held {path} for more "
-                        f"than {wait_seconds:.0f}s; not starting a second writer"
+                        f"Another run of {what} held {path} for more than {wait_seconds:.0f}s; not "
+                        "starting a second writer"
                     ) from None
                 time.sleep(0.5)
         if announced:
             logger.warning("The other run finished after %.1fs; starting", time.monotonic() - started)
         try:
-            wait_for_duckdb_file()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def exclusive_run(
+    pipelines_dir: Optional[str] = None,
+    wait_seconds: float = DEFAULT_WAIT_SECONDS,
+    pipeline_name: str = PIPELINE_NAME,
+) -> Iterator[None]:
+    """Hold the pipeline `pipeline_name`, and on DuckDB its file, for this block (always in that
+    order, so two runs never wait on each other's second lock). Create the pipeline object inside
+    the block: even `dlt.pipeline()` reads a working folder that a running sync may be deleting."""
+    with _held(lock_path(pipelines_dir, pipeline_name), f"pipeline {pipeline_name}", wait_seconds):
+        database_lock = duckdb_lock_path(pipelines_dir)
+        if database_lock is None:
+            wait_for_duckdb_file()
+            yield
+            return
+        with _held(database_lock, "a pipeline writing the same DuckDB file", wait_seconds):
+            wait_for_duckdb_file()
+            yield
 
 
 def warehouse_wait_seconds() -> float:

@@ -214,3 +214,15 @@ def account_api_key(account: Account) -> str:
     if not key:
         raise CrmConfigurationError(f"{_where(account.name, 'api_key')} is missing: every account needs one")
     return str(key)
+
+
+def source_arguments(account: Account) -> dict[str, Any]:
+    """The keyword arguments that make the `crm` source (or `audit_settings`) read `account`: its
+    URL, its key (read now) and its resources. The settings not named here come from [sources.crm]."""
+    return dict(
+        base_url=account.base_url,
+        api_key=account_api_key(account),
+        primary_key=account.primary_key,
+        resources=account.resources,
+        page_sizes=account.page_sizes,
+    )
