@@ -1,0 +1,302 @@
+"""`make bench-accounts`: many accounts through Dagster's Celery run launcher on PostgreSQL.
+
+For each number of accounts (--accounts, default 20,100) and of workers (--workers, default
+1,2), from nothing: a simulator serving the accounts (--records per resource each, default 1,000:
+5,000 records an account), a fresh Dagster database and warehouse database on the PostgreSQL of
+scripts/services.sh, and the deployment of deploy/celery/ (code servers, webserver, daemon, the
+workers: one process each, `--concurrency 1`, Redis as broker; crm_assets_tests/celery_deployment.py).
+Then, measured:
+
+  trivial   --trivial-runs runs (default 20) of a one-asset job from another code location
+            (benchmarks/trivial_location.py), on the same daemon and workers: Dagster's own cost
+            of materializing an asset through this launcher;
+  accounts  crm_sync_schedule's tick (evaluated by the code server through the webserver's
+            GraphQL API, its run requests queued as the daemon queues them), one run per account.
+
+Per phase: the wall time from queuing the runs to the last one finished; per run (medians and
+the 90th percentile): the run's time (Dagster's run start to end, in the worker), its step's
+time (the sync: load and checks; for `trivial`, the asset), the overhead (run minus step) and
+the wait (queued to started: the run queue, the broker, a free worker). The overhead ratio is
+the accounts' median overhead over the trivial runs'. Peak RSS per worker: the worker's
+processes (its Celery main process and pool process) summed, polled every 0.2 s; and the
+machine's load average before and after, since other work on the machine slows every figure.
+
+    .venv/bin/python benchmarks/accounts.py                          # 20 and 100 accounts, 1 and 2 workers
+    .venv/bin/python benchmarks/accounts.py --accounts 20 --workers 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import psycopg2  # noqa: E402
+
+from crm_assets.simulator.process import start_simulator, stop_group  # noqa: E402
+from crm_assets_tests.celery_deployment import (  # noqa: E402
+    LOCATION,
+    CeleryDeployment,
+    instance_env,
+    wait_for_runs,
+)
+
+TRIVIAL_LOCATION = "trivial"
+SCHEDULE = "crm_sync_schedule"
+
+
+# --- the services and databases --------------------------------------------------------------
+
+
+def services() -> dict[str, str]:
+    script = REPO / "scripts" / "services.sh"
+    subprocess.run(["bash", str(script), "up"], check=True, stdout=subprocess.DEVNULL)
+    listed = subprocess.run(["bash", str(script), "env"], check=True, capture_output=True, text=True)
+    return dict(line.split("=", 1) for line in listed.stdout.splitlines() if "=" in line)
+
+
+def _admin_sql(server: dict[str, str], statement: str) -> None:
+    connection = psycopg2.connect(host=server["CRM_TEST_PG_HOST"], port=int(server["CRM_TEST_PG_PORT"]),
+                                  user=server["CRM_TEST_PG_USER"], password=server["CRM_TEST_PG_PASSWORD"],
+                                  dbname="postgres")
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+def database_url(server: dict[str, str], name: str) -> str:
+    return (f"postgresql://{server['CRM_TEST_PG_USER']}:{server['CRM_TEST_PG_PASSWORD']}@"
+            f"{server['CRM_TEST_PG_HOST']}:{server['CRM_TEST_PG_PORT']}/{name}")
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            parent = int(stat[stat.rfind(b")") + 2:].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
+    pids, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        pids.append(pid)
+        stack.extend(children.get(pid, ()))
+    return pids
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """CPU seconds (user + system) the living processes of these trees have used so far."""
+    children, total = _children(), 0.0
+    for root in roots:
+        for pid in _tree(root, children):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of each worker's process tree (the `dagster-celery` command, Celery's main
+    process, its pool process), summed, polled every 0.2 s."""
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.roots = roots
+        self.peaks = {name: 0 for name in roots}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.2):
+            children = _children()
+            for name, root in self.roots.items():
+                self.peaks[name] = max(self.peaks[name], sum(_rss_kb(pid) for pid in _tree(root, children)))
+
+    def stop(self) -> dict[str, float]:
+        self._halt.set()
+        self.join()
+        return {name: round(kb / 1024, 1) for name, kb in self.peaks.items()}
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def run_figures(instance, run_ids: list[str]) -> dict[str, Any]:
+    """Per run, from Dagster's own records: run time, step time, overhead, wait."""
+    from dagster import RunsFilter
+
+    rows = []
+    for record in instance.get_run_records(filters=RunsFilter(run_ids=run_ids)):
+        steps = instance.get_run_step_stats(record.dagster_run.run_id)
+        step = sum((s.end_time or 0) - (s.start_time or 0) for s in steps if s.start_time)
+        run = (record.end_time or 0) - (record.start_time or 0)
+        rows.append({"run": run, "step": step, "overhead": run - step,
+                     "wait": (record.start_time or 0) - record.create_timestamp.timestamp(),
+                     "ok": record.dagster_run.is_success})
+    figures: dict[str, Any] = {"runs": len(rows), "succeeded": sum(row["ok"] for row in rows)}
+    for field in ("run", "step", "overhead", "wait"):
+        values = [row[field] for row in rows]
+        figures[field] = {"median": round(statistics.median(values), 2),
+                          "p90": round(_percentile(values, 0.9), 2)}
+    return figures
+
+
+def phase(deployment: CeleryDeployment, instance, requests: list[dict], job: str, location: str,
+          timeout: float) -> dict[str, Any]:
+    """Queue the runs, wait for them; with the workers' CPU seconds per run (their Celery
+    processes: the pool processes run the runs) and the whole deployment's."""
+    workers = [deployment.processes[name].pid for name in deployment.worker_names]
+    everything = [process.pid for process in deployment.processes.values()]
+    cpu_workers, cpu_all = cpu_seconds(workers), cpu_seconds(everything)
+    started = time.monotonic()
+    run_ids = deployment.launch(requests, job, location)
+    wait_for_runs(instance, run_ids, timeout)
+    wall = time.monotonic() - started
+    return {"wall_s": round(wall, 1),
+            "worker_cpu_s_per_run": round((cpu_seconds(workers) - cpu_workers) / len(run_ids), 2),
+            "deployment_cpu_s": round(cpu_seconds(everything) - cpu_all, 1),
+            **run_figures(instance, run_ids)}
+
+
+# --- one configuration -----------------------------------------------------------------------
+
+
+def configuration(server: dict[str, str], accounts: int, workers: int, records: int, trivial_runs: int,
+                  root: Path, timeout: float) -> dict[str, Any]:
+    from dagster import DagsterInstance
+
+    root.mkdir(parents=True)
+    workdir = root / "project"
+    (workdir / ".dlt").mkdir(parents=True)
+    simulator, url = start_simulator(root / "simulator.ready", "--accounts", str(accounts), "--records",
+                                     str(records), api_key="unused", output=subprocess.DEVNULL)
+    dagster_db = f"bench_dagster_{uuid.uuid4().hex[:8]}"
+    warehouse_db = f"bench_crm_{uuid.uuid4().hex[:8]}"
+    _admin_sql(server, f'CREATE DATABASE "{dagster_db}"')
+    _admin_sql(server, f'CREATE DATABASE "{warehouse_db}"')
+    try:
+        import requests as http
+
+        names = http.get(f"{url}/_admin/accounts", timeout=30).json()["accounts"]
+        (workdir / ".dlt" / "secrets.toml").write_text("".join(
+            f'[sources.crm.accounts.{name}]\nbase_url = "{url}/{name}"\napi_key = "key-{name}"\n\n'
+            for name in names))
+        env = {**instance_env(server, dagster_db), "CRM_DESTINATION": "postgres",
+               "DESTINATION__POSTGRES__CREDENTIALS": database_url(server, warehouse_db),
+               "DLT_DATA_DIR": str(workdir / "dlt"), "RUNTIME__DLTHUB_TELEMETRY": "false",
+               "DAGSTER_DISABLE_TELEMETRY": "true"}
+        deployment = CeleryDeployment(root, workdir, env, workers=workers, locations={
+            LOCATION: ["-m", "crm_assets.definitions"],
+            TRIVIAL_LOCATION: ["-f", str(REPO / "benchmarks" / "trivial_location.py")],
+        })
+        os.environ.update(env, DAGSTER_HOME=str(deployment.home))
+        instance = DagsterInstance.from_config(str(deployment.home))  # Dagster's tables, once
+        with deployment:
+            deployment.start()
+            for location in (LOCATION, TRIVIAL_LOCATION):
+                deployment.stop_automation(location)
+            sampler = RssSampler({name: deployment.processes[name].pid for name in deployment.worker_names})
+            sampler.start()
+            load_before = os.getloadavg()
+            trivial = phase(deployment, instance, [{"tags": [], "runConfigYaml": "{}"}] * trivial_runs,
+                            "trivial_job", TRIVIAL_LOCATION, timeout)
+            tick = deployment.evaluate_schedule(SCHEDULE)
+            print(f"  trivial: {trivial}", flush=True)
+            synced = phase(deployment, instance, tick, "crm_sync", LOCATION, timeout)
+            print(f"  accounts: {synced}", flush=True)
+            load_after = os.getloadavg()
+            peaks = sampler.stop()
+        instance.dispose()
+        return {
+            "accounts": accounts, "records_per_account": records * 5, "workers": workers,
+            "trivial": trivial, "accounts_phase": synced,
+            "overhead_ratio": round(synced["overhead"]["median"] / trivial["overhead"]["median"], 2),
+            "peak_rss_mb_per_worker": peaks,
+            "loadavg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
+        }
+    finally:
+        stop_group(simulator)
+        _admin_sql(server, f'DROP DATABASE IF EXISTS "{dagster_db}" WITH (FORCE)')
+        _admin_sql(server, f'DROP DATABASE IF EXISTS "{warehouse_db}" WITH (FORCE)')
+
+
+def render(result: dict[str, Any]) -> str:
+    a, t = result["accounts_phase"], result["trivial"]
+    rss = ", ".join(f"{name} {mb:,.0f} MB" for name, mb in result["peak_rss_mb_per_worker"].items())
+    return (
+        f"{result['accounts']} accounts x {result['records_per_account']:,} records, "
+        f"{result['workers']} worker(s): {a['succeeded']}/{a['runs']} runs in {a['wall_s']} s; per run "
+        f"(median/p90) run {a['run']['median']}/{a['run']['p90']} s, sync {a['step']['median']}/"
+        f"{a['step']['p90']} s, overhead {a['overhead']['median']}/{a['overhead']['p90']} s, wait "
+        f"{a['wait']['median']}/{a['wait']['p90']} s\n"
+        f"    trivial asset: {t['succeeded']}/{t['runs']} runs in {t['wall_s']} s; overhead "
+        f"{t['overhead']['median']}/{t['overhead']['p90']} s (run {t['run']['median']} s)\n"
+        f"    overhead ratio {result['overhead_ratio']}x (target <= 1.5x); peak RSS {rss}; "
+        f"load average {result['loadavg_1min'][0]} -> {result['loadavg_1min'][1]}"
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accounts", default="20,100", help="numbers of accounts, e.g. 20,100")
+    parser.add_argument("--workers", default="1,2", help="numbers of Celery workers, e.g. 1,2")
+    parser.add_argument("--records", type=int, default=1000, help="records of each resource per account")
+    parser.add_argument("--trivial-runs", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds a phase may take")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    args = parser.parse_args(argv)
+
+    server = services()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="crm-bench-accounts-") as temp:
+        for accounts in [int(n) for n in args.accounts.split(",")]:
+            for workers in [int(n) for n in args.workers.split(",")]:
+                result = configuration(server, accounts, workers, args.records, args.trivial_runs,
+                                       Path(temp) / f"{accounts}x{workers}", args.timeout)
+                print(render(result), flush=True)
+                results.append(result)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
