@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 export DAGSTER_DISABLE_TELEMETRY ?= true
 
-.PHONY: install test test-fast demo dev bench clean
+.PHONY: install test test-fast demo dev bench bench-accounts clean
 
 install: $(STAMP)
 
@@ -57,6 +57,12 @@ dev: $(STAMP)
 ##   make bench BENCH_ARGS="--latency-ms 50"   or   BENCH_ARGS="--records 1000000 --only c2,c --json bench.json"
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+## make bench-accounts: 20 and 100 accounts of 5,000 records through the Celery run launcher on
+## PostgreSQL (scripts/services.sh), one worker and two, against a trivial asset on the same launcher
+##   make bench-accounts ACCOUNTS_ARGS="--accounts 20 --workers 2"
+bench-accounts: $(STAMP)
+	$(BIN)/python benchmarks/accounts.py $(ACCOUNTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .dagster_home .demo crm_warehouse.duckdb
