@@ -44,7 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # modules come first, as measured (benchmarks/README.md), so that none of them starts last and
 # keeps one worker busy while the other has nothing left. Modules not named keep their order.
 LONGEST_MODULES_FIRST = (
-    "test_reliability.py", "test_scripts.py", "test_webserver.py", "test_audit.py", "test_sync.py",
+    "test_celery.py", "test_reliability.py", "test_scripts.py", "test_webserver.py", "test_audit.py", "test_sync.py",
     "test_definitions.py", "test_arrow_pages.py", "test_real_api_shape.py", "test_incremental.py",
     "test_adversary.py", "test_isolation.py", "test_dishonest_api.py", "test_readme_commands.py",
     "test_checks.py", "test_orchestration.py",
