@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional, Union
 
 from dagster import (
@@ -56,7 +56,7 @@ from .sources.destination import run_options, selected_destination
 from .sources.readback import refuse_earlier_layout, schema_changes, table_row_counts
 from .sources.run_lock import exclusive_run
 from .sources.tuning import sync_tuning
-from .sources.union_views import drop_union_views, refresh_union_views
+from .sources.union_views import refresh_union_views, union_views_dropped
 from .translator import CrmTranslator
 
 # Only one run may write the warehouse at a time (DuckDB allows a single writer; dlt state
@@ -338,28 +338,33 @@ def _load(
                 options: dict[str, Any] = run_options(pipeline)
                 if config.full_refresh:
                     options["refresh"] = "drop_resources"
-                    if account is not None:  # PostgreSQL drops no table a view reads
-                        drop_union_views(pipeline, names)
                 else:
                     refuse_earlier_layout(pipeline, selected, account.name if account else None)
                 results: list[Any] = []
-                while remaining:
-                    try:
-                        # a fresh source each time: no step of the read keeps what a failed one saw
-                        source = crm(**connection).with_resources(*remaining)
-                        run = dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
-                        results = list(run)
-                        break
-                    except Exception as exc:
-                        isolated = _isolatable(exc)
-                        if isolated is None or isolated[0] not in remaining:
-                            raise
-                        resource, error = isolated
-                        failed[resource] = error
-                        remaining.remove(resource)
-                        context.log.error(f"{resource} failed and is left out of this run: {error}")
-                        if remaining:
-                            context.log.info(f"Loading the others without it: {', '.join(remaining)}")
+                # PostgreSQL drops no table a view reads: a full refresh of an account's tables
+                # first drops their union views, and holds off the other accounts' refresh of them
+                views_held = (
+                    union_views_dropped(pipeline, names) if account is not None and config.full_refresh
+                    else nullcontext()
+                )
+                with views_held:
+                    while remaining:
+                        try:
+                            # a fresh source each time: no step of the read keeps what a failed one saw
+                            source = crm(**connection).with_resources(*remaining)
+                            run = dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
+                            results = list(run)
+                            break
+                        except Exception as exc:
+                            isolated = _isolatable(exc)
+                            if isolated is None or isolated[0] not in remaining:
+                                raise
+                            resource, error = isolated
+                            failed[resource] = error
+                            remaining.remove(resource)
+                            context.log.error(f"{resource} failed and is left out of this run: {error}")
+                            if remaining:
+                                context.log.info(f"Loading the others without it: {', '.join(remaining)}")
                 tables = [result.asset_key.path[-1] for result in results]
                 if tables:
                     drop_staging(pipeline)

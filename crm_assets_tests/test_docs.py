@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from crm_assets.sources.crm import build_endpoints, crm
+from crm_assets.sources.crm.accounts import ACCOUNT_SETTINGS
 from crm_assets.sources.crm.audit import audit_settings
 from crm_assets.sources.crm.catalog import RESOURCE_FIELDS
 
@@ -68,11 +69,18 @@ def test_every_make_target_the_readme_gives_exists():
 
 def test_every_source_setting_the_docs_name_is_read():
     """`SOURCES__CRM__X` is dlt's name for the `crm` source's argument `x` (or the audit's, which
-    reads the same section)."""
+    reads the same section), or the accounts (`SOURCES__CRM__ACCOUNTS`, and one setting of one
+    account: `SOURCES__CRM__ACCOUNTS__<NAME>__<SETTING>`, accounts.py)."""
     arguments = set(inspect.signature(crm).parameters) | set(inspect.signature(audit_settings).parameters)
+    arguments.add("accounts")
     named = set()
     for doc in DOCS:
-        named |= {name.lower() for name in re.findall(r"SOURCES__CRM__([A-Z_]+[A-Z])", _text(doc))}
+        for name in re.findall(r"SOURCES__CRM__([A-Z_]+[A-Z])", _text(doc)):
+            account_setting = re.fullmatch(r"ACCOUNTS__[A-Z0-9_]+?__([A-Z_]+)", name)
+            if account_setting:
+                assert account_setting[1].lower() in ACCOUNT_SETTINGS, name
+                continue
+            named.add(name.lower())
     assert named and named <= arguments, sorted(named - arguments)
 
 

@@ -16,7 +16,8 @@ Views are a convenience: failing to refresh one logs a warning and never fails t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from dlt.pipeline.pipeline import Pipeline
@@ -103,14 +104,24 @@ def refresh_union_views(pipeline: Pipeline, accounts: Mapping[str, str], tables:
     return made
 
 
-def drop_union_views(pipeline: Pipeline, tables: Iterable[str]) -> None:
-    """Drop `crm_all.<table>` for `tables`: PostgreSQL refuses to drop a table a view reads, and a
-    full refresh drops the account's tables. The load after it creates them again."""
+@contextmanager
+def union_views_dropped(pipeline: Pipeline, tables: Iterable[str]) -> Iterator[None]:
+    """Drop `crm_all.<table>` for `tables` and keep every other account's load from recreating them
+    until the block ends: PostgreSQL refuses to drop a table a view reads, and a full refresh drops
+    the account's tables. The load's own refresh_union_views, after the block, creates them again.
+    Elsewhere nothing to do: DuckDB binds a view's tables only when it is read."""
     if pipeline.destination is None or pipeline.destination.destination_name != "postgres":
-        return  # DuckDB binds a view's tables when it is read: a table under a view can be dropped
+        yield
+        return
     with pipeline.sql_client() as client:
         q = client.escape_column_name
-        with client.begin_transaction():
-            client.execute_sql(f"SELECT pg_advisory_xact_lock(hashtext('{UNION_DATASET}'))")
+        # a session lock, held over the load: refresh_union_views waits on the same key
+        client.execute_sql(f"SELECT pg_advisory_lock(hashtext('{UNION_DATASET}'))")
+        try:
             for table in tables:
                 client.execute_sql(f"DROP VIEW IF EXISTS {q(UNION_DATASET)}.{q(table)}")
+            yield
+        finally:
+            # closing the connection would release it too, should this fail
+            with suppress(Exception):
+                client.execute_sql(f"SELECT pg_advisory_unlock(hashtext('{UNION_DATASET}'))")
