@@ -41,7 +41,7 @@ from .crm.audit import (
     repair_ranges,
 )
 from .crm.errors import CrmError
-from .crm_pipeline import DATASET_NAME, drop_staging
+from .crm_pipeline import drop_staging
 from .destination import run_options
 from .readback import refuse_earlier_layout
 
@@ -136,7 +136,7 @@ def audit(pipeline: Pipeline, settings: AuditSettings, resources: Sequence[str])
             endpoint.name, result.listed, "whole records" if result.whole_records else "keys and dates",
             result.missing, result.stale, result.gone,
         )
-        too_many = _guard(endpoint.name, comparison, settings.audit_max_gone_share)
+        too_many = _guard(f"{pipeline.dataset_name}.{endpoint.name}", comparison, settings.audit_max_gone_share)
         if too_many:
             result.problem = too_many
             logger.error("%s", too_many)
@@ -181,7 +181,7 @@ def audit(pipeline: Pipeline, settings: AuditSettings, resources: Sequence[str])
             result.passed = after.differences == 0
             if not result.passed:
                 result.problem = (
-                    f"crm.{endpoint.name} still differs from the API after the repair: "
+                    f"{pipeline.dataset_name}.{endpoint.name} still differs from the API after the repair: "
                     f"{len(after.missing)} missing, {len(after.stale)} stale, {len(after.gone)} gone "
                     f"(for example {', '.join((after.missing + after.stale + after.gone)[:5])})"
                 )
@@ -211,9 +211,9 @@ def _guard(table: str, comparison: Comparison, max_share: float) -> Optional[str
     if not gone or gone <= max_share * rows:
         return None
     return (
-        f"crm.{table}: {gone} of its {rows} rows ({gone / rows:.1%}) are no longer listed by the API, "
+        f"{table}: {gone} of its {rows} rows ({gone / rows:.1%}) are no longer listed by the API, "
         f"more than the {max_share:.1%} one audit may mark or remove ({MAX_GONE_SHARE_SETTING}="
-        f"{max_share:g}). crm.{table} was left unchanged: nothing loaded, marked or removed. A wrong "
+        f"{max_share:g}). {table} was left unchanged: nothing loaded, marked or removed. A wrong "
         "key or an empty answer from the API looks like this; if the deletions are real, raise "
         f"{MAX_GONE_SHARE_SETTING} for one audit"
     )
@@ -235,7 +235,7 @@ def _columns(pipeline: Pipeline, table: str) -> Optional[set[str]]:
     with pipeline.sql_client() as client:
         rows = client.execute_sql(
             "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
-            DATASET_NAME, table,
+            pipeline.dataset_name, table,
         )
     return {str(row[0]) for row in rows or []} or None
 
