@@ -255,7 +255,7 @@ def _per_account(context: SensorEvaluationContext, accounts: Sequence[Account]) 
             new_cursors[account.name] = moved[account.name]
             started.append(account.name)
 
-    requests, failed = [], []
+    requests, failed, quiet = [], [], 0
     for account, outcome in sorted(_ask_accounts(asked).items()):
         if isinstance(outcome, str):
             new_cursors[account] = cursors[account]
@@ -263,6 +263,7 @@ def _per_account(context: SensorEvaluationContext, accounts: Sequence[Account]) 
             continue
         new_cursors[account] = moved[account]
         if not outcome:
+            quiet += 1
             continue
         summary = ", ".join(f"{name} ({count} updated)" for name, count in outcome.items())
         context.log.info(f"Account {account} changed since the last evaluation: {summary}")
@@ -283,7 +284,7 @@ def _per_account(context: SensorEvaluationContext, accounts: Sequence[Account]) 
     cursor = _dump_account_cursors(new_cursors)
     if requests:
         return SensorResult(run_requests=requests, cursor=cursor)
-    reasons = ["no account's CRM resources changed since the last evaluation"] if asked else []
+    reasons = [f"nothing changed since the last evaluation in {quiet} account(s)"] if quiet else []
     if started:
         reasons.append(f"first evaluation for {', '.join(started)} (earlier changes are the schedule's job)")
     if waiting:

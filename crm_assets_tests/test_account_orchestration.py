@@ -198,6 +198,11 @@ def test_the_change_sensor_requests_only_the_accounts_that_changed(
     moved = datetime.fromtimestamp(int(started + 120) - CHANGE_SENSOR_OVERLAP_SECONDS, timezone.utc)
     assert json.loads(next_cursor)["acme"]["jobs"] == moved.strftime("%Y-%m-%dT%H:%M:%SZ")
 
+    monkeypatch.setattr(sensors, "_now", lambda: started + 240)
+    quiet, _ = _evaluate(sensor, instance, next_cursor)  # the edits are behind every cursor now
+    assert not quiet.run_requests
+    assert quiet.skip_reason.skip_message == "Nothing changed since the last evaluation in 3 account(s)"
+
 
 def test_the_change_sensor_skips_an_unreachable_or_busy_account_and_requests_the_others(
     accounts, simulator, instance, monkeypatch, capsys
