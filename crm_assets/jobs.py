@@ -9,6 +9,7 @@ from dagster import (
     DagsterRun,
     DagsterRunStatus,
     Jitter,
+    PartitionedConfig,
     PartitionsDefinition,
     RetryPolicy,
     RunsFilter,
@@ -25,6 +26,28 @@ from .partitions import ACCOUNT_PARTITIONS
 # step by step, also for ad-hoc materializations launched from the UI.
 WAREHOUSE_RUN_TAGS = {WAREHOUSE_RUN_TAG: WAREHOUSE_POOL}
 
+
+def account_warehouse_tags(name: str) -> dict[str, str]:
+    """With accounts, a run's warehouse tag names its account: deploy/dagster.yaml admits one run
+    per value, so accounts run in parallel there (dagster.yaml, one DuckDB file: one at a time)."""
+    return {WAREHOUSE_RUN_TAG: f"account:{name}"}
+
+
+def _per_account(partitions_def: Optional[PartitionsDefinition], run_config: dict[str, Any]) -> dict[str, Any]:
+    """A job's run tags and config: the shared warehouse tag, or with accounts the account's own,
+    set by Dagster on every run of a partition however it is launched (schedule, sensor, the UI's
+    launchpad, `dg launch --partition`)."""
+    if partitions_def is None:
+        return {"run_tags": WAREHOUSE_RUN_TAGS, **({"config": run_config} if run_config else {})}
+    return {
+        "partitions_def": partitions_def,
+        "config": PartitionedConfig(
+            partitions_def=partitions_def,
+            run_config_for_partition_key_fn=lambda _: run_config,
+            tags_for_partition_key_fn=account_warehouse_tags,
+        ),
+    }
+
 # The audit's checks (`warehouse_matches_api`) list the whole API: they run in `crm_audit` only.
 AUDIT_CHECKS = AssetSelection.checks(crm_audit_checks)
 
@@ -37,7 +60,7 @@ crm_sync = define_asset_job(
         "Transient API failures are retried up to 3 times with exponential backoff; a failed "
         "blocking check (duplicate or NULL id) fails the run."
     ),
-    run_tags=WAREHOUSE_RUN_TAGS,
+    **_per_account(ACCOUNT_PARTITIONS, {}),
     op_retry_policy=RetryPolicy(
         max_retries=SYNC_MAX_RETRIES,
         delay=SYNC_RETRY_DELAY_SECONDS,
@@ -70,9 +93,7 @@ def build_crm_checks(partitions_def: Optional[PartitionsDefinition] = None) -> A
         name="crm_checks",
         selection=AssetSelection.groups(GROUP_NAME) - AUDIT_CHECKS,
         description=_CHECKS_DESCRIPTION.replace("crm.*", "crm_<account>.*") + " One account per run.",
-        run_tags=WAREHOUSE_RUN_TAGS,
-        partitions_def=partitions_def,
-        config={"ops": {"crm_sync_assets": {"config": {"checks_only": True}}}},
+        **_per_account(partitions_def, {"ops": {"crm_sync_assets": {"config": {"checks_only": True}}}}),
     )
 
 
