@@ -30,7 +30,9 @@ from crm_assets.resources import RESOURCES as DAGSTER_RESOURCES
 from crm_assets.simulator import CrmSimulator, SimulatorConfig
 from crm_assets.sources.crm.accounts import account_api_key, configured_accounts
 from crm_assets.sources.crm.errors import CrmConfigurationError
+from crm_assets.sources.crm_pipeline import crm_pipeline
 from crm_assets.sources.run_lock import CrmRunLockTimeout, exclusive_run
+from crm_assets.sources.union_views import refresh_union_views
 
 from .conftest import all_event_text
 from .warehouses import STATE_SQL, DuckDbWarehouse, api_state
@@ -308,6 +310,27 @@ def test_a_failed_check_in_one_account_stays_failed_after_another_account_passes
     assert latest == {"acme": "FAILED", "beta": "SUCCEEDED"}
     # an unpartitioned check would keep only the newest result: beta's pass
     assert instance.get_latest_asset_check_evaluation_record(key).partition == "beta"
+
+
+def test_the_union_view_aligns_columns_that_differ_between_accounts(any_warehouse, warehouse, monkeypatch):
+    """A column one account lacks is NULL for its rows; one whose type differs is read as text."""
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(warehouse))
+    pipeline = crm_pipeline(pipeline_name="crm_warehouse_a", dataset_name="crm_a")
+    with pipeline.sql_client() as client:
+        for statement in (
+            "CREATE SCHEMA crm_a", "CREATE SCHEMA crm_b",
+            "CREATE TABLE crm_a.jobs (id TEXT, amount BIGINT)",
+            "CREATE TABLE crm_b.jobs (id TEXT, amount TEXT, colour TEXT)",
+            "INSERT INTO crm_a.jobs VALUES ('a-1', 5)",
+            "INSERT INTO crm_b.jobs VALUES ('b-1', 'five', 'red')",
+        ):
+            client.execute_sql(statement)
+
+    made = refresh_union_views(pipeline, {"a": "crm_a", "b": "crm_b", "c": "crm_c"}, ["jobs", "tasks"])
+
+    assert made == ["crm_all.jobs"]  # no account has tasks yet; c has no dataset yet
+    rows = any_warehouse.query("SELECT crm_account, id, amount, colour FROM crm_all.jobs ORDER BY id")
+    assert [tuple(row) for row in rows] == [("a", "a-1", "5", None), ("b", "b-1", "five", "red")]
 
 
 # --- the run lock ----------------------------------------------------------------------------
