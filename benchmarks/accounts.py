@@ -9,7 +9,8 @@ Then, measured:
 
   trivial   --trivial-runs runs (default 20) of a one-asset job from another code location
             (benchmarks/trivial_location.py), on the same daemon and workers: Dagster's own cost
-            of materializing an asset through this launcher;
+            of materializing an asset through this launcher; then as many of the same asset in
+            the pool `crm_warehouse` (what the pool's slot claim adds);
   accounts  crm_sync_schedule's tick (evaluated by the code server through the webserver's
             GraphQL API, its run requests queued as the daemon queues them), one run per account.
 
@@ -17,9 +18,10 @@ Per phase: the wall time from queuing the runs to the last one finished; per run
 the 90th percentile): the run's time (Dagster's run start to end, in the worker), its step's
 time (the sync: load and checks; for `trivial`, the asset), the overhead (run minus step) and
 the wait (queued to started: the run queue, the broker, a free worker). The overhead ratio is
-the accounts' median overhead over the trivial runs'. Peak RSS per worker: the worker's
-processes (its Celery main process and pool process) summed, polled every 0.2 s; and the
-machine's load average before and after, since other work on the machine slows every figure.
+the accounts' median overhead over the trivial runs'. The workers' CPU seconds per run. Peak RSS
+per worker: its processes (the `dagster-celery` command, Celery's main process, the pool
+process) summed, and its largest process, polled every 0.2 s; and the machine's load average
+before and after, since other work on the machine slows every figure.
 
     .venv/bin/python benchmarks/accounts.py                          # 20 and 100 accounts, 1 and 2 workers
     .venv/bin/python benchmarks/accounts.py --accounts 20 --workers 2 --json out.json
@@ -133,25 +135,29 @@ def _rss_kb(pid: int) -> int:
 
 
 class RssSampler(threading.Thread):
-    """Peak RSS of each worker's process tree (the `dagster-celery` command, Celery's main
-    process, its pool process), summed, polled every 0.2 s."""
+    """Peak RSS of each worker: its process tree (the `dagster-celery` command, Celery's main
+    process, its pool process) summed, and its largest process alone (the pool process, which
+    runs the runs), polled every 0.2 s."""
 
     def __init__(self, roots: dict[str, int]) -> None:
         super().__init__(daemon=True)
         self.roots = roots
-        self.peaks = {name: 0 for name in roots}
+        self.peaks = {name: [0, 0] for name in roots}
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(0.2):
             children = _children()
             for name, root in self.roots.items():
-                self.peaks[name] = max(self.peaks[name], sum(_rss_kb(pid) for pid in _tree(root, children)))
+                sizes = [_rss_kb(pid) for pid in _tree(root, children)]
+                peak = self.peaks[name]
+                peak[0], peak[1] = max(peak[0], sum(sizes)), max(peak[1], max(sizes))
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, dict[str, float]]:
         self._halt.set()
         self.join()
-        return {name: round(kb / 1024, 1) for name, kb in self.peaks.items()}
+        return {name: {"tree": round(tree / 1024, 1), "largest_process": round(largest / 1024, 1)}
+                for name, (tree, largest) in self.peaks.items()}
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -236,10 +242,12 @@ def configuration(server: dict[str, str], accounts: int, workers: int, records: 
             sampler = RssSampler({name: deployment.processes[name].pid for name in deployment.worker_names})
             sampler.start()
             load_before = os.getloadavg()
-            trivial = phase(deployment, instance, [{"tags": [], "runConfigYaml": "{}"}] * trivial_runs,
-                            "trivial_job", TRIVIAL_LOCATION, timeout)
-            tick = deployment.evaluate_schedule(SCHEDULE)
+            plain = [{"tags": [], "runConfigYaml": "{}"}] * trivial_runs
+            trivial = phase(deployment, instance, plain, "trivial_job", TRIVIAL_LOCATION, timeout)
             print(f"  trivial: {trivial}", flush=True)
+            in_pool = phase(deployment, instance, plain, "trivial_in_pool_job", TRIVIAL_LOCATION, timeout)
+            print(f"  trivial in pool: {in_pool}", flush=True)
+            tick = deployment.evaluate_schedule(SCHEDULE)
             synced = phase(deployment, instance, tick, "crm_sync", LOCATION, timeout)
             print(f"  accounts: {synced}", flush=True)
             load_after = os.getloadavg()
@@ -247,7 +255,7 @@ def configuration(server: dict[str, str], accounts: int, workers: int, records: 
         instance.dispose()
         return {
             "accounts": accounts, "records_per_account": records * 5, "workers": workers,
-            "trivial": trivial, "accounts_phase": synced,
+            "trivial": trivial, "trivial_in_pool": in_pool, "accounts_phase": synced,
             "overhead_ratio": round(synced["overhead"]["median"] / trivial["overhead"]["median"], 2),
             "peak_rss_mb_per_worker": peaks,
             "loadavg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
@@ -259,16 +267,19 @@ def configuration(server: dict[str, str], accounts: int, workers: int, records: 
 
 
 def render(result: dict[str, Any]) -> str:
-    a, t = result["accounts_phase"], result["trivial"]
-    rss = ", ".join(f"{name} {mb:,.0f} MB" for name, mb in result["peak_rss_mb_per_worker"].items())
+    a, t, p = result["accounts_phase"], result["trivial"], result["trivial_in_pool"]
+    rss = ", ".join(f"{name} {mb['tree']:,.0f} MB (largest process {mb['largest_process']:,.0f} MB)"
+                    for name, mb in result["peak_rss_mb_per_worker"].items())
     return (
         f"{result['accounts']} accounts x {result['records_per_account']:,} records, "
         f"{result['workers']} worker(s): {a['succeeded']}/{a['runs']} runs in {a['wall_s']} s; per run "
         f"(median/p90) run {a['run']['median']}/{a['run']['p90']} s, sync {a['step']['median']}/"
         f"{a['step']['p90']} s, overhead {a['overhead']['median']}/{a['overhead']['p90']} s, wait "
-        f"{a['wait']['median']}/{a['wait']['p90']} s\n"
+        f"{a['wait']['median']}/{a['wait']['p90']} s; worker CPU {a['worker_cpu_s_per_run']} s a run\n"
         f"    trivial asset: {t['succeeded']}/{t['runs']} runs in {t['wall_s']} s; overhead "
-        f"{t['overhead']['median']}/{t['overhead']['p90']} s (run {t['run']['median']} s)\n"
+        f"{t['overhead']['median']}/{t['overhead']['p90']} s (run {t['run']['median']} s); worker CPU "
+        f"{t['worker_cpu_s_per_run']} s a run; the same in pool crm_warehouse: overhead "
+        f"{p['overhead']['median']}/{p['overhead']['p90']} s\n"
         f"    overhead ratio {result['overhead_ratio']}x (target <= 1.5x); peak RSS {rss}; "
         f"load average {result['loadavg_1min'][0]} -> {result['loadavg_1min'][1]}"
     )

@@ -86,6 +86,7 @@ def celery_deployment(postgres_server, accounts_simulator, tmp_path_factory):
         "DAGSTER_DISABLE_TELEMETRY": "true",
         "SOURCES__CRM__BACKOFF_FACTOR": "0.01",
     }
+    # two processes a worker: a run waits on PostgreSQL and the API for part of its time
     deployment = CeleryDeployment(root, workdir, env, workers=2, concurrency=2)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
@@ -122,6 +123,7 @@ def _failure_text(instance, run_id: str) -> str:
 
 
 @pytest.mark.postgres
+@pytest.mark.timeout(600)  # about 90 s alone; under make test it shares the cores with two more workers
 def test_the_schedule_tick_for_20_accounts_runs_on_both_workers_and_lands_each_exactly(
     celery_deployment, accounts_simulator
 ):
@@ -130,7 +132,7 @@ def test_the_schedule_tick_for_20_accounts_runs_on_both_workers_and_lands_each_e
 
     requests = deployment.evaluate_schedule(SCHEDULE)
     run_ids = deployment.launch(requests, "crm_sync")
-    runs = wait_for_runs(instance, run_ids, timeout=240)
+    runs = wait_for_runs(instance, run_ids, timeout=420)
 
     by_account = {run.tags.get("dagster/partition"): run for run in runs}
     assert sorted(by_account) == ACCOUNT_NAMES, "one run per account"
