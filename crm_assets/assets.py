@@ -64,7 +64,6 @@ from .translator import CrmTranslator
 WAREHOUSE_POOL = "crm_warehouse"
 
 
-
 def union_endpoints(accounts: Sequence[Account]) -> tuple[Endpoint, ...]:
     """Every resource any account has, once (the first account's settings describe it): the
     assets are their union, and an account without one of them does not materialize it."""
@@ -242,7 +241,7 @@ def build_crm_sync_assets(accounts: Sequence[Account] = ()) -> AssetsDefinition:
                 "not materialized for it"
             )
         failed: dict[str, CrmError] = {}
-        if names:  # none when only checks are selected (job crm_checks)
+        if names:  # none when only checks are selected (job crm_checks), or with checks_only
             materializations, failed = _load(context, dlt, config, names, account, accounts)
             yield from materializations
         checked = [
@@ -253,7 +252,7 @@ def build_crm_sync_assets(accounts: Sequence[Account] = ()) -> AssetsDefinition:
             yield from table_checks(context.log, checked, list(own.values()), account)
         if failed:
             raise _failure(
-                _failure_description(failed, loaded=[name for name in names if name not in failed], account=account),
+                _failure_description(failed, [name for name in names if name not in failed], account),
                 allow_retries=all(_is_transient(error) for error in failed.values()),
                 account=account,
             )
@@ -280,7 +279,9 @@ def _account(context: AssetExecutionContext, by_name: Mapping[str, Account]) -> 
 crm_sync_assets = build_crm_sync_assets(ACCOUNTS)
 
 
-def _failure_description(failed: dict[str, CrmError], loaded: list[str], account: Optional[Account] = None) -> str:
+def _failure_description(
+    failed: dict[str, CrmError], loaded: list[str], account: Optional[Account] = None
+) -> str:
     """One line: each failed resource with its reason, then what landed and how to re-run the rest."""
     reasons = "; ".join(str(error) for error in failed.values())
     if not loaded:

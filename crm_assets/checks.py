@@ -76,7 +76,8 @@ def table_check_specs(
     specs = []
     for endpoint in endpoints:
         asset = AssetKey([ASSET_KEY_PREFIX, endpoint.name])
-        table = f"crm.{endpoint.name}" if partitions_def is None else f"the account's crm_<account>.{endpoint.name}"
+        dataset = "crm" if partitions_def is None else "the account's crm_<account>"
+        table = f"{dataset}.{endpoint.name}"
         key = endpoint.primary_key
         with warnings.catch_warnings():
             # A partitioned AssetCheckSpec is a preview feature of Dagster 1.13 (pyproject.toml pins

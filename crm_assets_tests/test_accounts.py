@@ -104,7 +104,8 @@ def test_accounts_merge_secrets_and_config_and_the_key_stays_out_of_the_account(
         "import json\n"
         "from crm_assets.sources.crm.accounts import account_api_key, configured_accounts\n"
         "print(json.dumps([[a.name, a.base_url, a.dataset_name, a.pipeline_name, repr(a), str(vars(a)),\n"
-        "    {e.name: e.page_size for e in a.endpoints}['tasks'], account_api_key(a)] for a in configured_accounts()]))"
+        "    {e.name: e.page_size for e in a.endpoints}['tasks'], account_api_key(a)]\n"
+        "    for a in configured_accounts()]))"
     )
     env = {**os.environ, "SOURCES__CRM__ACCOUNTS__SOUTH__API_KEY": "k-south-from-env"}
     completed = subprocess.run([sys.executable, "-c", read], cwd=tmp_path, env=env, capture_output=True,

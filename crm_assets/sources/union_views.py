@@ -65,10 +65,12 @@ def _view_sql(client: Any, destination: str, table: str, accounts: Mapping[str, 
         own = {column for column, _ in found[dataset]}
         selected = [f"'{name}'::text AS {q(ACCOUNT_COLUMN)}"]
         for column, kinds in types.items():
-            if len(kinds) > 1:  # the accounts disagree on its type: text reads them all
-                selected.append(f"{q(column)}::text AS {q(column)}" if column in own else f"NULL::text AS {q(column)}")
+            # the accounts disagree on its type: text reads them all
+            kind = "text" if len(kinds) > 1 else next(iter(kinds))
+            if column not in own:
+                selected.append(f"NULL::{kind} AS {q(column)}")
             else:
-                selected.append(q(column) if column in own else f"NULL::{next(iter(kinds))} AS {q(column)}")
+                selected.append(f"{q(column)}::text AS {q(column)}" if len(kinds) > 1 else q(column))
         branches.append(f"SELECT {', '.join(selected)} FROM {q(dataset)}.{q(table)}")
     return " UNION ALL ".join(branches)
 

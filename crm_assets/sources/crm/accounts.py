@@ -132,7 +132,9 @@ def _raw_settings() -> dict[str, dict[str, Any]]:
                     "'staging' or ending in '_staging'"
                 )
             if not isinstance(settings, Mapping):
-                raise CrmConfigurationError(f"{_where(name)}: expected a table of settings, got {type(settings).__name__}")
+                raise CrmConfigurationError(
+                    f"{_where(name)}: expected a table of settings, got {type(settings).__name__}"
+                )
             unknown = sorted(set(settings) - set(ACCOUNT_SETTINGS))
             if unknown:
                 raise CrmConfigurationError(
