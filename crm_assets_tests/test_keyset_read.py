@@ -376,6 +376,28 @@ def test_the_last_slice_reads_again_after_every_other_slice_has_ended():
     assert slices.done and "r00003" in seen
 
 
+def test_the_last_slices_second_read_knows_a_repeat_of_whichever_slice_was_served_last():
+    listing = Listing(list(range(1, 61)), window=10_000)
+    slices = Slices("jobs", 10, [(0, 20), (21, 40), (41, None)], result_window=listing.window)
+    while slices.ready(2):  # the last slice first, to its end
+        slices.take(2, *listing.serve(slices.request(2)))
+    while True:  # slice 1's last answer is served ...
+        rows, count = listing.serve(slices.request(0))
+        if len(rows) >= count:
+            break
+        slices.take(0, rows, count)
+    while slices.ready(1):  # ... then all of slice 2 ...
+        slices.take(1, *listing.serve(slices.request(1)))
+    slices.take(0, rows, count)  # ... and slice 1's worker takes its answer last
+    assert slices.ready(2) and slices.recheck is not None
+    del listing.records["r00059"]  # nothing left at the last slice's second
+    listing.repeat_next = True  # the API serves slice 2's last record again, alone
+    rows, count = listing.serve(slices.request(2))
+    assert [r["date_updated"] for r in rows] == [40] and count == 0
+    slices.take(2, rows, count)
+    assert slices.done
+
+
 class ConcurrentSlices(AdversarialRead):
     """The keyset read cut into slices (`SlicePlan`, `Slices`), their requests interleaved in any
     order with the adversary's changes: the same guarantee, the same kind of request bound."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import time
 import uuid
@@ -366,7 +367,12 @@ class CrmSession(requests.Session):
                 resource=resource, path=path, status=status,
             )
         key = endpoint.primary_key
-        for record in records:
+        # the usual page, checked in C: records all dicts, their keys all non-empty strings
+        usual = set(map(type, records)) <= {dict}
+        if usual:
+            keys = list(map(operator.methodcaller("get", key), records))
+            usual = set(map(type, keys)) <= {str} and all(keys)
+        for record in () if usual else records:
             if not isinstance(record, dict) or not isinstance(record.get(key), str) or not record[key]:
                 raise CrmApiError(
                     f"{resource}: GET {path} returned a record without a string '{key}' "

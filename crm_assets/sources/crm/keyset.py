@@ -121,8 +121,8 @@ def verify_page(resource: str, asked: PageRequest, records: Sequence[dict[str, A
     field = asked.field
     values = [record.get(field) for record in records]
     keys = [record.get(key_field) for record in records]
-    # `type(...) is int` on purpose: a bool is no date
-    if not all(type(v) is int for v in values) or not all(type(k) is str for k in keys):
+    # `type(...) is int` on purpose: a bool is no date (the types of a column taken in C)
+    if set(map(type, values)) != {int} or set(map(type, keys)) != {str}:
         for record, value, key in zip(records, values, keys):
             if type(key) is not str:
                 raise CrmApiBehaviourError(
@@ -344,8 +344,8 @@ class KeysetRead:
         cursors = [record.get(self.cursor_field) for record in records]
         ids = [record.get(self.key_field) for record in records]
         pairs: Any = zip(cursors, ids)
-        # `type(...) is int` on purpose: a bool is no cursor
-        if not all(type(c) is int for c in cursors) or not all(type(i) is str for i in ids):
+        # `type(...) is int` on purpose: a bool is no cursor (the types of a column taken in C)
+        if set(map(type, cursors)) - {int} or set(map(type, ids)) - {str}:
             pairs = [(c, i) for c, i in pairs if type(c) is int and type(i) is str]
         elif asked.within is None and cursors:
             # the usual page: inside the bounds and strictly ascending is already its sorted set

@@ -55,6 +55,10 @@ this cannot hide a record; an API that breaks the order at a page's head alone l
 A repeat of another slice's record is always out of place (the slices' ranges are disjoint; the
 last slice's second read runs alone); a repeat of the slice's own previous answer is what the
 keyset read already knows; and the previous answer taken, of whichever slice, is checked too.
+A page of the repeated record alone (nothing left to serve) shows no order: it is taken for a
+repeat when that record lies outside the range asked for and is the last record of some slice's
+previous answer. The last slice's second read meets it: it starts once every other slice's last
+answer is taken, in whatever order the workers took them, and the API's previous answer is one.
 """
 
 from __future__ import annotations
@@ -308,7 +312,11 @@ class Slices:
         head_repeated = False
         if records:
             head = records[0].get(self.key_field)
-            head_repeated = head in (self._previous, self._own[index]) or self._out_of_place(asked, records)
+            head_repeated = (
+                head in (self._previous, self._own[index]) or self._out_of_place(asked, records)
+                # a page of that record alone: no order to show, but no honest answer holds it
+                or (len(records) == 1 and head in self._own and not asked.matches(records[0]))
+            )
             self._previous = self._own[index] = records[-1].get(self.key_field)
         try:
             read.take(records, count, head_repeated)
@@ -323,16 +331,17 @@ class Slices:
         """Whether a page's head record alone lies outside the range asked for or before the next
         record: the signature of a record served again (the workers take answers in about, not
         exactly, the order the API served them, so `_previous` may be another one)."""
-        if len(records) < 2 or not all(map(asked.matches, records[1:])):
+        if len(records) < 2:
             return False
         head, second = records[0], records[1]
-        if not asked.matches(head):
-            return True
-        order = (head.get(asked.field), head.get(self.key_field)), (second.get(asked.field), second.get(self.key_field))
-        try:
-            return order[0] > order[1] if not asked.descending else order[0] < order[1]
-        except TypeError:  # not comparable: verify_page says what is wrong with it
-            return False
+        if asked.matches(head):
+            order = (head.get(asked.field), head.get(self.key_field)), (second.get(asked.field), second.get(self.key_field))
+            try:
+                if not (order[0] > order[1] if not asked.descending else order[0] < order[1]):
+                    return False  # in place (the usual page): the rest need not be looked at
+            except TypeError:  # not comparable: verify_page says what is wrong with it
+                return False
+        return all(map(asked.matches, records[1:]))
 
     @property
     def requests(self) -> int:
