@@ -22,8 +22,8 @@ from dagster import (
     schedule,
 )
 
-from .constants import CRM_AUDIT_CRON, CRM_SYNC_CRON, SCHEDULE_TIMEZONE, WAREHOUSE_RUN_TAG
-from .jobs import ACTIVE_RUN_STATUSES, active_runs, crm_audit, crm_sync
+from .constants import CRM_AUDIT_CRON, CRM_SYNC_CRON, SCHEDULE_TIMEZONE
+from .jobs import ACTIVE_RUN_STATUSES, account_warehouse_tags, active_runs, crm_audit, crm_sync
 from .partitions import ACCOUNTS, PARTITION_TAG, Account
 
 def account_run_tags(name: str) -> dict[str, str]:
@@ -33,7 +33,7 @@ def account_run_tags(name: str) -> dict[str, str]:
     per value as well, which also covers partitioned runs launched from the UI. crm_audit is
     checks-only and has no partitions of its own, so its runs carry the partition as this tag
     (Dagster then runs the partitioned checks for that account) instead of a `partition_key`."""
-    return {WAREHOUSE_RUN_TAG: f"account:{name}", PARTITION_TAG: name}
+    return {**account_warehouse_tags(name), PARTITION_TAG: name}
 
 
 def active_runs_by_account(instance: DagsterInstance, job_name: str) -> dict[str, DagsterRun]:
