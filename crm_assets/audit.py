@@ -106,7 +106,7 @@ def _account(context: AssetCheckExecutionContext, accounts: Mapping[str, Account
         raise CrmConfigurationError(
             "Accounts are configured, so an audit is of one account: launch crm_audit with the tag "
             f"dagster/partition=<account> (one of {', '.join(accounts)}), e.g. dagster job execute "
-            f"-j crm_audit --tags '{{\"dagster/partition\": \"{example}\"}}'"
+            f"-m crm_assets.definitions -j crm_audit --tags '{{\"dagster/partition\": \"{example}\"}}'"
         )
     try:
         return accounts[context.partition_key]
