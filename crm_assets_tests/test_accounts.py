@@ -107,7 +107,8 @@ def test_accounts_merge_secrets_and_config_and_the_key_stays_out_of_the_account(
         "    {e.name: e.page_size for e in a.endpoints}['tasks'], account_api_key(a)]\n"
         "    for a in configured_accounts()]))"
     )
-    env = {**os.environ, "SOURCES__CRM__ACCOUNTS__SOUTH__API_KEY": "k-south-from-env"}
+    env = {**os.environ, "SOURCES__CRM__ACCOUNTS__SOUTH__API_KEY": "k-south-from-env",
+           "SOURCES__CRM__ACCOUNTS": '{"south": {"base_url": "https://env.example.com"}}'}
     completed = subprocess.run([sys.executable, "-c", read], cwd=tmp_path, env=env, capture_output=True,
                                text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -115,8 +116,9 @@ def test_accounts_merge_secrets_and_config_and_the_key_stays_out_of_the_account(
 
     assert north[:4] == ["north", "https://north.example.com", "crm_north", "crm_warehouse_north"]
     assert north[6] == 100  # page_sizes from config.toml, the key from secrets.toml
-    assert south[1] == "https://south.example.com"
-    assert (north[7], south[7]) == ("k-north", "k-south-from-env")  # the environment wins
+    # the environment wins over the files, as its JSON or a variable per setting
+    assert south[1] == "https://env.example.com"
+    assert (north[7], south[7]) == ("k-north", "k-south-from-env")
     assert "k-north" not in north[4] + north[5]  # the key is read when needed, never kept
 
 

@@ -93,13 +93,14 @@ def _where(name: str, setting: Optional[str] = None) -> str:
     )
 
 
-def _tables() -> list[dict[str, Any]]:
-    """Each provider's accounts table, in dlt's order of precedence (environment first)."""
-    tables: list[dict[str, Any]] = []
+def _tables() -> list[tuple[Any, dict[str, Any]]]:
+    """Each provider with its accounts table ({} without one), in dlt's order of precedence
+    (environment first)."""
+    tables: list[tuple[Any, dict[str, Any]]] = []
     for provider in dlt.config.config_providers:
         value, _ = provider.get_value("accounts", Any, None, *ACCOUNTS_SECTION[:-1])
         if value is None:
-            continue
+            value = {}
         if isinstance(value, str):  # the environment holds JSON
             try:
                 value = json.loads(value)
@@ -113,15 +114,29 @@ def _tables() -> list[dict[str, Any]]:
                 f"sources.crm.accounts in {provider.name} must be a table of accounts "
                 f"([sources.crm.accounts.<name>]), got {type(value).__name__}"
             )
-        tables.append(dict(value))
+        tables.append((provider, dict(value)))
     return tables
 
 
+def _setting(tables: list[tuple[Any, dict[str, Any]]], name: str, setting: str) -> Any:
+    """One setting of account `name`: from the first provider that has it, either as its own key
+    (SOURCES__CRM__ACCOUNTS__ACME__API_KEY, or the TOML table) or in that provider's accounts table
+    (the environment's JSON)."""
+    for provider, table in tables:
+        value, _ = provider.get_value(setting, Any, None, *ACCOUNTS_SECTION, name)
+        if value is None:
+            own = table.get(name)
+            value = own.get(setting) if isinstance(own, Mapping) else None
+        if value is not None:
+            return value
+    return None
+
+
 def _raw_settings() -> dict[str, dict[str, Any]]:
-    """Every configured account's settings, the first provider that has one winning."""
+    """Every configured account's settings, checked for their names and keys."""
     tables = _tables()
-    accounts: dict[str, dict[str, Any]] = {}
-    for table in tables:
+    names: list[str] = []
+    for _, table in tables:
         for name, settings in table.items():
             if not isinstance(name, str) or not _ACCOUNT_NAME.fullmatch(name) or name in _RESERVED \
                     or "__" in name or name.endswith("_staging"):
@@ -141,17 +156,12 @@ def _raw_settings() -> dict[str, dict[str, Any]]:
                     f"{_where(name)}: unknown setting(s) {', '.join(map(repr, unknown))}; known: "
                     f"{', '.join(ACCOUNT_SETTINGS)}"
                 )
-            merged = accounts.setdefault(name, {})
-            for setting, value in settings.items():
-                merged.setdefault(setting, value)
-    # one setting of a configured account in its own variable (SOURCES__CRM__ACCOUNTS__ACME__API_KEY)
-    for name, merged in accounts.items():
-        for setting in ACCOUNT_SETTINGS:
-            for provider in dlt.config.config_providers:
-                value, _ = provider.get_value(setting, Any, None, *ACCOUNTS_SECTION, name)
-                if value is not None:
-                    merged[setting] = value
-                    break
+            if name not in names:
+                names.append(name)
+    accounts: dict[str, dict[str, Any]] = {}
+    for name in names:
+        values = {setting: _setting(tables, name, setting) for setting in ACCOUNT_SETTINGS}
+        accounts[name] = {setting: value for setting, value in values.items() if value is not None}
     return accounts
 
 
@@ -211,8 +221,7 @@ def configured_accounts() -> tuple[Account, ...]:
 
 def account_api_key(account: Account) -> str:
     """The account's API key, read from dlt's providers now (never kept with the account)."""
-    settings = _raw_settings().get(account.name, {})
-    key = settings.get("api_key")
+    key = _setting(_tables(), account.name, "api_key")
     if not key:
         raise CrmConfigurationError(f"{_where(account.name, 'api_key')} is missing: every account needs one")
     return str(key)
