@@ -4,6 +4,7 @@ the tables whose row count stopped matching the API."""
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -176,15 +177,18 @@ def _dump_account_cursors(cursors: dict[str, dict[str, int]]) -> str:
     return json.dumps({name: json.loads(_dump_cursor(cursor)) for name, cursor in cursors.items()}, sort_keys=True)
 
 
-def _account_changes(account: Account, watched: dict[str, int]) -> dict[str, int]:
+def _account_changes(account: Account, watched: dict[str, int], over: threading.Event) -> dict[str, int]:
     """{resource: records updated since its cursor} of one account, asked with its own key. Raises
-    what failed (a CrmError names the resource and path, never the key)."""
+    what failed (a CrmError names the resource and path, never the key). Stops asking once the
+    evaluation is `over` (its answer would not be used)."""
     endpoints = [endpoint for endpoint in account.endpoints if endpoint.name in watched]
     session = CrmSession(endpoints=endpoints, **_SENSOR_SESSION)
     try:
         api_key = account_api_key(account)
         changed = {}
         for endpoint in endpoints:
+            if over.is_set():
+                break
             updated = count_records(
                 endpoint, updated_after=watched[endpoint.name], base_url=account.base_url,
                 api_key=api_key, session=session,
@@ -206,9 +210,14 @@ def _ask_accounts(asked: dict[Account, dict[str, int]]) -> dict[str, Union[dict[
     executor = ThreadPoolExecutor(
         max_workers=min(CHANGE_SENSOR_ACCOUNT_THREADS, len(asked)), thread_name_prefix="crm_change_sensor"
     )
-    futures = {executor.submit(_account_changes, account, watched): account for account, watched in asked.items()}
+    over = threading.Event()
+    futures = {
+        executor.submit(_account_changes, account, watched, over): account for account, watched in asked.items()
+    }
     done, _ = wait(futures, timeout=CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS)
-    # requests still under way finish on their own (each has its timeout); nothing waits for them
+    # a request still under way finishes on its own (it has its timeout), nothing waits for it, and
+    # no account asks anything more
+    over.set()
     executor.shutdown(wait=False, cancel_futures=True)
     outcomes: dict[str, Union[dict[str, int], str]] = {}
     for future, account in futures.items():

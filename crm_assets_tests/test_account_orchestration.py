@@ -236,6 +236,32 @@ def test_the_change_sensor_skips_an_unreachable_or_busy_account_and_requests_the
     assert [r.partition_key for r in later.run_requests] == ["acme", "beta"]
 
 
+def test_the_change_sensor_leaves_an_account_that_does_not_answer_in_time_for_the_next_tick(
+    accounts, simulator, instance, monkeypatch, capsys
+):
+    sensor = change_sensor(accounts)
+    _, cursor = _evaluate(sensor, instance, None)
+    for name in NAMES:
+        simulator.account(name).mutate("files", edit=1)
+    simulator.account("beta").configure(latency_ms=1500)  # each of its answers takes 1.5 s
+    monkeypatch.setattr(sensors, "CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS", 0.5)
+
+    started = time.monotonic()
+    result, next_cursor = _evaluate(sensor, instance, cursor)
+
+    assert time.monotonic() - started < 1.4  # the tick did not wait for beta
+    assert [r.partition_key for r in result.run_requests] == ["acme", "cora"]
+    assert "Could not ask the CRM API of account beta: no answer within 0.5s" in capsys.readouterr().err
+    assert json.loads(next_cursor)["beta"] == json.loads(cursor)["beta"]
+    # beta's request under way is answered, and no other is sent once the tick is over
+    simulator.account("beta").configure(latency_ms=0)
+    answered = time.monotonic() + 10
+    while not sum(simulator.account("beta").stats()["count_requests"].values()) and time.monotonic() < answered:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert sum(simulator.account("beta").stats()["count_requests"].values()) == 1
+
+
 # --- a failed run, and the audit, per account -------------------------------------------------
 
 
