@@ -427,6 +427,11 @@ def _failure(description: str, allow_retries: bool, account: Optional[Account] =
     naming it first). From a command line that runs the assets itself, that line is also the
     last one it prints (unless a retry of the step succeeded)."""
     if account is not None:
+        # the source's messages say which single-account setting to check: here it is the account's
+        for setting in ("api_key", "base_url"):
+            description = description.replace(
+                f"check SOURCES__CRM__{setting.upper()}", f"check {setting} under [sources.crm.accounts.{account.name}]"
+            )
         description = f"Account {account.name}: {description}"
     if tuple(os.path.basename(arg) for arg in sys.argv[:2]) in _CLI_RUNS:
         if not _unresolved_failure:

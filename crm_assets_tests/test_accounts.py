@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ from crm_assets.sources.crm_pipeline import crm_pipeline
 from crm_assets.sources.run_lock import CrmRunLockTimeout, exclusive_run
 from crm_assets.sources.union_views import refresh_union_views
 
-from .conftest import all_event_text
+from .conftest import all_event_text, failure_message
 from .warehouses import STATE_SQL, DuckDbWarehouse, api_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -313,6 +314,23 @@ def test_a_failed_check_in_one_account_stays_failed_after_another_account_passes
     assert latest == {"acme": "FAILED", "beta": "SUCCEEDED"}
     # an unpartitioned check would keep only the newest result: beta's pass
     assert instance.get_latest_asset_check_evaluation_record(key).partition == "beta"
+
+
+def test_a_failed_run_names_its_account_and_not_its_key(simulator, accounts, warehouse, monkeypatch):
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(warehouse))
+    assets = build_crm_sync_assets(accounts)
+    simulator.account("beta").configure(revoked=True)  # its key answers 401
+    try:
+        result = materialize([assets], resources=DAGSTER_RESOURCES, partition_key="beta", raise_on_error=False,
+                             selection=AssetSelection.all().without_checks())
+    finally:
+        simulator.account("beta").configure(revoked=False)
+
+    assert not result.success
+    message = failure_message(result)
+    assert re.search(r"Account beta: \w+: GET /beta/v1/\w+ failed: .*401", message), message
+    assert "check api_key under [sources.crm.accounts.beta]" in message
+    assert not any(key in all_event_text(result) for key in KEYS.values())
 
 
 def test_the_union_view_aligns_columns_that_differ_between_accounts(any_warehouse, warehouse, monkeypatch):
