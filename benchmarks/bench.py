@@ -1076,6 +1076,7 @@ def latency_scenario(args: argparse.Namespace, runner: "Runner") -> int:
             ("c2", f"(c') sync, slices ({LATENCY_IN_FLIGHT} in flight)", args))
     rows, failed = [], False
     notes: list[tuple[float, dict[str, str]]] = []  # the floors and ratios, per latency
+    load_before = _loadavg()
     for latency in args.latencies:
         _admin(url, "/_admin/config", {"latency_ms": latency})
         results = {}
@@ -1119,11 +1120,13 @@ def latency_scenario(args: argparse.Namespace, runner: "Runner") -> int:
                         f"{sliced['big_requests']:,} / {unsliced['big_requests']:,})"}))
     print(f"## Latency scenario: {sum(expected.values()):,} records "
           f"({', '.join(f'{k} {v:,}' for k, v in expected.items())}), revision {revision()}\n")
-    print("| latency ms | variant | sync s | wall s | records/s (sync) | API requests | peak in flight | "
+    # CPU s (the process tree's user + sys, imports included) is the figure a busy machine moves least
+    print(f"Load average before: {load_before}; after: {_loadavg()}\n")
+    print("| latency ms | variant | sync s | wall s | CPU s | records/s (sync) | API requests | peak in flight | "
           "peak RSS MB | complete |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for latency, title, r in rows:
-        print(f"| {latency:g} | {title} | {r['sync_seconds']:.2f} | {r['wall_seconds']:.2f} | "
+        print(f"| {latency:g} | {title} | {r['sync_seconds']:.2f} | {r['wall_seconds']:.2f} | {r['cpu_seconds']:.1f} | "
               f"{r['records'] / r['sync_seconds']:,.0f} | {r['requests']:,} | {r['peak_in_flight']} | "
               f"{r['peak_tree_rss_mb']:,.0f} | {r['completeness_total']:.0%} |")
     print("\nFloors (sync s of the sequential reader above, and the ideal) and ratios of sync s:\n")
