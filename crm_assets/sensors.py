@@ -211,9 +211,9 @@ def _ask_accounts(asked: dict[Account, dict[str, int]]) -> dict[str, Union[dict[
         max_workers=min(CHANGE_SENSOR_ACCOUNT_THREADS, len(asked)), thread_name_prefix="crm_change_sensor"
     )
     over = threading.Event()
-    futures = {
-        executor.submit(_account_changes, account, watched, over): account for account, watched in asked.items()
-    }
+    # the accounts asked longest ago first: one left out by the deadline is among the first next time
+    oldest_first = sorted(asked.items(), key=lambda item: (min(item[1].values()), item[0].name))
+    futures = {executor.submit(_account_changes, account, watched, over): account for account, watched in oldest_first}
     done, _ = wait(futures, timeout=CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS)
     # a request still under way finishes on its own (it has its timeout), nothing waits for it, and
     # no account asks anything more

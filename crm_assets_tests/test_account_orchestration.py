@@ -243,16 +243,22 @@ def test_the_change_sensor_leaves_an_account_that_does_not_answer_in_time_for_th
     _, cursor = _evaluate(sensor, instance, None)
     for name in NAMES:
         simulator.account(name).mutate("files", edit=1)
+    # cora was last asked a minute before the others (a tick's deadline left it out): asked first
+    cursors = json.loads(cursor)
+    earlier = datetime.fromisoformat(cursors["cora"]["jobs"].replace("Z", "+00:00")).timestamp() - 60
+    cursors["cora"] = {name: datetime.fromtimestamp(earlier, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") for name in cursors["cora"]}
     simulator.account("beta").configure(latency_ms=1500)  # each of its answers takes 1.5 s
-    monkeypatch.setattr(sensors, "CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS", 0.5)
+    monkeypatch.setattr(sensors, "CHANGE_SENSOR_ACCOUNTS_DEADLINE_SECONDS", 1.0)
+    monkeypatch.setattr(sensors, "CHANGE_SENSOR_ACCOUNT_THREADS", 1)  # one at a time: the order shows
 
     started = time.monotonic()
-    result, next_cursor = _evaluate(sensor, instance, cursor)
+    result, next_cursor = _evaluate(sensor, instance, json.dumps(cursors))
 
     assert time.monotonic() - started < 1.4  # the tick did not wait for beta
+    # cora first (oldest), then acme and beta; beta's slow answer left nobody behind it
     assert [r.partition_key for r in result.run_requests] == ["acme", "cora"]
-    assert "Could not ask the CRM API of account beta: no answer within 0.5s" in capsys.readouterr().err
-    assert json.loads(next_cursor)["beta"] == json.loads(cursor)["beta"]
+    assert "Could not ask the CRM API of account beta: no answer within 1.0s" in capsys.readouterr().err
+    assert json.loads(next_cursor)["beta"] == cursors["beta"]
     # beta's request under way is answered, and no other is sent once the tick is over
     simulator.account("beta").configure(latency_ms=0)
     answered = time.monotonic() + 10
