@@ -73,16 +73,19 @@ def _now() -> float:
     return time.time()
 
 
-def _load_cursor(raw: Optional[str]) -> dict[str, int]:
-    """{resource: epoch seconds}: changes with `date_updated` after it are not synced yet. Stored
-    as UTC timestamps people can read (`2026-12-03T08:20:00Z`); an earlier version's epoch
-    integers are read too."""
+def _json_object(raw: Optional[str]) -> dict[str, Any]:
+    """A stored cursor's JSON object; {} for none or anything else."""
     try:
         value = json.loads(raw) if raw else {}
     except ValueError:
         return {}
-    if not isinstance(value, dict):
-        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _cursor_of(value: dict[str, Any]) -> dict[str, int]:
+    """{resource: epoch seconds}: changes with `date_updated` after it are not synced yet. Stored
+    as UTC timestamps people can read (`2026-12-03T08:20:00Z`); an earlier version's epoch
+    integers are read too."""
     cursor = {}
     for name, at in value.items():
         if isinstance(at, (int, float)) and not isinstance(at, bool):
@@ -93,6 +96,10 @@ def _load_cursor(raw: Optional[str]) -> dict[str, int]:
             except ValueError:
                 continue
     return cursor
+
+
+def _load_cursor(raw: Optional[str]) -> dict[str, int]:
+    return _cursor_of(_json_object(raw))
 
 
 def _dump_cursor(cursor: dict[str, int]) -> str:
@@ -160,15 +167,9 @@ def _single_account(context: SensorEvaluationContext) -> Union[RunRequest, SkipR
 def _load_account_cursors(raw: Optional[str]) -> dict[str, dict[str, int]]:
     """{account: {resource: epoch seconds}}; the single account's flat cursor (a deployment that
     has just configured accounts) reads as none: every account starts its clock."""
-    try:
-        value = json.loads(raw) if raw else {}
-    except ValueError:
-        return {}
-    if not isinstance(value, dict):
-        return {}
     return {
-        name: _load_cursor(json.dumps(resources))
-        for name, resources in value.items()
+        name: _cursor_of(resources)
+        for name, resources in _json_object(raw).items()
         if isinstance(resources, dict)
     }
 
