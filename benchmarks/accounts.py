@@ -51,7 +51,9 @@ from crm_assets.simulator.process import start_simulator, stop_group  # noqa: E4
 from crm_assets_tests.celery_deployment import (  # noqa: E402
     LOCATION,
     CeleryDeployment,
+    claim_redis_database,
     instance_env,
+    release_redis_database,
     wait_for_runs,
 )
 
@@ -218,6 +220,7 @@ def configuration(server: dict[str, str], accounts: int, workers: int, records: 
     warehouse_db = f"bench_crm_{uuid.uuid4().hex[:8]}"
     _admin_sql(server, f'CREATE DATABASE "{dagster_db}"')
     _admin_sql(server, f'CREATE DATABASE "{warehouse_db}"')
+    redis_db = claim_redis_database(server)
     try:
         import requests as http
 
@@ -225,7 +228,7 @@ def configuration(server: dict[str, str], accounts: int, workers: int, records: 
         (workdir / ".dlt" / "secrets.toml").write_text("".join(
             f'[sources.crm.accounts.{name}]\nbase_url = "{url}/{name}"\napi_key = "key-{name}"\n\n'
             for name in names))
-        env = {**instance_env(server, dagster_db), "CRM_DESTINATION": "postgres",
+        env = {**instance_env(server, dagster_db, redis_db), "CRM_DESTINATION": "postgres",
                "DESTINATION__POSTGRES__CREDENTIALS": database_url(server, warehouse_db),
                "DLT_DATA_DIR": str(workdir / "dlt"), "RUNTIME__DLTHUB_TELEMETRY": "false",
                "DAGSTER_DISABLE_TELEMETRY": "true"}
@@ -271,6 +274,7 @@ def configuration(server: dict[str, str], accounts: int, workers: int, records: 
         }
     finally:
         stop_group(simulator)
+        release_redis_database(server, redis_db)
         _admin_sql(server, f'DROP DATABASE IF EXISTS "{dagster_db}" WITH (FORCE)')
         _admin_sql(server, f'DROP DATABASE IF EXISTS "{warehouse_db}" WITH (FORCE)')
 

@@ -83,20 +83,58 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def instance_env(services: Mapping[str, str], dagster_db: str) -> dict[str, str]:
+# Redis database 0 is left to people trying things by hand; a deployment here takes one of the
+# others for its broker and results, so that two of them on the same Redis (a test and a benchmark,
+# two sessions' tests) never take each other's runs: a worker runs whatever its broker hands it.
+_REDIS_DATABASES = range(1, 16)
+_CLAIM_KEY = "crm-assets:claimed-by"
+
+
+def _redis(services: Mapping[str, str], database: int):
+    import redis
+
+    return redis.Redis(host=services["CRM_TEST_REDIS_HOST"], port=int(services["CRM_TEST_REDIS_PORT"]),
+                       password=services["CRM_TEST_REDIS_PASSWORD"], db=database)
+
+
+def claim_redis_database(services: Mapping[str, str]) -> int:
+    """A Redis database no other deployment here uses, emptied, claimed for two hours at most
+    (`release_redis_database` gives it back sooner)."""
+    for database in _REDIS_DATABASES:
+        client = _redis(services, database)
+        try:
+            if client.set(_CLAIM_KEY, f"{socket.gethostname()}:{os.getpid()}", nx=True, ex=7200):
+                for key in client.scan_iter():  # what a deployment that died left behind
+                    if key != _CLAIM_KEY.encode():
+                        client.delete(key)
+                return database
+        finally:
+            client.close()
+    raise RuntimeError(f"every Redis database {_REDIS_DATABASES.start}-{_REDIS_DATABASES.stop - 1} is claimed")
+
+
+def release_redis_database(services: Mapping[str, str], database: int) -> None:
+    client = _redis(services, database)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def instance_env(services: Mapping[str, str], dagster_db: str, redis_db: int) -> dict[str, str]:
     """The variables deploy/celery/dagster.yaml and worker.yaml read, for the services of
-    scripts/services.sh: Dagster's tables in `dagster_db`, Redis databases 0 (broker) and 1
-    (results)."""
+    scripts/services.sh: Dagster's tables in `dagster_db`, the broker and the results in Redis
+    database `redis_db` (claim_redis_database)."""
     redis = (f"redis://:{services['CRM_TEST_REDIS_PASSWORD']}@{services['CRM_TEST_REDIS_HOST']}:"
-             f"{services['CRM_TEST_REDIS_PORT']}")
+             f"{services['CRM_TEST_REDIS_PORT']}/{redis_db}")
     return {
         "DAGSTER_PG_HOST": services["CRM_TEST_PG_HOST"],
         "DAGSTER_PG_PORT": services["CRM_TEST_PG_PORT"],
         "DAGSTER_PG_USERNAME": services["CRM_TEST_PG_USER"],
         "DAGSTER_PG_PASSWORD": services["CRM_TEST_PG_PASSWORD"],
         "DAGSTER_PG_DB": dagster_db,
-        "DAGSTER_CELERY_BROKER_URL": f"{redis}/0",
-        "DAGSTER_CELERY_BACKEND_URL": f"{redis}/1",
+        "DAGSTER_CELERY_BROKER_URL": redis,
+        "DAGSTER_CELERY_BACKEND_URL": redis,
     }
 
 

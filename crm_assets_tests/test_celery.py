@@ -24,7 +24,9 @@ from .celery_deployment import (
     CELERY_INSTANCE_YAML,
     CELERY_TASK_TAG,
     CeleryDeployment,
+    claim_redis_database,
     instance_env,
+    release_redis_database,
     wait_for_runs,
 )
 from .warehouses import REPO, RESOURCES, PgDatabase, _create_database, _drop_database
@@ -77,8 +79,9 @@ def celery_deployment(postgres_server, accounts_simulator, tmp_path_factory):
     ))
     dagster_db = _create_database(postgres_server, "dagster_celery")
     warehouse = PgDatabase(postgres_server, _create_database(postgres_server, "crm_celery"))
+    redis_db = claim_redis_database(postgres_server)
     env = {
-        **instance_env(postgres_server, dagster_db),
+        **instance_env(postgres_server, dagster_db, redis_db),
         "CRM_DESTINATION": "postgres",
         "DESTINATION__POSTGRES__CREDENTIALS": warehouse.url,
         "DLT_DATA_DIR": str(workdir / "dlt"),
@@ -102,6 +105,7 @@ def celery_deployment(postgres_server, accounts_simulator, tmp_path_factory):
                 yield deployment, instance, warehouse
         finally:
             instance.dispose()
+            release_redis_database(postgres_server, redis_db)
             _drop_database(postgres_server, warehouse.name)
             _drop_database(postgres_server, dagster_db)
 
