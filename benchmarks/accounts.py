@@ -64,8 +64,13 @@ SCHEDULE = "crm_sync_schedule"
 # --- the services and databases --------------------------------------------------------------
 
 
+SERVICES = REPO / "scripts" / "services.sh"
+
+
 def services() -> dict[str, str]:
-    script = REPO / "scripts" / "services.sh"
+    """PostgreSQL and Redis, started if they are not up; this process holds them until
+    `services.sh down` (which stops them only if no other caller still holds them)."""
+    script = SERVICES
     subprocess.run(["bash", str(script), "up"], check=True, stdout=subprocess.DEVNULL)
     listed = subprocess.run(["bash", str(script), "env"], check=True, capture_output=True, text=True)
     return dict(line.split("=", 1) for line in listed.stdout.splitlines() if "=" in line)
@@ -315,13 +320,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     server = services()
     results = []
-    with tempfile.TemporaryDirectory(prefix="crm-bench-accounts-") as temp:
-        for accounts in [int(n) for n in args.accounts.split(",")]:
-            for workers in [int(n) for n in args.workers.split(",")]:
-                result = configuration(server, accounts, workers, args.records, args.trivial_runs,
-                                       Path(temp) / f"{accounts}x{workers}", args.timeout, args.pool_granularity)
-                print(render(result), flush=True)
-                results.append(result)
+    try:
+        with tempfile.TemporaryDirectory(prefix="crm-bench-accounts-") as temp:
+            for accounts in [int(n) for n in args.accounts.split(",")]:
+                for workers in [int(n) for n in args.workers.split(",")]:
+                    result = configuration(server, accounts, workers, args.records, args.trivial_runs,
+                                           Path(temp) / f"{accounts}x{workers}", args.timeout,
+                                           args.pool_granularity)
+                    print(render(result), flush=True)
+                    results.append(result)
+    finally:
+        subprocess.run(["bash", str(SERVICES), "down"], stdout=subprocess.DEVNULL)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
