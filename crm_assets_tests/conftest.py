@@ -46,10 +46,11 @@ def pytest_configure(config: pytest.Config) -> None:
 # modules come first, as measured (benchmarks/README.md), so that none of them starts last and
 # keeps one worker busy while the other has nothing left. Modules not named keep their order.
 LONGEST_MODULES_FIRST = (
-    "test_celery.py", "test_reliability.py", "test_scripts.py", "test_webserver.py", "test_audit.py", "test_sync.py",
-    "test_definitions.py", "test_arrow_pages.py", "test_real_api_shape.py", "test_incremental.py",
-    "test_adversary.py", "test_isolation.py", "test_dishonest_api.py", "test_readme_commands.py",
-    "test_checks.py", "test_orchestration.py",
+    "test_reliability.py", "test_scripts.py", "test_incremental.py", "test_celery.py", "test_adversary.py",
+    "test_isolation.py", "test_audit.py", "test_arrow_pages.py", "test_sync.py", "test_definitions.py",
+    "test_webserver.py", "test_real_api_shape.py", "test_dishonest_api.py", "test_accounts.py",
+    "test_readme_commands.py", "test_orchestration.py", "test_json_lists.py", "test_busy_warehouse.py",
+    "test_import_effects.py", "test_account_orchestration.py", "test_checks.py",
 )
 
 
