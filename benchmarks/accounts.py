@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import psycopg2  # noqa: E402
 
+from benchmarks.process_tree import children_by_parent, tree_pids  # noqa: E402
 from crm_assets.simulator.process import start_simulator, stop_group  # noqa: E402
 from crm_assets_tests.celery_deployment import (  # noqa: E402
     LOCATION,
@@ -96,33 +97,11 @@ def database_url(server: dict[str, str], name: str) -> str:
 # --- measuring -------------------------------------------------------------------------------
 
 
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            parent = int(stat[stat.rfind(b")") + 2:].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    return children
-
-
-def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
-    pids, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        pids.append(pid)
-        stack.extend(children.get(pid, ()))
-    return pids
-
-
 def cpu_seconds(roots: list[int]) -> float:
     """CPU seconds (user + system) the living processes of these trees have used so far."""
-    children, total = _children(), 0.0
+    children, total = children_by_parent(), 0.0
     for root in roots:
-        for pid in _tree(root, children):
+        for pid in tree_pids(root, children):
             try:
                 fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
             except OSError:
@@ -154,9 +133,9 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.wait(0.2):
-            children = _children()
+            children = children_by_parent()
             for name, root in self.roots.items():
-                sizes = [_rss_kb(pid) for pid in _tree(root, children)]
+                sizes = [_rss_kb(pid) for pid in tree_pids(root, children)]
                 peak = self.peaks[name]
                 peak[0], peak[1] = max(peak[0], sum(sizes)), max(peak[1], max(sizes))
 

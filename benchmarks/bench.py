@@ -80,6 +80,8 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from process_tree import tree_pids  # noqa: E402
+
 API_KEY = "bench-key"
 RESULT_WINDOW = 10_000
 PAGE_SIZE = 1000  # the contract's documented maximum
@@ -382,32 +384,6 @@ def _read_status_kb(pid: int, field: str) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-def _parent_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        fields = stat[stat.rfind(b")") + 2:].split()
-        children[int(fields[1])].append(int(entry))
-    return children
-
-
-def tree_pids(root: int) -> list[int]:
-    children = _parent_map()
-    pids, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        pids.append(pid)
-        stack.extend(children.get(pid, ()))
-    return pids
 
 
 def _cpu_seconds(pid: int) -> float:
