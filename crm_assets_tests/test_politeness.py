@@ -136,3 +136,23 @@ def test_the_slices_of_a_sync_are_bounded_and_given_back():
     assert gate.claim_slices(4) == 0  # none left: that resource is read sequentially
     gate.release_slices(4)
     assert gate.claim_slices(8) == 4
+
+
+def test_a_workers_request_gets_the_apis_answer_now_never_one_handed_over_to_dlt(start_simulator):
+    """An answer handed over for dlt's next send of a URL is dlt's alone: a sliced read's worker
+    asking exactly that URL again (the last slice's second read can) gets the API's answer now.
+    It used to take the handed-over one, whose records a join had extended with other slices'."""
+    simulator = start_simulator()
+    session = CrmSession()
+    prepared = session.prepare_request(
+        requests.Request("GET", f"{simulator.url}/v1/jobs", params={"size": 5, "from": 0}, headers=HEADERS)
+    )
+    earlier = session.send_fresh(prepared)
+    session.hand_over(prepared.url, earlier)
+    simulator.mutate("jobs", insert=3)
+
+    now = session.send_fresh(prepared)
+
+    assert now is not earlier and now.json()["count"] == earlier.json()["count"] + 3
+    assert session.send(prepared) is earlier  # dlt's send still gets the one handed over to it
+    assert session.send(prepared) is not earlier  # once

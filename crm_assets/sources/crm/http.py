@@ -21,7 +21,8 @@ the session's `token`:
   the API asking for patience, not a fault: its retries do not count towards `max_retries`, and a
   request gives up on them only once it has waited `RATE_LIMIT_PATIENCE` seconds for 429s alone;
 * a sliced read's worker that has already fetched a page hands it over (`hand_over`), and dlt's own
-  `send` of exactly that prepared request gets it without a second request; and the resources of
+  `send` of exactly that prepared request gets it without a second request (the workers' own
+  requests, `send_fresh`, never do); and the resources of
   a sync read at most 2 x `max_in_flight` slices at once (`claim_slices`), each a page ahead of
   dlt at most, so a sync of many big resources stays within bounded memory.
 """
@@ -249,10 +250,18 @@ class CrmSession(requests.Session):
         return min(self.max_retry_delay, self.backoff_factor * (2 ** (retry_number - 1)))
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        """One request with the retry policy, then the response checks."""
+        """dlt's send: the answer a sliced read's worker handed over for exactly this request, or
+        the request itself (`send_fresh`)."""
         handed_over = self._handed_over(request.url or "")
         if handed_over is not None:
             return handed_over  # fetched and checked by a sliced read's worker
+        return self.send_fresh(request, **kwargs)
+
+    def send_fresh(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        """One request with the retry policy, then the response checks; never an answer handed
+        over. A sliced read's workers send this way: the last slice's second read can ask exactly
+        what its first read asked last, and must get the API's answer now, not the earlier one
+        still waiting for dlt (whose records a join may have extended with other slices')."""
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.request_timeout
         endpoint, path = _endpoint_for(self.endpoints, request.url or "")

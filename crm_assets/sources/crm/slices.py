@@ -402,7 +402,7 @@ class SlicedRead:
         prepared = self.session.prepare_request(
             requests.Request(base.method, base.url, headers=base.headers, params=params, auth=base.auth, hooks=base.hooks)
         )
-        return params, prepared.url or "", self.session.send(prepared)
+        return params, prepared.url or "", self.session.send_fresh(prepared)
 
     # -- planning, then the workers ----------------------------------------------------------
 
