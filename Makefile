@@ -53,10 +53,14 @@ demo: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/python scripts/dev.py $(DEV_ARGS)
 
-## make bench: simulator -> HTTP floor, seed config, project (plain dlt and via Dagster): time, rows/s, peak RSS
+## make bench: simulator -> HTTP floor, seed config, project (plain dlt and via Dagster): time, rows/s, peak RSS;
+## then the many-accounts run (bench-accounts below: PostgreSQL and Redis, about 20 minutes)
 ##   make bench BENCH_ARGS="--latency-ms 50"   or   BENCH_ARGS="--records 1000000 --only c2,c --json bench.json"
+##   make bench BENCH_ACCOUNTS=0   leaves out the many-accounts run
+BENCH_ACCOUNTS ?= 1
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+	if [ "$(BENCH_ACCOUNTS)" != 0 ]; then $(BIN)/python benchmarks/accounts.py $(ACCOUNTS_ARGS); fi
 
 ## make bench-accounts: 20 and 100 accounts of 5,000 records through the Celery run launcher on
 ## PostgreSQL (scripts/services.sh), one worker and two, against a trivial asset on the same launcher
