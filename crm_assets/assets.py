@@ -49,7 +49,7 @@ from .sources.crm import (
     crm,
     find_crm_error,
 )
-from .sources.crm.accounts import Account, source_arguments
+from .sources.crm.accounts import Account, in_account_words, source_arguments
 from .sources.crm.settings import CURSOR_FIELD, RETRY_STATUSES
 from .sources.crm_pipeline import DATASET_NAME, PIPELINE_NAME, crm_pipeline, drop_staging
 from .sources.destination import run_options, selected_destination
@@ -427,12 +427,7 @@ def _failure(description: str, allow_retries: bool, account: Optional[Account] =
     naming it first). From a command line that runs the assets itself, that line is also the
     last one it prints (unless a retry of the step succeeded)."""
     if account is not None:
-        # the source's messages say which single-account setting to check: here it is the account's
-        for setting in ("api_key", "base_url"):
-            description = description.replace(
-                f"check SOURCES__CRM__{setting.upper()}", f"check {setting} under [sources.crm.accounts.{account.name}]"
-            )
-        description = f"Account {account.name}: {description}"
+        description = f"Account {account.name}: {in_account_words(account, description)}"
     if tuple(os.path.basename(arg) for arg in sys.argv[:2]) in _CLI_RUNS:
         if not _unresolved_failure:
             atexit.register(_say_failure_last)

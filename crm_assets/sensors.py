@@ -44,7 +44,7 @@ from .jobs import active_runs, active_sync_runs, crm_audit, crm_checks, crm_sync
 from .partitions import ACCOUNTS, PARTITION_TAG, Account, account_api_key
 from .schedules import account_run_tags, active_runs_by_account
 from .sources.crm import CrmError, connection_settings, count_records
-from .sources.crm.accounts import configured_accounts
+from .sources.crm.accounts import configured_accounts, in_account_words
 from .sources.crm.http import CrmSession
 
 # A sensor tick must finish within Dagster's sensor timeout (60 s by default): one quick retry
@@ -231,7 +231,7 @@ def _ask_accounts(asked: dict[Account, dict[str, int]]) -> dict[str, Union[dict[
         if error is None:
             outcomes[account.name] = future.result()
         elif isinstance(error, CrmError):
-            outcomes[account.name] = str(error)
+            outcomes[account.name] = in_account_words(account, str(error))
         else:  # whatever it is, it is this account's alone: the others are still requested
             outcomes[account.name] = scrub(f"{type(error).__name__}: {error}")
     return outcomes

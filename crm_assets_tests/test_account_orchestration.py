@@ -221,6 +221,7 @@ def test_the_change_sensor_skips_an_unreachable_or_busy_account_and_requests_the
     assert [r.partition_key for r in result.run_requests] == ["cora"]
     log = capsys.readouterr().err
     assert "Could not ask the CRM API of account acme: " in log and "401" in log
+    assert "check api_key under [sources.crm.accounts.acme]" in log  # its own setting, not the single account's
     assert f"beta (crm_sync run {busy.run_id} started)" in log
     assert "key-acme" not in log
     # acme and beta keep their cursors: their changes are requested once they can be

@@ -219,6 +219,16 @@ def configured_accounts() -> tuple[Account, ...]:
     return tuple(_account(name, raw[name], shared) for name in sorted(raw))
 
 
+def in_account_words(account: Account, message: str) -> str:
+    """A message of the single-account source told of `account`: the setting it names to check
+    (`check SOURCES__CRM__BASE_URL`) becomes the account's own."""
+    for setting in ("api_key", "base_url"):
+        message = message.replace(
+            f"check SOURCES__CRM__{setting.upper()}", f"check {setting} under [sources.crm.accounts.{account.name}]"
+        )
+    return message
+
+
 def account_api_key(account: Account) -> str:
     """The account's API key, read from dlt's providers now (never kept with the account)."""
     key = _setting(_tables(), account.name, "api_key")
