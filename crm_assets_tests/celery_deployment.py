@@ -85,7 +85,7 @@ def free_port() -> int:
 
 # Redis database 0 is left to people trying things by hand; a deployment here takes one of the
 # others for its broker and results, so that two of them on the same Redis (a test and a benchmark,
-# two sessions' tests) never take each other's runs: a worker runs whatever its broker hands it.
+# two test runs at once) never take each other's runs: a worker runs whatever its broker hands it.
 _REDIS_DATABASES = range(1, 16)
 _CLAIM_KEY = "crm-assets:claimed-by"
 
