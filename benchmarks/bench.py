@@ -311,9 +311,9 @@ def worker_audit(args: argparse.Namespace) -> dict[str, Any]:
     from crm_assets.sources.tuning import sync_tuning
 
     started = time.perf_counter()
-    with exclusive_run(), sync_tuning():
+    with exclusive_run() as connection, sync_tuning():
         settings = audit_settings()
-        results = audit(crm_pipeline(), settings, [endpoint.name for endpoint in settings.endpoints])
+        results = audit(crm_pipeline(connection=connection), settings, [endpoint.name for endpoint in settings.endpoints])
     elapsed = time.perf_counter() - started
     return {
         "sync_seconds": elapsed,

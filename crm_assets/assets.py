@@ -334,8 +334,9 @@ def _load(
     remaining = list(names)
     with _source_logs_in(context):
         try:
-            with exclusive_run(pipeline_name=pipeline_names.get("pipeline_name", PIPELINE_NAME)), sync_tuning():
-                pipeline = crm_pipeline(**pipeline_names)
+            with exclusive_run(pipeline_name=pipeline_names.get("pipeline_name", PIPELINE_NAME)) as database, \
+                    sync_tuning():
+                pipeline = crm_pipeline(**pipeline_names, connection=database)
                 options: dict[str, Any] = run_options(pipeline)
                 if config.full_refresh:
                     options["refresh"] = "drop_resources"

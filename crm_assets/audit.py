@@ -138,8 +138,11 @@ def _audit_checks(context: AssetCheckExecutionContext, account: Optional[Account
     else:
         with _source_logs_in(context):  # type: ignore[arg-type]
             try:
-                with exclusive_run(pipeline_name=pipeline_name), sync_tuning():
-                    pipeline = account_pipeline(account) if account is not None else crm_pipeline()
+                with exclusive_run(pipeline_name=pipeline_name) as connection, sync_tuning():
+                    pipeline = (
+                        account_pipeline(account, connection=connection) if account is not None
+                        else crm_pipeline(connection=connection)
+                    )
                     audits = audit(pipeline, settings, names)
             except Exception as exc:
                 error = find_crm_error(exc)

@@ -42,8 +42,8 @@ def reader(pipeline_name: str = PIPELINE_NAME, dataset_name: str = DATASET_NAME)
     (`Account.pipeline_name`, `Account.dataset_name`).
     """
     selected_destination()  # an unknown CRM_DESTINATION fails here, saying what to set
-    with exclusive_run(pipeline_name=pipeline_name), crm_pipeline(
-        pipeline_name=pipeline_name, dataset_name=dataset_name
+    with exclusive_run(pipeline_name=pipeline_name) as connection, crm_pipeline(
+        pipeline_name=pipeline_name, dataset_name=dataset_name, connection=connection
     ).sql_client() as client:
 
         def run(

@@ -18,8 +18,8 @@ from .tuning import sync_tuning
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    with exclusive_run(), sync_tuning():
-        pipeline = crm_pipeline()
+    with exclusive_run() as connection, sync_tuning():
+        pipeline = crm_pipeline(connection=connection)
         try:
             refuse_earlier_layout(pipeline, configured_endpoints())
             load_info = pipeline.run(crm(), **run_options(pipeline))

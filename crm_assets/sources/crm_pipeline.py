@@ -38,6 +38,7 @@ def crm_pipeline(
     *,
     pipeline_name: str = PIPELINE_NAME,
     dataset_name: str = DATASET_NAME,
+    connection: Any = None,
 ) -> Pipeline:
     """A fresh handle on the pipeline; config (destination path, state dir) resolves when it runs.
     An account's pipeline passes its own names (`Account.pipeline_name`, `Account.dataset_name`).
@@ -46,6 +47,9 @@ def crm_pipeline(
     calls this when it loads the code location (to build the asset definitions): an unknown
     name must not stop that, so it only logs here and the pipeline has no destination; the run
     then fails in `run_options()` with the message naming the variable and the accepted values.
+
+    `connection`: the DuckDB file, open for a run (`exclusive_run` yields it); the pipeline's steps
+    share it rather than each opening the file.
     """
     destination: Any
     try:
@@ -55,7 +59,7 @@ def crm_pipeline(
         destination = None
     else:
         path = duckdb_path() if name == "duckdb" else None
-        destination = destination_for(name, path)
+        destination = destination_for(name, path, connection)
         if pipelines_dir is None and path is not None:
             pipelines_dir = _pipelines_dir_for(path)
     for attempt in (1, 2):
@@ -78,10 +82,14 @@ def crm_pipeline(
     raise AssertionError("unreachable")
 
 
-def account_pipeline(account: Account, pipelines_dir: Optional[str] = None) -> Pipeline:
+def account_pipeline(account: Account, pipelines_dir: Optional[str] = None, connection: Any = None) -> Pipeline:
     """`account`'s own pipeline (`crm_warehouse_<name>`, dataset `crm_<name>`): its state and
-    cursors are its own. Hold `exclusive_run(pipeline_name=account.pipeline_name)` around it."""
-    return crm_pipeline(pipelines_dir, pipeline_name=account.pipeline_name, dataset_name=account.dataset_name)
+    cursors are its own. Hold `exclusive_run(pipeline_name=account.pipeline_name)` around it, and
+    pass the connection it yields."""
+    return crm_pipeline(
+        pipelines_dir, pipeline_name=account.pipeline_name, dataset_name=account.dataset_name,
+        connection=connection,
+    )
 
 
 def drop_staging(pipeline: Pipeline) -> None:

@@ -76,10 +76,14 @@ def duckdb_path() -> Optional[str]:
     return None
 
 
-def destination_for(name: str, path: Optional[str]) -> Any:
-    """dlt's destination `name`; for DuckDB, the file `path` (None: dlt's configuration decides)."""
+def destination_for(name: str, path: Optional[str], connection: Any = None) -> Any:
+    """dlt's destination `name`; for DuckDB, the file `path` (None: dlt's configuration decides),
+    or `connection`, the file already open (dlt then neither opens nor closes it)."""
     if name == "duckdb":
-        return dlt.destinations.duckdb(credentials=path, max_parallel_load_jobs=DUCKDB_PARALLEL_LOAD_JOBS)
+        return dlt.destinations.duckdb(
+            credentials=connection if connection is not None else path,
+            max_parallel_load_jobs=DUCKDB_PARALLEL_LOAD_JOBS,
+        )
     return name
 
 

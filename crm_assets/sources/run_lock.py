@@ -24,15 +24,17 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-
-from typing import Optional
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Optional
 
 from dlt.common.pipeline import get_dlt_pipelines_dir
 
 from .crm.errors import CrmConfigurationError, CrmError
 from .crm_pipeline import PIPELINE_NAME
 from .destination import duckdb_path, selected_destination
+
+if TYPE_CHECKING:
+    from duckdb import DuckDBPyConnection
 
 logger = logging.getLogger("crm_assets.sources.run_lock")
 
@@ -107,19 +109,27 @@ def exclusive_run(
     pipelines_dir: Optional[str] = None,
     wait_seconds: float = DEFAULT_WAIT_SECONDS,
     pipeline_name: str = PIPELINE_NAME,
-) -> Iterator[None]:
+) -> Iterator[Optional[DuckDBPyConnection]]:
     """Hold the pipeline `pipeline_name`, and on DuckDB its file, for this block (always in that
     order, so two runs never wait on each other's second lock). Create the pipeline object inside
-    the block: even `dlt.pipeline()` reads a working folder that a running sync may be deleting."""
+    the block: even `dlt.pipeline()` reads a working folder that a running sync may be deleting.
+
+    Yields the DuckDB file's connection, open for the block and closed after it (None when the
+    warehouse is no DuckDB file): the block's pipeline takes it (`crm_pipeline(connection=...)`),
+    so that its steps share one connection. Each step would otherwise open and close the file,
+    and each open and close costs CPU that grows with the file's tables (figures in
+    benchmarks/README.md)."""
     with _held(lock_path(pipelines_dir, pipeline_name), f"pipeline {pipeline_name}", wait_seconds):
         database_lock = duckdb_lock_path(pipelines_dir)
-        if database_lock is None:
-            wait_for_duckdb_file()
-            yield
-            return
-        with _held(database_lock, "a pipeline writing the same DuckDB file", wait_seconds):
-            wait_for_duckdb_file()
-            yield
+        with ExitStack() as held:
+            if database_lock is not None:
+                held.enter_context(
+                    _held(database_lock, "a pipeline writing the same DuckDB file", wait_seconds)
+                )
+            connection = open_duckdb_file()
+            if connection is not None:
+                held.callback(connection.close)
+            yield connection
 
 
 def warehouse_wait_seconds() -> float:
@@ -135,15 +145,16 @@ def warehouse_wait_seconds() -> float:
     return seconds
 
 
-def wait_for_duckdb_file(wait_seconds: Optional[float] = None) -> None:
-    """Return once the sync's DuckDB file can be opened for writing (at once when the warehouse is
-    not a DuckDB file, or the file does not exist yet); wait while another process holds it."""
+def open_duckdb_file(wait_seconds: Optional[float] = None) -> Optional[DuckDBPyConnection]:
+    """The sync's DuckDB file, opened for writing (created when it does not exist yet), once no
+    other process holds it: wait while one does. None when the warehouse is no DuckDB file, or
+    the file's folder does not exist (dlt then says what is wrong)."""
     try:
         path = duckdb_path() if selected_destination() == "duckdb" else None
     except CrmError:
-        return  # an unknown destination: the run fails on it with its own message
-    if path is None or not os.path.exists(path):
-        return
+        return None  # an unknown destination: the run fails on it with its own message
+    if path is None or not os.path.isdir(os.path.dirname(path)):
+        return None
     import duckdb  # only for a DuckDB warehouse, and only at run time
 
     limit = warehouse_wait_seconds() if wait_seconds is None else wait_seconds
@@ -152,7 +163,7 @@ def wait_for_duckdb_file(wait_seconds: Optional[float] = None) -> None:
     held = False
     while True:
         try:
-            duckdb.connect(path).close()
+            connection = duckdb.connect(path)
         except duckdb.IOException as exc:
             holder = _HOLDER.search(str(exc))
             if holder is None:
@@ -179,4 +190,4 @@ def wait_for_duckdb_file(wait_seconds: Optional[float] = None) -> None:
             continue
         if held:
             logger.warning("The DuckDB file %s was closed after %.1fs; starting", path, time.monotonic() - started)
-        return
+        return connection
