@@ -30,6 +30,7 @@ from dagster import (
 from dlt.common.configuration.container import Container
 from dlt.common.pipeline import PipelineContext
 from dlt.common.schema.exceptions import DataValidationError
+from dlt.extract import DltSource
 from dlt.extract.exceptions import ResourceExtractionError
 from dlt.pipeline.pipeline import Pipeline
 from dagster_dlt import DagsterDltResource, build_dlt_asset_specs
@@ -319,7 +320,7 @@ def _load(
             # its key is read now, from dlt's providers, and goes nowhere but the requests
             connection = source_arguments(account)
             endpoints = account.endpoints
-        crm(**connection)  # a missing or bad setting fails here, before any request
+        first_source: Optional[DltSource] = crm(**connection)  # a bad setting fails here, before any request
         selected_destination()
         selected = [endpoint for endpoint in endpoints if endpoint.name in names]
     except CrmConfigurationError as exc:
@@ -352,8 +353,10 @@ def _load(
                 with views_held:
                     while remaining:
                         try:
-                            # a fresh source each time: no step of the read keeps what a failed one saw
-                            source = crm(**connection).with_resources(*remaining)
+                            # a fresh source for each attempt: no step of the read keeps what a
+                            # failed one saw (the first attempt takes the one that checked the settings)
+                            source = (first_source or crm(**connection)).with_resources(*remaining)
+                            first_source = None
                             run = dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
                             results = list(run)
                             break
