@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import shutil
@@ -125,9 +126,19 @@ def crm_env(monkeypatch: pytest.MonkeyPatch, warehouse: Path) -> Callable[[CrmSi
     return point_at
 
 
+@functools.lru_cache(maxsize=None)
+def _process_instance():
+    from dagster import DagsterInstance
+
+    return DagsterInstance.ephemeral()
+
+
 def run_sync(selection=None, raise_on_error: bool = True, run_config=None, checks: bool = False):
     """Materialize the crm assets in-process through Dagster, as a user's run would. The table
-    checks, evaluated in the same step, run only with `checks` (test_checks.py tests them)."""
+    checks, evaluated in the same step, run only with `checks` (test_checks.py tests them).
+
+    The runs of one test process share an ephemeral instance, as a user's runs share theirs:
+    creating one per run cost each sync about 70 ms of CPU (benchmarks/README.md)."""
     from dagster import AssetSelection, materialize
 
     from crm_assets.assets import crm_sync_assets
@@ -140,6 +151,7 @@ def run_sync(selection=None, raise_on_error: bool = True, run_config=None, check
         selection=chosen if checks else chosen.without_checks(),
         raise_on_error=raise_on_error,
         run_config=run_config,
+        instance=_process_instance(),
     )
 
 
