@@ -89,9 +89,8 @@ def celery_deployment(postgres_server, accounts_simulator, tmp_path_factory):
         "DAGSTER_DISABLE_TELEMETRY": "true",
         "SOURCES__CRM__BACKOFF_FACTOR": "0.01",
     }
-    # one process a worker: on two cores a second one buys no time and costs its own start-up
-    # (machine CPU for this module: benchmarks/README.md)
-    deployment = CeleryDeployment(root, workdir, env, workers=2, concurrency=1)
+    # two processes a worker: a run waits on PostgreSQL and the API for part of its time
+    deployment = CeleryDeployment(root, workdir, env, workers=2, concurrency=2)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
