@@ -107,7 +107,7 @@ def _definition_pipeline() -> Pipeline:
     context = Container()[PipelineContext]
     previous = context.pipeline() if context.is_active() else None
     with tempfile.TemporaryDirectory(prefix="crm_definitions_") as folder:
-        pipeline = crm_pipeline(pipelines_dir=folder)
+        pipeline = crm_pipeline(pipelines_dir=folder, for_run=False)
     pipeline.deactivate()
     if previous is not None:
         previous.activate()  # type: ignore[attr-defined]

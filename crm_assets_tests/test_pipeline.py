@@ -87,3 +87,31 @@ def test_the_readme_command_syncs_without_dagster(start_simulator, crm_env, ware
     assert f"crm.jobs: {SMALL_COUNTS['jobs']} rows" in completed.stdout
     assert f"database: {warehouse}" in completed.stdout
     assert_exact(warehouse, simulator)
+
+
+def test_a_runs_destination_takes_its_settings_once_as_dlt_resolves_them(monkeypatch):
+    """`settled` gives the run's pipeline the values dlt resolves, including those under the
+    pipeline's own section; what the pipeline binds, and credentials that do not resolve, stay
+    dlt's to resolve and report."""
+    from dlt.common.configuration.exceptions import ConfigFieldMissingException
+
+    monkeypatch.setenv("CRM_DESTINATION", "postgres")
+    monkeypatch.setenv("DESTINATION__POSTGRES__STAGING_DATASET_NAME_LAYOUT", "%s_scratch")
+    monkeypatch.setenv("CRM_WAREHOUSE__DESTINATION__POSTGRES__CREDENTIALS", "postgresql://u:p@db.internal:5433/w")
+    pipeline = crm_pipeline()
+    params = pipeline.destination.config_params
+    assert params["staging_dataset_name_layout"] == "%s_scratch"
+    assert params["credentials"].host == "db.internal" and params["credentials"].port == 5433
+    assert not {"dataset_name", "default_schema_name"} & set(params)
+    client_config = pipeline.destination.configuration(
+        pipeline.destination.spec(credentials=None), accept_partial=True
+    )
+    assert client_config.staging_dataset_name_layout == "%s_scratch"
+
+    monkeypatch.delenv("CRM_WAREHOUSE__DESTINATION__POSTGRES__CREDENTIALS")
+    unresolved = crm_pipeline()
+    assert "credentials" not in unresolved.destination.config_params
+    with pytest.raises(ConfigFieldMissingException, match="credentials"):
+        unresolved.destination.configuration(unresolved.destination.spec())
+    # the definitions' pipeline resolves nothing ahead
+    assert crm_pipeline(for_run=False).destination.config_params == {}

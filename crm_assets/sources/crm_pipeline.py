@@ -18,7 +18,7 @@ from dlt.common.runtime.collector import LogCollector
 from dlt.pipeline.pipeline import Pipeline
 
 from .crm.accounts import Account
-from .destination import CrmDestinationError, destination_for, duckdb_path, selected_destination
+from .destination import CrmDestinationError, destination_for, duckdb_path, selected_destination, settled
 
 PIPELINE_NAME = "crm_warehouse"
 DATASET_NAME = "crm"
@@ -39,6 +39,7 @@ def crm_pipeline(
     pipeline_name: str = PIPELINE_NAME,
     dataset_name: str = DATASET_NAME,
     connection: Any = None,
+    for_run: bool = True,
 ) -> Pipeline:
     """A fresh handle on the pipeline; config (destination path, state dir) resolves when it runs.
     An account's pipeline passes its own names (`Account.pipeline_name`, `Account.dataset_name`).
@@ -50,6 +51,9 @@ def crm_pipeline(
 
     `connection`: the DuckDB file, open for a run (`exclusive_run` yields it); the pipeline's steps
     share it rather than each opening the file.
+
+    `for_run`: the destination's settings are resolved now, once for the pipeline's life
+    (`settled`); the definitions' pipeline, which never runs, passes False.
     """
     destination: Any
     try:
@@ -60,6 +64,8 @@ def crm_pipeline(
     else:
         path = duckdb_path() if name == "duckdb" else None
         destination = destination_for(name, path, connection)
+        if for_run:
+            destination = settled(destination, pipeline_name)
         if pipelines_dir is None and path is not None:
             pipelines_dir = _pipelines_dir_for(path)
     for attempt in (1, 2):

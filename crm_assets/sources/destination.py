@@ -16,6 +16,10 @@ import os
 from typing import Any, Optional
 
 import dlt
+from dlt.common.configuration.resolve import inject_section
+from dlt.common.configuration.specs import BaseConfiguration, ConfigSectionContext
+from dlt.common.configuration.specs.base_configuration import is_hint_not_resolvable
+from dlt.common.destination import Destination
 from dlt.pipeline.pipeline import Pipeline
 
 from .crm.errors import CrmConfigurationError
@@ -85,6 +89,35 @@ def destination_for(name: str, path: Optional[str], connection: Any = None) -> A
             max_parallel_load_jobs=DUCKDB_PARALLEL_LOAD_JOBS,
         )
     return name
+
+
+# Fields the pipeline binds to each client it makes (its dataset, its schema), not settings.
+_PIPELINE_BOUND_FIELDS = frozenset({"dataset_name", "default_schema_name", "staging_config"})
+
+
+def settled(destination: Any, pipeline_name: str) -> Any:
+    """`destination` (a name or a factory) with its settings resolved once, for one run.
+
+    dlt resolves a destination's whole configuration from its providers whenever it needs the
+    destination's capabilities or a client: about fifty times in a small sync, a fifth of its CPU
+    (benchmarks/README.md). Here dlt resolves it once, as it does inside the pipeline
+    `pipeline_name` (whose name is a section its settings may be under), and a new factory gets
+    the values as explicit arguments, which dlt then takes as they are. What the pipeline binds
+    (dataset, schema) still comes from it, and a setting that does not resolve (missing
+    credentials) is left out, for dlt to report when it needs it, as it would have."""
+    factory = Destination.from_reference(destination)
+    with inject_section(ConfigSectionContext(pipeline_name=pipeline_name)):
+        config = factory.configuration(factory.spec(), accept_partial=True)
+    values = {}
+    for field, hint in config.get_resolvable_fields().items():
+        value = config.get(field)
+        # fields dlt never reads from its providers (Final, NotResolved) are the pipeline's to set
+        if field in _PIPELINE_BOUND_FIELDS or value is None or is_hint_not_resolvable(hint):
+            continue
+        if isinstance(value, BaseConfiguration) and not value.is_resolved():
+            continue
+        values[field] = value
+    return type(factory)(**values, **factory.caps_params)
 
 
 def run_options(pipeline: Pipeline) -> dict[str, Any]:
