@@ -115,3 +115,13 @@ def test_a_runs_destination_takes_its_settings_once_as_dlt_resolves_them(monkeyp
         unresolved.destination.configuration(unresolved.destination.spec())
     # the definitions' pipeline resolves nothing ahead
     assert crm_pipeline(for_run=False).destination.config_params == {}
+
+
+def test_a_destination_setting_dlt_cannot_parse_fails_the_run_as_dlt_reports_it(monkeypatch):
+    from dlt.common.configuration.exceptions import InvalidNativeValue
+
+    monkeypatch.setenv("CRM_DESTINATION", "postgres")
+    monkeypatch.setenv("DESTINATION__POSTGRES__CREDENTIALS", "not a connection string")
+    pipeline = crm_pipeline()  # creating the pipeline does not fail on it
+    with pytest.raises(InvalidNativeValue, match="PostgresCredentials"):
+        pipeline.destination.configuration(pipeline.destination.spec())

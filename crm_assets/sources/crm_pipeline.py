@@ -41,7 +41,8 @@ def crm_pipeline(
     connection: Any = None,
     for_run: bool = True,
 ) -> Pipeline:
-    """A fresh handle on the pipeline; config (destination path, state dir) resolves when it runs.
+    """A fresh handle on the pipeline. The destination's settings resolve here (`for_run`), the rest
+    of dlt's configuration (state dir, steps) when it runs.
     An account's pipeline passes its own names (`Account.pipeline_name`, `Account.dataset_name`).
 
     The destination is the one `CRM_DESTINATION` names at the moment of the call. Dagster also

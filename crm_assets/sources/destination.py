@@ -106,8 +106,11 @@ def settled(destination: Any, pipeline_name: str) -> Any:
     (dataset, schema) still comes from it, and a setting that does not resolve (missing
     credentials) is left out, for dlt to report when it needs it, as it would have."""
     factory = Destination.from_reference(destination)
-    with inject_section(ConfigSectionContext(pipeline_name=pipeline_name)):
-        config = factory.configuration(factory.spec(), accept_partial=True)
+    try:
+        with inject_section(ConfigSectionContext(pipeline_name=pipeline_name)):
+            config = factory.configuration(factory.spec(), accept_partial=True)
+    except Exception:  # a value dlt cannot parse: dlt reports it where it always did
+        return factory
     values = {}
     for field, hint in config.get_resolvable_fields().items():
         value = config.get(field)
