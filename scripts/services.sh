@@ -144,8 +144,8 @@ postgres_up() {
     pwfile="$data.pw"
     # The password's SCRAM verifier, stored as given, with SCRAM_ITERATIONS rounds instead of
     # PostgreSQL's 4096: clients still authenticate with SCRAM-SHA-256, but Dagster's storage opens
-    # a connection per query (thousands in a run of the suite) and 4096 rounds cost each ~3 ms of
-    # client CPU (benchmarks/README.md). A test server's shortcut, like fsync=off.
+    # a connection per query, thousands in a run of the suite, and the client derives the key for
+    # each (benchmarks/README.md). A test server's shortcut, like fsync=off.
     scram_verifier "$password" >"$pwfile"
     if [ "$(id -u)" = 0 ]; then chown postgres: "$data" "$pwfile"; fi
     chmod 700 "$data"; chmod 600 "$pwfile"

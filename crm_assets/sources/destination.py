@@ -99,8 +99,8 @@ def settled(destination: Any, pipeline_name: str) -> Any:
     """`destination` (a name or a factory) with its settings resolved once, for one run.
 
     dlt resolves a destination's whole configuration from its providers whenever it needs the
-    destination's capabilities or a client: about fifty times in a small sync, a fifth of its CPU
-    (benchmarks/README.md). Here dlt resolves it once, as it does inside the pipeline
+    destination's capabilities or a client, dozens of times a sync: in a small one, a large share
+    of its CPU (benchmarks/README.md). Here dlt resolves it once, as it does inside the pipeline
     `pipeline_name` (whose name is a section its settings may be under), and a new factory gets
     the values as explicit arguments, which dlt then takes as they are. What the pipeline binds
     (dataset, schema) still comes from it, and a setting that does not resolve (missing
