@@ -190,7 +190,7 @@ class CeleryDeployment:
         workspace_file.write_text("\n".join(workspace) + "\n")
         for name in self.worker_names:
             self._start(name, [str(BIN / "dagster-celery"), "worker", "start",
-                               "-A", "dagster_celery.app", "-y", str(CELERY_WORKER_YAML), "-n", name,
+                               "-A", "crm_assets.celery_app", "-y", str(CELERY_WORKER_YAML), "-n", name,
                                "--", "--concurrency", str(self.concurrency),
                                "--logfile", str(self.worker_log(name))])
         self._start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1",

@@ -126,3 +126,19 @@ def test_importing_the_code_location_keeps_another_active_dlt_pipeline_active(tm
         """
     )
     assert result == {"active": "someone_elses"}
+
+
+def test_the_celery_app_brings_the_code_location_and_dagster_celerys_tasks_and_starts_no_thread():
+    """`-A crm_assets.celery_app`: Celery forks its pool processes after importing it, so the pool
+    starts with the code imported; a thread started here would not survive the fork."""
+    result = _run(
+        """
+        import threading
+        threads = threading.active_count()
+        import crm_assets.celery_app as celery_app
+        print(json.dumps({"code_imported": "crm_assets.definitions" in sys.modules,
+                          "tasks": sorted(name for name in celery_app.app.tasks if not name.startswith("celery.")),
+                          "new_threads": threading.active_count() - threads}))
+        """
+    )
+    assert result == {"code_imported": True, "tasks": ["execute_job", "execute_plan", "resume_job"], "new_threads": 0}
