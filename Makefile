@@ -25,12 +25,16 @@ $(STAMP): pyproject.toml setup.cfg
 ## with one worker more than cores: a worker spends about a sixth of its time waiting on the
 ## servers and processes its tests start, which the extra one fills (benchmarks/README.md).
 ## PYTEST_WORKERS=0 runs it in one process.
+## The tests let Python cache bytecode even where PYTHONDONTWRITEBYTECODE is set: the suite starts
+## about a hundred processes that import the project, and pytest rewrites every test module in each
+## worker; without the caches each does it again (__pycache__ is git-ignored; benchmarks/README.md).
 PYTEST_WORKERS ?= auto
+CACHE_BYTECODE = env -u PYTHONDONTWRITEBYTECODE
 TEST_WORKERS = $(if $(filter auto,$(PYTEST_WORKERS)),$(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 ))),$(PYTEST_WORKERS))
 XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: $(STAMP)
 	trap 'bash scripts/services.sh down' EXIT; trap 'exit 130' INT TERM; \
-	bash scripts/services.sh up && $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+	bash scripts/services.sh up && $(CACHE_BYTECODE) $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 ## make test-fast: the layer that needs no service and no root (the read, the paginator, the
 ## resource settings, the docs against the code, the definitions), on every core: about 35 s on 2
@@ -39,7 +43,7 @@ FAST_SKIP = $(addprefix --deselect crm_assets_tests/test_definitions.py::,\
 	test_the_cli_materializes_everything_from_another_directory_and_each_keeps_its_own_warehouse \
 	test_dg_launch_materializes_every_asset_exactly)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not postgres and not browser" $(FAST_SKIP) \
+	$(CACHE_BYTECODE) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not postgres and not browser" $(FAST_SKIP) \
 		crm_assets_tests/test_keyset_read.py crm_assets_tests/test_paginator.py crm_assets_tests/test_catalog.py \
 		crm_assets_tests/test_docs.py crm_assets_tests/test_definitions.py $(PYTEST_ARGS)
 
