@@ -25,9 +25,9 @@ $(STAMP): pyproject.toml setup.cfg
 ## with one worker more than cores: a worker spends about a sixth of its time waiting on the
 ## servers and processes its tests start, which the extra one fills (benchmarks/README.md).
 ## PYTEST_WORKERS=0 runs it in one process.
-## The tests let Python cache bytecode even where PYTHONDONTWRITEBYTECODE is set: the suite starts
-## about a hundred processes that import the project, and pytest rewrites every test module in each
-## worker; without the caches each does it again (__pycache__ is git-ignored; benchmarks/README.md).
+## The tests let Python cache bytecode even where PYTHONDONTWRITEBYTECODE is set: without the
+## caches, each of the dozens of processes the suite starts compiles the project again, and pytest
+## rewrites every test module again in each worker (__pycache__ is git-ignored; benchmarks/README.md).
 PYTEST_WORKERS ?= auto
 CACHE_BYTECODE = env -u PYTHONDONTWRITEBYTECODE
 TEST_WORKERS = $(if $(filter auto,$(PYTEST_WORKERS)),$(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 ))),$(PYTEST_WORKERS))
