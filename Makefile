@@ -18,12 +18,13 @@ install: $(STAMP)
 INSTALLER ?= uv
 PIP_INSTALL = PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e '.[test]'
 $(STAMP): pyproject.toml setup.cfg
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install --quiet uv; then \
+	@echo "installing the project and its test tools into $(VENV) ($(INSTALLER))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install --quiet uv; then \
 		$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[test]' || \
 		{ echo "uv could not install the project: pip does" >&2; $(PIP_INSTALL); }; \
 	else $(PIP_INSTALL); fi
-	touch $(STAMP)
+	@touch $(STAMP)
 
 ## make test: the whole suite (what CI runs). scripts/services.sh installs PostgreSQL, Redis and
 ## chromium when missing (apt-get) and starts a private PostgreSQL and Redis on loopback, while the
@@ -42,7 +43,7 @@ XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test:
 	trap 'wait; bash scripts/services.sh down' EXIT; trap 'exit 130' INT TERM; \
 	bash scripts/services.sh up & services=$$!; \
-	$(MAKE) --no-print-directory install && wait $$services && \
+	$(MAKE) -s --no-print-directory install && wait $$services && \
 	$(CACHE_BYTECODE) $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 ## make test-fast: the layer that needs no service and no root (the read, the paginator, the
