@@ -11,7 +11,7 @@ export DAGSTER_DISABLE_TELEMETRY ?= true
 
 install: $(STAMP)
 
-# uv resolves and installs the same releases as pip in about a quarter of the time (benchmarks/
+# uv resolves and installs the same releases as pip in about a third of the time (benchmarks/
 # README.md). It does not read pip's configuration (a private index, say): where it cannot install,
 # pip does. INSTALLER=pip skips uv. (setuptools' caution about editable installs is about folders
 # named like the package: ours is it.)
@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml setup.cfg
 ## chromium when missing (apt-get) and starts a private PostgreSQL and Redis on loopback, while the
 ## project installs; they are stopped afterwards, whatever the outcome. Narrow it with e.g.
 ## make test PYTEST_ARGS="-k postgres". It runs on every core (pytest-xdist, a module per worker at
-## a time, the longest first: conftest.py says why), with one worker more than cores: a worker spends about a sixth of its time waiting on the
-## servers and processes its tests start, which the extra one fills (benchmarks/README.md).
+## a time, the longest first: conftest.py says why), with one worker more than cores: a worker
+## spends about a sixth of its time waiting on the servers and processes its tests start, which the
+## extra one fills (benchmarks/README.md).
 ## PYTEST_WORKERS=0 runs it in one process.
 ## The tests let Python cache bytecode even where PYTHONDONTWRITEBYTECODE is set: without the
 ## caches, each of the dozens of processes the suite starts compiles the project again, and pytest
