@@ -167,6 +167,31 @@ def test_an_api_that_keeps_answering_empty_pages_fails_in_bounded_requests():
     assert read.requests <= 3 + SPARE_REQUESTS
 
 
+def test_a_repeat_at_every_head_does_not_stall_a_walk_of_pages_capped_at_three():
+    """Forty records share both dates, so the second is walked by offset, and the API caps pages at
+    three records. A page overlapping the last two records read has room for one new record, which
+    a repeated head pushes out: the walk must go on from the record itself after its end check
+    (found by the adversarial test below) and stay within three times an undisturbed read."""
+
+    def listing() -> Listing:
+        made = Listing([5] * 40, created=[7] * 40, window=10_000)
+        made.cap = 3
+        return made
+
+    undisturbed = listing()
+    read_all(undisturbed, page_size=7)
+    repeating = listing()
+    read = KeysetRead("jobs", 7, result_window=repeating.window)
+    seen = set()
+    while not read.done:
+        repeating.repeat_next = True
+        rows, count = repeating.serve(read.request())
+        seen.update(row["id"] for row in rows)
+        read.take(rows, count)
+    assert seen == set(repeating.records) and read.records_read == 40
+    assert repeating.requests <= 3 * undisturbed.requests
+
+
 class AdversarialRead(RuleBasedStateMachine):
     """One sync's read of a listing (`ReadPlan`: the probe for records without a cursor, their
     ranges, then the keyset read) that changes between any two of its page requests (at most once

@@ -22,8 +22,9 @@ is only a lower bound and never ends a read.
 Every page normally starts at `from=0` of `cursor >= <cursor of newest>`, so no offset is trusted
 and the 10,000-record result window does not matter. A second of `date_updated` that fills a page
 (a bulk edit) is read as a listing of its own, `date_updated = T` in `date_created` order; a second
-of `date_created` inside it that fills a page is walked by offset, overlapping by two records, and
-its end shown by its last position holding nothing newer than `newest`.
+of `date_created` inside it that fills a page is walked by offset, each page starting at `newest`
+(or one before it, when the previous answer ended on it: see `_walk_on`), and its end shown by its
+last position holding nothing newer than `newest`.
 
 The API may serve the previous answer's last record again at the head of a page. Such a record
 belongs to no run of the page, so it is set aside wherever it could connect a page, move `newest`
@@ -199,12 +200,13 @@ class KeysetRead:
         self.done = False
         self.requests = 0
         self.records_read = 0  # distinct records beyond `newest` when read
+        self.walked = 0  # of them, read by walking a second (overlapping pages: fewer a page)
         self.stride = 0  # the longest page seen: the API may cap pages below `page_size`
         self.seconds_apart = 0  # seconds read on their own (nested or walked)
         self.count: Optional[int] = None  # the last `count` the API gave
         self._mode = _HEAD
         self._next = self._page(since, until, 0)
-        self._walk_resume = 0  # in a walked second: where the walk goes on if its end check fails
+        self._walk_resume = 0  # in a walked second: newest's position, for the walk after a failed end check
         self._nested: Optional[KeysetRead] = None
         self._last_served: Any = None  # the key field of the previous answer's last record
         # The count the next head page must reach, and the range before it (see _take_head).
@@ -229,13 +231,14 @@ class KeysetRead:
         self.requests += 1
         self.count = count
         self.stride = max(self.stride, len(records))
+        previous = self._last_served
+        if records:
+            self._last_served = records[-1].get(self.key_field)
         if head_repeated is None:
             # The API may serve the previous answer's last record again at a page's head. Such a
             # record belongs to no run of this page: it must neither connect a page nor move
             # `newest`, so it is set aside wherever it could do either.
-            head_repeated = bool(records) and records[0].get(self.key_field) == self._last_served
-            if records:
-                self._last_served = records[-1].get(self.key_field)
+            head_repeated = bool(records) and records[0].get(self.key_field) == previous
         if self.within is None:  # the outermost read checks every answer once, nested reads' too
             verify_page(self.resource, asked, records[1:] if head_repeated else records, self.key_field)
         if self._gap is not None:
@@ -322,7 +325,7 @@ class KeysetRead:
             )
             self._mode = _NESTED
         else:
-            self._walk(last_second, max(0, len(keys) - 2))
+            self._walk_on(last_second, len(keys) - 1)
 
     def _could_mislead(self, records: Sequence[dict[str, Any]], asked: PageRequest, count: int) -> bool:
         """Whether a head record that repeats the previous answer's last one could connect a page
@@ -370,6 +373,7 @@ class KeysetRead:
         if nested.done:
             second = nested.within[1]  # type: ignore[index]
             self.records_read += nested.records_read
+            self.walked += nested.walked
             self.newest = (second, "\U0010ffff")  # all of that second is read
             self._nested = None
             self._head(second + 1)
@@ -382,14 +386,14 @@ class KeysetRead:
             # Records before this offset went away: step back and connect again.
             self._walk(second, max(0, asked.offset - max(1, self.page_size - 1)))
             return
-        # The next page starts one before the newest record read, so that it overlaps by two: one
-        # of them still connects it if the other comes back as a repeat.
-        resume = max(0, asked.offset + len(keys) - 2)
-        if self._advance(keys):
-            self._walk(second, resume)
+        at = asked.offset + len(keys) - 1  # the page's last key: newest, if the page moved it
+        new = self._advance(keys)
+        self.walked += new
+        if new:
+            self._walk_on(second, at)
             return
         # Nothing newer on a connected page: the second may be read. Its last position says.
-        self._walk_resume = resume
+        self._walk_resume = at
         self._tail(second, count)
 
     def _take_tail(self, asked: PageRequest, keys: list[Key], count: int) -> None:
@@ -401,7 +405,7 @@ class KeysetRead:
             self.newest = (second, "\U0010ffff")  # its last record is one already read
             self._head(second + 1)
         else:
-            self._walk(second, self._walk_resume)
+            self._walk_on(second, self._walk_resume)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -423,6 +427,16 @@ class KeysetRead:
             self.done = True  # past the read's upper bound: all of it is read
         self._next = self._page(lowest, self.until, 0)
 
+    def _walk_on(self, second: int, newest_at: int) -> None:
+        """Walk on from newest's position. A page's head that equals the previous answer's last
+        record may be a repeat and is set aside, so the page starts where that cannot be newest:
+        at newest itself (overlapping by one) when the previous answer ended elsewhere, else one
+        before it (by two: newest still connects the page if its head is set aside).
+        Overlapping by two every time would let a repeat at each head stall a walk whose pages
+        the API caps at three records."""
+        ended_on_newest = self.newest is not None and self._last_served == self.newest[1]
+        self._walk(second, max(0, newest_at - 1 if ended_on_newest else newest_at))
+
     def _walk(self, second: int, offset: int) -> None:
         if offset + MIN_PAGE_SIZE > self.result_window:
             where = f"{self.within[0]}={self.within[1]} and " if self.within else ""
@@ -441,8 +455,12 @@ class KeysetRead:
         return max(0, min(count, self.result_window) - 1)
 
     def _check_budget(self, asked: PageRequest) -> None:
-        read = self.records_read + (self._nested.records_read if self._nested is not None else 0)
-        undisturbed = -(-read // max(1, self.stride - 1)) + 1
+        nested = self._nested
+        read = self.records_read + (nested.records_read if nested is not None else 0)
+        walked = self.walked + (nested.walked if nested is not None else 0)
+        # undisturbed, a head page overlaps the last record read and a walked page the last two
+        heads = -(-(read - walked) // max(1, self.stride - 1))
+        undisturbed = heads + -(-walked // max(1, self.stride - 2)) + 1
         allowed = 3 * undisturbed + 2 * self.seconds_apart + SPARE_REQUESTS
         if not self.done and self.requests - self._gap_requests >= allowed:
             raise CrmIncompleteReadError(
