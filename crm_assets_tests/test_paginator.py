@@ -40,15 +40,16 @@ def _past_the_probe(paginator: KeysetPaginator, request: requests.Request, count
         paginator.update_request(request)
 
 
-def test_the_first_requests_count_every_record_and_those_with_a_cursor():
+def test_the_first_requests_count_the_records_with_a_cursor_then_every_record():
     paginator = KeysetPaginator("jobs", page_size=1000)
     request = _first_request(paginator)
     # the real API family sorts descending by default: the order is always sent
-    assert request.params == {"sort_field": "date_created", "sort_direction": "asc", "from": 0, "size": 0}
+    assert request.params["size"] == 0 and request.params["sort_field"] == "date_updated"
+    assert request.params["sort_direction"] == "asc"
+    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 0}}}]}
     paginator.update_state(_Answer(7), [])
     paginator.update_request(request)
-    assert request.params["size"] == 0 and request.params["sort_field"] == "date_updated"
-    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 0}}}]}
+    assert request.params == {"sort_field": "date_created", "sort_direction": "asc", "from": 0, "size": 0}
     paginator.update_state(_Answer(7), [])
     paginator.update_request(request)
     # the counts agree: the keyset read, over every record with a cursor value

@@ -27,9 +27,10 @@ parallel slices (slices.py), each with the keyset read's proof, as many as the s
 (`claim_slices`; none left: the keyset read as usual). Ranges of records without a cursor
 are still read first, for the reason above.
 
-The probe's two counts are taken one after the other: a record created or deleted between them
-shifts the difference. One created makes a range be read for nothing; one deleted can hide a record
-without a cursor until the next sync's probe (or the audit) finds it.
+The probe's two counts are taken one after the other, records with a cursor first: a record
+created between them (appended, imported, or given a cursor by an edit) counts in the second only,
+and makes a range be read for nothing; one deleted between them can hide a record without a cursor
+until the next sync's probe (or the audit) finds it.
 """
 
 from __future__ import annotations
@@ -174,8 +175,10 @@ class ReadPlan:
 
     def _probe(self) -> Steps:
         """The `date_created` ranges (inclusive; None: open) that hold records without a cursor."""
-        every = yield from self._count(None, None, False)
+        # records with a cursor first: a record created between the two counts then adds to the
+        # second only, so it can make the difference larger (a range read for nothing), not smaller
         with_cursor = self.with_cursor = yield from self._count(None, None, True)
+        every = yield from self._count(None, None, False)
         if self._trusted(every) and self._trusted(with_cursor) and every <= with_cursor:
             return []
         # where the listing starts: the first record in date_created order, if nothing is counted
@@ -208,8 +211,8 @@ class ReadPlan:
                 found.append((lowest, highest))
                 continue
             for low, high in halves:
-                every_half = yield from self._count(low, high, False)
                 with_cursor_half = yield from self._count(low, high, True)
+                every_half = yield from self._count(low, high, False)
                 pending.append((low, high, every_half, with_cursor_half))
         if found:
             logger.info(
