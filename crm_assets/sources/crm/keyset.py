@@ -441,7 +441,7 @@ class KeysetRead:
         if offset + MIN_PAGE_SIZE > self.result_window:
             where = f"{self.within[0]}={self.within[1]} and " if self.within else ""
             raise CrmIncompleteReadError(
-                f"{self.resource}: more than {self.result_window} records share {where}"
+                f"{self.resource}: at least {self.result_window} records share {where}"
                 f"{self.cursor_field}={second}; the API's result window makes reading them all impossible"
             )
         self._mode = _WALK
