@@ -335,8 +335,8 @@ class AdversarialRead(RuleBasedStateMachine):
 
     def _beyond_any_reader(self, failure: CrmError) -> bool:
         """A failure naming a second (of both dates, or of date_created in the read of records
-        without a cursor) that really holds more records than the result window: no reader of
-        this API can read them all (docs/api-contract.md), and saying so is the right verdict."""
+        without a cursor) that really holds the result window's records or more: no reader of this
+        API can show it read them all (docs/api-contract.md), and saying so is the right verdict."""
         message = str(failure)
         if not isinstance(failure, CrmIncompleteReadError) or "makes reading them all impossible" not in message:
             return False
