@@ -49,7 +49,7 @@ from dagster import (
 )
 
 from .constants import ASSET_KEY_PREFIX, FRESHNESS_FAIL_AFTER_MINUTES, FRESHNESS_WARN_AFTER_MINUTES
-from .sources.crm import DELETED_AT_COLUMN, CrmError, Endpoint, count_records
+from .sources.crm import DELETED_AT_COLUMN, CrmError, Endpoint, count_every_record
 from .sources.crm.accounts import Account, account_api_key
 from .sources.crm_pipeline import DATASET_NAME, PIPELINE_NAME
 from .warehouse import DatabaseUndefinedRelation, Query, reader
@@ -180,8 +180,8 @@ def _id_is_not_null(query: Query, key: AssetCheckKey, endpoint: Endpoint, datase
 def _api_count(endpoint: Endpoint, account: Optional[Account]) -> Union[int, CrmError]:
     try:
         if account is None:
-            return count_records(endpoint)
-        return count_records(endpoint, base_url=account.base_url, api_key=account_api_key(account))
+            return count_every_record(endpoint)
+        return count_every_record(endpoint, base_url=account.base_url, api_key=account_api_key(account))
     except CrmError as exc:  # its message names the resource and path, never the key
         return exc
 

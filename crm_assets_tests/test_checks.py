@@ -11,6 +11,7 @@ from dagster import AssetCheckSeverity, DagsterInstance
 from crm_assets.checks import ID_IS_NOT_NULL, ID_IS_UNIQUE, ROW_COUNT_MATCHES_API
 from crm_assets.definitions import defs
 from crm_assets.simulator import CrmSimulator, SimulatorConfig
+from crm_assets.sources.crm import count_every_record, count_records
 from crm_assets.warehouse import DatabaseUndefinedRelation, query
 
 from .conftest import API_KEY, RESOURCES, SMALL_COUNTS, failure_message, isolate_dlt
@@ -209,3 +210,16 @@ def test_checks_before_any_load_fail_saying_the_table_is_missing(start_simulator
     assert "does not exist" in checks[f"crm/jobs:{ID_IS_UNIQUE}"].description
     with pytest.raises(DatabaseUndefinedRelation):
         query("SELECT COUNT(*) FROM {table}", "jobs")
+
+
+def test_the_api_count_the_row_count_check_uses_is_exact_past_the_result_window(start_simulator):
+    """An API that stops counting at its result window (as search backends do) reports 10,000 for
+    12,345 jobs: `row_count_matches_api` would warn on every sync of a large resource, and the
+    audit sensor would audit it every time. The check's count sums `date_created` ranges instead."""
+    simulator = start_simulator({**SMALL_COUNTS, "jobs": 12_345}, count_capped=True)
+    connection = {"base_url": simulator.url, "api_key": API_KEY}
+
+    assert count_records("jobs", **connection) == 10_000
+    assert count_every_record("jobs", **connection) == 12_345
+    assert count_every_record("tasks", **connection) == SMALL_COUNTS["tasks"]  # one request below it
+    assert simulator.stats()["count_requests"]["tasks"] == 1

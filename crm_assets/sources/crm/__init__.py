@@ -25,7 +25,7 @@ from .epoch_dates import EpochDates
 from .field_names import FieldNames
 from .catalog import BUILT_IN, Endpoint, build_endpoints, configured_endpoints
 from .config import check_settings, connection_settings
-from .counts import count_records
+from .counts import count_every_record, count_records
 from .errors import (
     CrmApiBehaviourError,
     CrmApiError,
@@ -49,6 +49,7 @@ __all__ = [
     "configured_endpoints",
     "connection_settings",
     "core_columns",
+    "count_every_record",
     "count_records",
     "CrmApiBehaviourError",
     "CrmApiError",
