@@ -481,6 +481,27 @@ def test_the_last_slices_second_read_knows_a_repeat_of_whichever_slice_was_serve
     assert slices.done
 
 
+def test_a_planning_answer_served_again_alone_on_an_empty_slice_is_known_for_a_repeat():
+    """Since 0, the first record at 1: the plan's first slice (0 to 0) holds nothing, and the API
+    serves the planning's last answer again as that slice's first page, alone."""
+    listing = Listing([1, 1, 1, 1, 1, 2])
+    planned = _planned(listing, 3, since=0, slices=2)
+    assert planned.ranges == [(0, 0), (1, None)]
+    slices = Slices("jobs", 3, planned.ranges, result_window=WINDOW)
+    slices.planned_from([[listing.last_served]])
+    listing.repeat_next = True
+    rows, count = listing.serve(slices.request(0))
+    assert [row["date_updated"] for row in rows] == [1] and count == 0
+    slices.take(0, rows, count)  # set aside, not "the API did not apply the requested filter"
+    seen = set()
+    while not slices.done:
+        index = next(i for i in range(len(slices.reads)) if slices.ready(i))
+        rows, count = listing.serve(slices.request(index))
+        seen.update(row["id"] for row in rows)
+        slices.take(index, rows, count)
+    assert seen == set(listing.records)
+
+
 class ConcurrentSlices(AdversarialRead):
     """The keyset read cut into slices (`SlicePlan`, `Slices`), their requests interleaved in any
     order with the adversary's changes: the same guarantee, the same kind of request bound."""
@@ -502,6 +523,7 @@ class ConcurrentSlices(AdversarialRead):
         self.since = since
         self.planned = _planned(self.listing, page_size, since, slices)
         self.slices = Slices("jobs", page_size, self.planned.ranges, result_window=WINDOW)
+        self.slices.planned_from([[self.listing.last_served]] if self.listing.last_served else [])
         self.stayed = {i for i, r in self.listing.records.items() if r["date_updated"] >= since}
         self.seen: set[str] = set()
         self.failure: Optional[CrmError] = None

@@ -254,6 +254,12 @@ class Slices:
         # the last record of the previous answer, and of each slice's own previous answer
         self._previous: Any = None
         self._own: list[Any] = [None] * len(self.ranges)
+        self._planning: set[Any] = set()  # keys the planning's answers ended on (`planned_from`)
+
+    def planned_from(self, answers: Sequence[Sequence[dict[str, Any]]]) -> None:
+        """The planning's answers, taken at once just before the slices' first pages: the last
+        record of any of them may come again at the head of a slice's first page."""
+        self._planning.update(records[-1].get(self.key_field) for records in answers if records)
 
     def _read(self, low: int, high: Optional[int]) -> KeysetRead:
         return KeysetRead(
@@ -315,7 +321,8 @@ class Slices:
             head_repeated = (
                 head in (self._previous, self._own[index]) or self._out_of_place(asked, records)
                 # a page of that record alone: no order to show, but no honest answer holds it
-                or (len(records) == 1 and head in self._own and not asked.matches(records[0]))
+                or (len(records) == 1 and (head in self._own or head in self._planning)
+                    and not asked.matches(records[0]))
             )
             self._previous = self._own[index] = records[-1].get(self.key_field)
         try:
@@ -409,16 +416,19 @@ class SlicedRead:
     def start(self) -> None:
         """Plan the slices (their counts asked at once, round by round), then start a worker each."""
         plan = self.plan
+        answers: list[tuple[list[dict[str, Any]], int]] = []
         try:
             with ThreadPoolExecutor(max_workers=MAX_PARTS, thread_name_prefix="crm-slice-plan") as pool:
                 while not plan.done:
                     asked = plan.pending()
                     fetched = list(pool.map(self.fetch, asked))
-                    plan.take([self.answer_of(response) for _, _, response in fetched])
+                    answers = [self.answer_of(response) for _, _, response in fetched]
+                    plan.take(answers)
         except BaseException:
             self.stop()
             raise
         self.slices = self._slices_of(plan.ranges)
+        self.slices.planned_from([records for records, _ in answers])
         count = len(self.slices.reads)
         self._room = [threading.Semaphore(PREFETCH_PAGES) for _ in range(count)]
         self.running = count
