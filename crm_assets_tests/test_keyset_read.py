@@ -48,15 +48,22 @@ class Listing:
         self.requests = 0
         self.own_order: Optional[str] = None
         self.ignore_filter = False
+        self.clock = 0
+        self.now()
 
     def add(self, updated: int, created: int) -> str:
         self.next_id += 1
         rid = f"r{self.next_id:05d}"
         self.records[rid] = {"id": rid, "date_updated": updated, "date_created": created}
+        self.clock = max(self.clock, updated + 1)
         return rid
 
     def now(self) -> int:
-        return max((r["date_updated"] or 0 for r in self.records.values()), default=0) + 1
+        # a second after the newest date_updated the listing ever held: deleting the newest
+        # record does not turn the clock back
+        newest = max((r["date_updated"] or 0 for r in self.records.values()), default=0)
+        self.clock = max(self.clock, newest + 1)
+        return self.clock
 
     def serve(self, page: PageRequest) -> tuple[list[dict], int]:
         assert page.offset + page.size <= self.window, "the read asked past the result window"
