@@ -12,6 +12,7 @@ import pytest
 from dagster import AssetKey
 
 from .conftest import RESOURCES, failure_message, run_sync
+from .warehouses import table_ids
 
 
 @pytest.mark.parametrize("ignored_by", [["contacts"], ["*"]], ids=["one_resource", "every_resource"])
@@ -64,6 +65,30 @@ def test_an_api_that_ignores_the_filter_fails_saying_so(start_simulator, crm_env
     assert "jobs: the API did not apply the requested filter: GET /v1/jobs (date_updated >= " in message
     assert "with date_updated=" in message
     assert "kept changing" not in message  # the read says what the API did, not a guess
+
+
+def test_an_api_that_ignores_from_fails_rather_than_landing_part_of_a_busy_second(
+    start_simulator, crm_env, warehouse
+):
+    # an import of 120 files in one second of both dates, 50 a page: that second is walked by offset
+    simulator = start_simulator(page_cap=50)
+    crm_env(simulator)
+    files = [AssetKey(["crm", "files"])]
+    assert run_sync(selection=files).success
+    before = sorted(table_ids(warehouse, "files"))
+    simulator.mutate("files", insert=120)
+    simulator.configure(ignore_from=["files"])
+
+    result = run_sync(selection=files, raise_on_error=False)
+
+    assert not result.success
+    assert re.search(
+        r"files: the API served more records than its count leaves from the offset asked: GET /v1/files "
+        r"\(date_updated = \d+ and date_created = \d+, .*from=(\d+)\) returned \d+ records with count=\d+, "
+        r"where at most \d+ can follow from=\1 \(an API that ignores 'from'",
+        failure_message(result),
+    )
+    assert sorted(table_ids(warehouse, "files")) == before  # none of the import landed
 
 
 @pytest.mark.parametrize("arrow_pages", [True, False], ids=["arrow", "dlt_normalizer"])

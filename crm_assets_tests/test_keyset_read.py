@@ -31,7 +31,8 @@ WINDOW = 40
 
 class Listing:
     """An in-memory API listing sorted on any date field then id, with the contract's traps, and
-    optionally dishonest: `own_order` (a field it sorts on whatever is asked) or `ignore_filter`."""
+    optionally dishonest: `own_order` (a field it sorts on whatever is asked), `ignore_filter`,
+    `ignore_offset` (every page from the head) or `count_short` (a count that many below the truth)."""
 
     def __init__(self, updated: list[Optional[int]], window: int = WINDOW, created: Optional[list[int]] = None) -> None:
         created = created or [0] * len(updated)
@@ -48,6 +49,8 @@ class Listing:
         self.requests = 0
         self.own_order: Optional[str] = None
         self.ignore_filter = False
+        self.ignore_offset = False
+        self.count_short = 0
         self.clock = 0
         self.now()
 
@@ -76,14 +79,15 @@ class Listing:
             reverse=page.descending and self.own_order is None,
         )
         take = min(page.size, self.cap or page.size)
-        rows = [dict(r) for r in listing[page.offset : page.offset + take]]
+        offset = 0 if self.ignore_offset else page.offset
+        rows = [dict(r) for r in listing[offset : offset + take]]
         if self.repeat_next and self.last_served is not None and take >= 2:
             # the previous page's last record again at the head, nothing shifted
             rows = [dict(self.last_served)] + rows[: take - 1]
         self.repeat_next = False
         if rows:
             self.last_served = rows[-1]
-        count = len(listing)
+        count = max(0, len(listing) - self.count_short)
         return rows, min(count, self.window) if self.count_capped else count
 
 
@@ -147,6 +151,30 @@ def test_a_page_that_looks_sorted_but_is_not_the_head_is_caught_by_the_counts():
         read.take(rows, count)
     assert seen == set(listing.records)
     assert listing.requests == 3  # the first page, the one from date_updated 9, the range before it
+
+
+def test_an_api_that_ignores_from_fails_the_walk_of_a_second_rather_than_ending_it_short():
+    """30 records share both dates, so the second is walked by offset. Served the head again at
+    from=6, the walk sees nothing new and asks for the second's last position (from=29): the head
+    again. That page's last record is one already read, which ended the read with 7 records of 30;
+    but 7 records cannot follow from=29 of a listing that counts 30."""
+    listing = Listing([5] * 30, created=[5] * 30)
+    listing.ignore_offset = True
+    read = KeysetRead("jobs", 7, result_window=10_000)
+    message = (r"jobs: the API served more records than its count leaves from the offset asked: the "
+               r"request for date_updated = 5 and date_created = 5, sorted on date_created ascending, "
+               r"from=29 returned 7 records with count=30, where at most 1 can follow from=29")
+    with pytest.raises(CrmApiBehaviourError, match=message):
+        while not read.done:
+            read.take(*listing.serve(read.request()))
+
+
+def test_a_count_short_of_its_own_page_fails_the_read():
+    listing = Listing(list(range(1, 6)))
+    listing.count_short = 1  # 5 records, counted as 4: a page holding 4 would end the read
+    read = KeysetRead("jobs", 7, result_window=10_000)
+    with pytest.raises(CrmApiBehaviourError, match=r"returned 5 records with count=4, where at most 4 can follow from=0"):
+        read.take(*listing.serve(read.request()))
 
 
 def test_records_without_a_cursor_are_read_by_date_created():
@@ -233,7 +261,7 @@ class AdversarialRead(RuleBasedStateMachine):
         cap=st.one_of(st.none(), st.integers(3, 8)),
         count_capped=st.booleans(),
         since=st.one_of(st.none(), st.integers(0, 6)),
-        dishonest=st.sampled_from([None, None, "date_created", "id", "ignore_filter"]),
+        dishonest=st.sampled_from([None, None, "date_created", "id", "ignore_filter", "ignore_offset"]),
     )
     def start(self, cursors, without_cursor, page_size, cap, count_capped, since, dishonest):
         self.listing = Listing(
@@ -243,6 +271,7 @@ class AdversarialRead(RuleBasedStateMachine):
         self.listing.cap = cap
         self.listing.count_capped = count_capped and dishonest is None
         self.listing.ignore_filter = dishonest == "ignore_filter"
+        self.listing.ignore_offset = dishonest == "ignore_offset"
         self.listing.own_order = dishonest if dishonest in ("date_created", "id") else None
         self.honest = dishonest is None
         self.page_size = page_size

@@ -697,7 +697,7 @@ def test_cli_flags_for_the_real_api_family(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- an API that does not do what it is asked
-# All opt-in (SimulatorConfig.ignore_sort, ignore_filter, fields_param; mutate's null_cursor,
+# All opt-in (SimulatorConfig.ignore_sort, ignore_filter, ignore_from, fields_param; mutate's null_cursor,
 # missing_cursor, silent_edit, delete); nothing above sees any of it.
 def _by_updated(records: list[dict]) -> list[str]:
     """Ids in (date_updated, id) order, records without a date_updated left out."""
@@ -857,12 +857,21 @@ def test_the_fields_parameter_projects_records_only_when_enabled(sim, api):
     assert got[gone] == {"id": gone} and all(set(r) == {"id", "date_updated"} for i, r in got.items() if i != gone)
 
 
+def test_ignore_from_serves_every_page_from_the_head_for_the_named_resources_only(sim, api):
+    sim.configure(ignore_from=["jobs"])
+    head = api("jobs", size=5, sort_direction="desc").json()
+    assert api("jobs", **{"from": 20, "size": 5}, sort_direction="desc").json() == head  # count as asked
+    assert api("jobs", **{"from": "x"}).status_code == 200  # the parameter is not read at all
+    assert [r["id"] for r in api("tasks", **{"from": 20, "size": 5}).json()["results"]] == sim.ids("tasks")[20:25]
+
+
 def test_dishonest_config_is_validated(sim):
     sim.reset()  # the config given at construction: all of it off
     config = sim.configure()
-    assert (config["ignore_sort"], config["ignore_filter"], config["fields_param"]) == ([], [], False)
+    assert (config["ignore_sort"], config["ignore_filter"], config["ignore_from"], config["fields_param"]) == (
+        [], [], [], False)
     for bad in ({"ignore_sort": ["nope"]}, {"ignore_filter": ["invoices"]},  # not served here
-                {"ignore_sort": "jobs"}, {"fields_param": "yes"}):
+                {"ignore_sort": "jobs"}, {"ignore_from": "jobs"}, {"fields_param": "yes"}):
         with pytest.raises(ValueError):
             sim.configure(**bad)
     assert requests.post(sim.url + "/_admin/config", json={"ignore_filter": ["nope"]}, timeout=10).status_code == 400
@@ -875,10 +884,11 @@ def test_cli_flags_for_an_api_that_does_not_do_what_it_is_asked(tmp_path: Path):
     from crm_assets.simulator.__main__ import build_parser
 
     help_text = build_parser().format_help()
-    for flag in ("--ignore-sort RESOURCES", "--ignore-filter RESOURCES", "--fields-param"):
+    for flag in ("--ignore-sort RESOURCES", "--ignore-filter RESOURCES", "--ignore-from RESOURCES", "--fields-param"):
         assert flag in help_text
     assert build_parser().parse_args(["--ignore-sort", "all", "--ignore-filter", "jobs, tasks"]).ignore_filter == [
         "jobs", "tasks"]
+    assert build_parser().parse_args(["--ignore-from", "files"]).ignore_from == ["files"]
     for bad in (["--ignore-sort", "nope"], ["--ignore-filter", ","]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)

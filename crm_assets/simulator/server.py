@@ -92,6 +92,7 @@ class SimulatorConfig:
     # The parameter is not read at all for them, so a bad value is no 400 either.
     ignore_sort: list[str] = field(default_factory=list)  # the default sort, whatever is asked
     ignore_filter: list[str] = field(default_factory=list)  # the whole resource, count included
+    ignore_from: list[str] = field(default_factory=list)  # every page from the head, count as asked
     # `fields=a,b` keeps only those keys of each record, as the real API family documents; off, the
     # parameter is unknown and ignored like any other.
     fields_param: bool = False
@@ -121,14 +122,14 @@ _SERVER_FIELDS = ("host", "port", "accounts", "account_overrides")
 LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "storm_seconds", "latency_ms",
                "drift_every", "repeat_every", "insert_every", "delete_every", "count_capped", "fail_resources", "corrupt", "forbidden", "verbose",
                "result_window", "max_size", "default_size", "default_sort_field", "default_sort_direction",
-               "ignore_sort", "ignore_filter", "fields_param", "colliding_fields", "revoked")
+               "ignore_sort", "ignore_filter", "ignore_from", "fields_param", "colliding_fields", "revoked")
 
 
 def _check_config(c: SimulatorConfig) -> None:
     """Raise ValueError on nonsense, so a typo in a test fails loudly instead of doing nothing."""
     # Accept any iterable for the list fields (e.g. a set), but store JSON-friendly lists.
     c.forbidden = sorted(set(c.forbidden))
-    for name in ("ignore_sort", "ignore_filter", "colliding_fields"):
+    for name in ("ignore_sort", "ignore_filter", "ignore_from", "colliding_fields"):
         if isinstance(getattr(c, name), str):  # "jobs" would otherwise read as j, o, b, s
             raise ValueError(f'{name} must be a list of resources or ["*"], got {getattr(c, name)!r}')
         setattr(c, name, sorted(set(getattr(c, name))))
@@ -175,6 +176,7 @@ def _check_config(c: SimulatorConfig) -> None:
     resources("forbidden", c.forbidden)
     resources("ignore_sort", [r for r in c.ignore_sort if r != "*"])
     resources("ignore_filter", [r for r in c.ignore_filter if r != "*"])
+    resources("ignore_from", [r for r in c.ignore_from if r != "*"])
     resources("colliding_fields", [r for r in c.colliding_fields if r != "*"])
     if not isinstance(c.revoked, bool):
         raise ValueError(f"revoked must be true or false, got {c.revoked!r}")
@@ -534,7 +536,7 @@ class CrmSimulator:
         if time.monotonic() < self._storm_until:
             return self._fault_reply("429", cfg)
 
-        start = _int_param(params, "from", 0)
+        start = 0 if _names(cfg.ignore_from, resource) else _int_param(params, "from", 0)
         size = _int_param(params, "size", cfg.default_size)
         if start + size > cfg.result_window:
             return _error(400, f"result window is too large, from + size must be less than or equal to: "

@@ -34,9 +34,10 @@ Reading in `date_updated` order also keeps the incremental cursor safe: an edit 
 the end of the listing, ahead of the read, so the largest cursor read never passes a record that
 was left behind.
 
-All of this assumes the API sorts and filters as asked, so every answer is checked first
-(`verify_page`): sorted on (field, key), inside the requested bounds, integer dates and string
-keys; anything else fails the read, saying what the API did. A page can look sorted and still not
+All of this assumes the API sorts, filters and pages as asked, so every answer is checked first
+(`verify_page`, `verify_count`): sorted on (field, key), inside the requested bounds, integer dates
+and string keys, and no more records than its `count` leaves from its offset; anything else fails
+the read, saying what the API did. A page can look sorted and still not
 be the head of the listing (an API in an order of its own that agrees with this one on the page);
 the counts show it: a head page must count at least what the previous head page showed beyond its
 end. Where it counts fewer (records deleted meanwhile, or a page that skipped some), the range
@@ -167,6 +168,26 @@ def verify_page(resource: str, asked: PageRequest, records: Sequence[dict[str, A
             )
 
 
+def verify_count(
+    resource: str, asked: PageRequest, records: Sequence[dict[str, Any]], count: int, key_field: str,
+) -> None:
+    """Check that an answer's page fits its own `count`: from `from=F` of a listing that counts N
+    records, at most N - F distinct records can follow (at the result window, where a count may be
+    only a lower bound, `from + size` stays within it). More, and the API ignored `from` (serving
+    the head again where the read walks a second by offset) or counted short: the walk's end and
+    the probe's counts would prove nothing. `records`: the page without a repeated head."""
+    room = max(count - asked.offset, 0)
+    if len(records) <= room:
+        return
+    served = len({record.get(key_field) for record in records})
+    if served > room:
+        raise CrmApiBehaviourError(
+            resource, "served more records than its count leaves from the offset asked", asked.describe(),
+            f"{served} records with count={count}, where at most {room} can follow from={asked.offset} "
+            "(an API that ignores 'from', or whose count falls short of its records)",
+        )
+
+
 class KeysetRead:
     """The state of one read of one resource's listing; see the module docstring."""
 
@@ -240,7 +261,9 @@ class KeysetRead:
             # `newest`, so it is set aside wherever it could do either.
             head_repeated = bool(records) and records[0].get(self.key_field) == previous
         if self.within is None:  # the outermost read checks every answer once, nested reads' too
-            verify_page(self.resource, asked, records[1:] if head_repeated else records, self.key_field)
+            shown = records[1:] if head_repeated else records
+            verify_page(self.resource, asked, shown, self.key_field)
+            verify_count(self.resource, asked, shown, count, self.key_field)
         if self._gap is not None:
             self._gap_requests += 1
             self._gap.take(records, count, head_repeated)

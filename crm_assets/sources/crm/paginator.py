@@ -4,7 +4,7 @@ It turns each step of the plan (reach.py: a probe for records without a cursor, 
 the keyset read of keyset.py) into the API's parameters (`filter`, `from`, `size`, an explicit
 ascending sort) and hands each answer back. dlt's incremental passes its cursor in through
 `UPDATED_SINCE_PARAM`; it becomes the keyset read's lower bound. An answer that is not what was
-asked for (order, filter, field types) fails the read, naming the URL path.
+asked for (order, filter, offset, field types) fails the read, naming the URL path.
 
 Given the sync's session (`session`, set by `crm_resources`), a resource of more than a few pages
 is read in parallel slices (slices.py): the plan ends after the probe with the count to slice,
