@@ -31,7 +31,6 @@ from dlt.common.configuration.container import Container
 from dlt.common.pipeline import PipelineContext
 from dlt.common.schema.exceptions import DataValidationError
 from dlt.extract import DltSource
-from dlt.extract.exceptions import ResourceExtractionError
 from dlt.pipeline.pipeline import Pipeline
 from dagster_dlt import DagsterDltResource, build_dlt_asset_specs
 from pydantic import Field
@@ -40,11 +39,9 @@ from .checks import table_check_specs, table_checks
 from .constants import ASSET_KEY_PREFIX
 from .partitions import ACCOUNTS, account_partitions
 from .sources.crm import (
-    CrmApiBehaviourError,
     CrmApiError,
     CrmConfigurationError,
     CrmError,
-    CrmIncompleteReadError,
     Endpoint,
     configured_endpoints,
     crm,
@@ -54,6 +51,7 @@ from .sources.crm.accounts import Account, in_account_words, source_arguments
 from .sources.crm.settings import CURSOR_FIELD, RETRY_STATUSES
 from .sources.crm_pipeline import DATASET_NAME, PIPELINE_NAME, crm_pipeline, drop_staging
 from .sources.destination import run_options, selected_destination
+from .sources.isolation import load_leaving_out_failures
 from .sources.readback import refuse_earlier_layout, schema_changes, table_row_counts
 from .sources.run_lock import exclusive_run
 from .sources.tuning import sync_tuning
@@ -174,29 +172,6 @@ def _is_transient(error: CrmError) -> bool:
     return error.status is None or error.status in RETRY_STATUSES
 
 
-def _isolatable(exc: BaseException) -> Optional[tuple[str, CrmError]]:
-    """The resource a failed run failed on and why, when that failure is the resource's own and the
-    others can be loaded without it: an HTTP error of its path other than 401 (403 on a resource the
-    key may not read, a 500 or timeout that outlasted the retries), or an API that did not do what
-    its requests asked. None for what concerns every resource: a wrong key (401), a base URL that
-    does not resolve or answer, the configuration, the warehouse."""
-    error = find_crm_error(exc)
-    if isinstance(error, CrmApiError):
-        if error.status == 401 or error.unresolvable or error.unreachable:
-            return None
-        return error.resource, error
-    if isinstance(error, CrmApiBehaviourError):
-        return error.resource, error
-    if isinstance(error, CrmIncompleteReadError):
-        # its message names the resource; dlt's extraction error carries the name itself
-        current: Optional[BaseException] = exc
-        while current is not None:
-            if isinstance(current, ResourceExtractionError):
-                return current.pipe_name, error
-            current = current.__cause__ or current.__context__
-    return None
-
-
 def build_crm_sync_assets(accounts: Sequence[Account] = ()) -> AssetsDefinition:
     """`crm_sync_assets` over the single account ([sources.crm]) or, with `accounts`, partitioned by
     account: the union of their resources, each run loading one account."""
@@ -304,7 +279,7 @@ def _load(
     accounts: Sequence[Account] = (),
 ) -> tuple[list[MaterializeResult], dict[str, CrmError]]:
     """Load the resources `names`: the materializations of those that landed, and the errors of
-    those that failed on their own (`_isolatable`). All are read in one dlt run; when one fails,
+    those that failed on their own (`isolatable`). All are read in one dlt run; when one fails,
     the run is repeated without it. dlt stops the whole extract at a resource's error and
     dagster-dlt drops the pipeline's local state before every run, so a failed attempt loads
     nothing and moves no cursor: the failed resource's table and cursor stay as they were.
@@ -332,7 +307,6 @@ def _load(
         context.log.info("Full refresh: dropping and reloading %s" % ", ".join(
             key.to_user_string() for key in sorted(context.selected_asset_keys)))
     failed: dict[str, CrmError] = {}
-    remaining = list(names)
     with _source_logs_in(context):
         try:
             with exclusive_run(pipeline_name=pipeline_names.get("pipeline_name", PIPELINE_NAME)) as database, \
@@ -343,33 +317,29 @@ def _load(
                     options["refresh"] = "drop_resources"
                 else:
                     refuse_earlier_layout(pipeline, selected, account.name if account else None)
-                results: list[Any] = []
                 # PostgreSQL drops no table a view reads: a full refresh of an account's tables
                 # first drops their union views, and holds off the other accounts' refresh of them
                 views_held = (
                     union_views_dropped(pipeline, names) if account is not None and config.full_refresh
                     else nullcontext()
                 )
+
+                def attempt(resources: list[str]) -> list[Any]:
+                    nonlocal first_source
+                    # a fresh source for each attempt: no step of the read keeps what a failed one
+                    # saw (the first attempt takes the one that checked the settings)
+                    source = (first_source or crm(**connection)).with_resources(*resources)
+                    first_source = None
+                    return list(dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options))
+
+                def left_out(resource: str, error: CrmError, remaining: list[str]) -> None:
+                    context.log.error(f"{resource} failed and is left out of this run: {error}")
+                    if remaining:
+                        context.log.info(f"Loading the others without it: {', '.join(remaining)}")
+
                 with views_held:
-                    while remaining:
-                        try:
-                            # a fresh source for each attempt: no step of the read keeps what a
-                            # failed one saw (the first attempt takes the one that checked the settings)
-                            source = (first_source or crm(**connection)).with_resources(*remaining)
-                            first_source = None
-                            run = dlt.run(context=context, dlt_source=source, dlt_pipeline=pipeline, **options)
-                            results = list(run)
-                            break
-                        except Exception as exc:
-                            isolated = _isolatable(exc)
-                            if isolated is None or isolated[0] not in remaining:
-                                raise
-                            resource, error = isolated
-                            failed[resource] = error
-                            remaining.remove(resource)
-                            context.log.error(f"{resource} failed and is left out of this run: {error}")
-                            if remaining:
-                                context.log.info(f"Loading the others without it: {', '.join(remaining)}")
+                    loaded, failed = load_leaving_out_failures(names, attempt, left_out)
+                results = loaded or []
                 tables = [result.asset_key.path[-1] for result in results]
                 if tables:
                     drop_staging(pipeline)

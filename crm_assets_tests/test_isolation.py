@@ -22,6 +22,7 @@ from crm_assets.sources.crm.settings import CURSOR_FIELD
 from crm_assets.sources.crm_pipeline import crm_pipeline
 
 from .conftest import RESOURCES, api_state, failure_message, query, run_sync
+from .warehouses import assert_exact
 
 REPO = Path(__file__).resolve().parent.parent
 DG = str(Path(sys.executable).parent / "dg")
@@ -171,6 +172,31 @@ def test_a_wrong_key_stops_every_resource(start_simulator, crm_env, warehouse):
     assert materialized(result) == set() and evaluations(result) == {}
     assert "Loading the others" not in logs
     assert query(warehouse, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'crm'") == []
+
+
+def test_the_sync_without_dagster_leaves_a_forbidden_resource_out_and_loads_the_others(
+    start_simulator, crm_env, warehouse, capsys
+):
+    from crm_assets.sources.__main__ import main
+
+    simulator = start_simulator(forbidden=["files"])
+    crm_env(simulator)
+
+    assert main() == 1
+
+    out, err = capsys.readouterr()
+    assert "files failed and is left out of this run: files: GET /v1/files" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("crm sync failed: files: GET /v1/files") and "403" in last
+    assert last.endswith("Loaded the others (jobs, contacts, tasks, activities); once that is fixed, run again")
+    assert "crm.jobs: " in out and "crm.files" not in out
+    others = [r for r in RESOURCES if r != "files"]
+    assert_exact(warehouse, simulator, resources=others)
+    assert query(warehouse, "SELECT table_name FROM information_schema.tables WHERE table_name = 'files'") == []
+
+    simulator.configure(forbidden=[])
+    assert main() == 0
+    assert_exact(warehouse, simulator)
 
 
 def test_the_simulator_cli_forbids_and_fails_resources_and_its_defaults_are_unchanged():
