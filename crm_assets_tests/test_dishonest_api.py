@@ -12,7 +12,7 @@ import pytest
 from dagster import AssetKey
 
 from .conftest import RESOURCES, failure_message, run_sync
-from .warehouses import table_ids
+from .warehouses import assert_exact, table_ids
 
 
 @pytest.mark.parametrize("ignored_by", [["contacts"], ["*"]], ids=["one_resource", "every_resource"])
@@ -89,6 +89,22 @@ def test_an_api_that_ignores_from_fails_rather_than_landing_part_of_a_busy_secon
         failure_message(result),
     )
     assert sorted(table_ids(warehouse, "files")) == before  # none of the import landed
+
+
+def test_an_api_whose_gte_and_lte_exclude_their_own_second_loses_nothing(start_simulator, crm_env, warehouse):
+    """The read asks `gt` and `lt` the second next to each bound: taken for `gt` and `lt`, `gte` and
+    `lte` would leave out the rest of the second a page ended in, and a bulk second (asked as
+    `gte T` and `lte T`) whole, in a green run."""
+    simulator = start_simulator(page_cap=50, exclusive_bounds=["*"])
+    crm_env(simulator)
+    assert run_sync().success
+    simulator.mutate("files", insert=120)  # one second of both dates, over two pages
+    simulator.mutate("contacts", edit=80)  # one second of date_updated
+
+    result = run_sync()
+
+    assert result.success, failure_message(result)
+    assert_exact(warehouse, simulator)
 
 
 @pytest.mark.parametrize("arrow_pages", [True, False], ids=["arrow", "dlt_normalizer"])

@@ -46,7 +46,7 @@ def test_the_first_requests_count_the_records_with_a_cursor_then_every_record():
     # the real API family sorts descending by default: the order is always sent
     assert request.params["size"] == 0 and request.params["sort_field"] == "date_updated"
     assert request.params["sort_direction"] == "asc"
-    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 0}}}]}
+    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gt": -1}}}]}
     paginator.update_state(_Answer(7), [])
     paginator.update_request(request)
     assert request.params == {"sort_field": "date_created", "sort_direction": "asc", "from": 0, "size": 0}
@@ -55,7 +55,7 @@ def test_the_first_requests_count_the_records_with_a_cursor_then_every_record():
     # the counts agree: the keyset read, over every record with a cursor value
     assert request.params == {
         "sort_field": "date_updated", "sort_direction": "asc", "from": 0, "size": 1000,
-        "filter": json.dumps({"must": [{"range": {"date_updated": {"gte": 0}}}]}, separators=(",", ":")),
+        "filter": json.dumps({"must": [{"range": {"date_updated": {"gt": -1}}}]}, separators=(",", ":")),
     }
 
 
@@ -64,7 +64,7 @@ def test_the_incremental_cursor_becomes_an_inclusive_filter_and_never_reaches_th
     request = _first_request(paginator, {UPDATED_SINCE_PARAM: 1_700_000_000})
     assert UPDATED_SINCE_PARAM not in request.params
     _past_the_probe(paginator, request, 3)
-    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 1_700_000_000}}}]}
+    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gt": 1_699_999_999}}}]}
 
 
 def test_each_page_starts_at_the_head_of_what_is_left():
@@ -76,7 +76,7 @@ def test_each_page_starts_at_the_head_of_what_is_left():
     paginator.update_request(request)
     assert paginator.has_next_page
     assert request.params["from"] == 0
-    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gte": 102}}}]}
+    assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gt": 101}}}]}
 
     paginator.update_state(_Answer(2), page[2:])  # all that is left: the read is complete
     assert not paginator.has_next_page
@@ -145,9 +145,9 @@ def test_a_second_read_on_its_own_holds_date_updated_and_sorts_on_date_created()
     params = page_params(PageRequest("date_created", 5, None, 0, 100, within=("date_updated", 9)))
     assert params["sort_field"] == "date_created"
     assert json.loads(params["filter"])["must"] == [
-        {"range": {"date_updated": {"gte": 9}}},
-        {"range": {"date_updated": {"lte": 9}}},
-        {"range": {"date_created": {"gte": 5}}},
+        {"range": {"date_updated": {"gt": 8}}},
+        {"range": {"date_updated": {"lt": 10}}},
+        {"range": {"date_created": {"gt": 4}}},
     ]
 
 

@@ -697,7 +697,7 @@ def test_cli_flags_for_the_real_api_family(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- an API that does not do what it is asked
-# All opt-in (SimulatorConfig.ignore_sort, ignore_filter, ignore_from, fields_param; mutate's null_cursor,
+# All opt-in (SimulatorConfig.ignore_sort, ignore_filter, ignore_from, exclusive_bounds, fields_param; mutate's null_cursor,
 # missing_cursor, silent_edit, delete); nothing above sees any of it.
 def _by_updated(records: list[dict]) -> list[str]:
     """Ids in (date_updated, id) order, records without a date_updated left out."""
@@ -865,13 +865,26 @@ def test_ignore_from_serves_every_page_from_the_head_for_the_named_resources_onl
     assert [r["id"] for r in api("tasks", **{"from": 20, "size": 5}).json()["results"]] == sim.ids("tasks")[20:25]
 
 
+def test_exclusive_bounds_leave_out_the_seconds_that_gte_and_lte_name(sim, api):
+    second = sim.records("jobs")[40]["date_created"]
+    exact = rng("date_created", gte=second, lte=second)
+    strict = rng("date_created", gt=second - 1, lt=second + 1)
+    honest = api("jobs", size=0, filter=exact).json()["count"]
+    assert honest >= 1 and api("jobs", size=0, filter=strict).json()["count"] == honest
+    sim.configure(exclusive_bounds=["jobs"])
+    assert api("jobs", size=0, filter=exact).json()["count"] == 0
+    assert api("jobs", size=0, filter=strict).json()["count"] == honest  # gt and lt as asked
+    tasks_second = sim.records("tasks")[40]["date_created"]
+    assert api("tasks", size=0, filter=rng("date_created", gte=tasks_second, lte=tasks_second)).json()["count"] >= 1
+
+
 def test_dishonest_config_is_validated(sim):
     sim.reset()  # the config given at construction: all of it off
     config = sim.configure()
     assert (config["ignore_sort"], config["ignore_filter"], config["ignore_from"], config["fields_param"]) == (
         [], [], [], False)
     for bad in ({"ignore_sort": ["nope"]}, {"ignore_filter": ["invoices"]},  # not served here
-                {"ignore_sort": "jobs"}, {"ignore_from": "jobs"}, {"fields_param": "yes"}):
+                {"ignore_sort": "jobs"}, {"ignore_from": "jobs"}, {"exclusive_bounds": ["nope"]}, {"fields_param": "yes"}):
         with pytest.raises(ValueError):
             sim.configure(**bad)
     assert requests.post(sim.url + "/_admin/config", json={"ignore_filter": ["nope"]}, timeout=10).status_code == 400
@@ -884,7 +897,8 @@ def test_cli_flags_for_an_api_that_does_not_do_what_it_is_asked(tmp_path: Path):
     from crm_assets.simulator.__main__ import build_parser
 
     help_text = build_parser().format_help()
-    for flag in ("--ignore-sort RESOURCES", "--ignore-filter RESOURCES", "--ignore-from RESOURCES", "--fields-param"):
+    for flag in ("--ignore-sort RESOURCES", "--ignore-filter RESOURCES", "--ignore-from RESOURCES",
+                 "--exclusive-bounds RESOURCES", "--fields-param"):
         assert flag in help_text
     assert build_parser().parse_args(["--ignore-sort", "all", "--ignore-filter", "jobs, tasks"]).ignore_filter == [
         "jobs", "tasks"]

@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="for these resources, ignore the filter: pages and count are of the whole resource")
     dishonest.add_argument("--ignore-from", type=_parse_resources, default=[], metavar="RESOURCES",
                            help="for these resources, ignore 'from': every page starts at the head of the listing")
+    dishonest.add_argument("--exclusive-bounds", type=_parse_resources, default=[], metavar="RESOURCES",
+                           help="for these resources, read the filter's gte as gt and lte as lt")
     dishonest.add_argument("--fields-param", action="store_true",
                            help="honour fields=a,b,c: each record carries only those keys (the real API "
                                 "family documents it); without this flag the parameter is ignored")
@@ -215,7 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         repeat_every=args.repeat_every, insert_every=args.insert_every, delete_every=args.delete_every,
         count_capped=args.count_capped, forbidden=args.forbid, fail_resources=args.fail_resources,
         ignore_sort=args.ignore_sort,
-        ignore_filter=args.ignore_filter, ignore_from=args.ignore_from, fields_param=args.fields_param,
+        ignore_filter=args.ignore_filter, ignore_from=args.ignore_from, exclusive_bounds=args.exclusive_bounds,
+        fields_param=args.fields_param,
         colliding_fields=args.colliding_fields,
         verbose=args.verbose,
     )

@@ -37,8 +37,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def parse_filter(text: Optional[str]) -> Bounds:
-    """``{"must":[{"range":{"date_updated":{"gte":1700000000}}}, ...]}`` -> integer bounds."""
+# An API whose inclusive bounds exclude their own value
+EXCLUSIVE = {"gte": "gt", "lte": "lt"}
+
+
+def parse_filter(text: Optional[str], exclusive: bool = False) -> Bounds:
+    """``{"must":[{"range":{"date_updated":{"gte":1700000000}}}, ...]}`` -> integer bounds.
+    `exclusive`: read `gte` as `gt` and `lte` as `lt`, as an API that gets them wrong does."""
+    read_as = EXCLUSIVE if exclusive else {}
     if text is None or text.strip() == "":
         return NO_BOUNDS
     try:
@@ -76,6 +82,7 @@ def parse_filter(text: Optional[str]) -> Bounds:
                 if not _is_number(value):
                     raise QueryError(f"range {field}.{op} must be a number, got {json.dumps(value)}")
                 # Fields hold integers, so every operator becomes an integer half-open bound.
+                op = read_as.get(op, op)
                 if op == "gte":
                     tighten(field, lo=math.ceil(value))
                 elif op == "gt":

@@ -8,7 +8,7 @@ from .catalog import Endpoint, configured_endpoints
 from .config import connection_settings
 from .errors import CrmIncompleteReadError
 from .http import CrmSession
-from .paginator import encode_filter, range_clause
+from .paginator import between, encode_filter, range_clause
 from .settings import CREATED_FIELD, CURSOR_FIELD, RESULT_WINDOW
 
 # The most `size=0` requests an exact count of a listing beyond the result window may take: about
@@ -88,8 +88,7 @@ def count_every_record(
                     f"{endpoint.name}: the API counts {total} records, as many as its result window, "
                     f"and {requests} requests could not count them in {CREATED_FIELD} ranges"
                 )
-            clauses = [range_clause(CREATED_FIELD, "gte", low), range_clause(CREATED_FIELD, "lte", high)]
-            part = int(answer({"size": 0, "filter": encode_filter(clauses)})["count"])
+            part = int(answer({"size": 0, "filter": encode_filter(between(CREATED_FIELD, low, high))})["count"])
             requests += 1
             if part < RESULT_WINDOW:
                 counted += part

@@ -48,6 +48,19 @@ def range_clause(field: str, op: str, value: int) -> dict[str, Any]:
     return {"range": {field: {op: value}}}
 
 
+def between(field: str, lowest: Optional[int], highest: Optional[int]) -> list[dict[str, Any]]:
+    """`lowest <= field <= highest` (None: unbounded), sent as `gt lowest - 1` and `lt highest + 1`:
+    whole seconds, the same range. An API that gets a bound's inclusiveness wrong then either serves
+    a second outside the range, which every page's check shows, or nothing changes; asked `gte` and
+    `lte`, one that took them for `gt` and `lt` would leave the bounds' own seconds out, unseen."""
+    clauses = []
+    if lowest is not None:
+        clauses.append(range_clause(field, "gt", lowest - 1))
+    if highest is not None:
+        clauses.append(range_clause(field, "lt", highest + 1))
+    return clauses
+
+
 def encode_filter(clauses: list[dict[str, Any]]) -> str:
     """The API's filter parameter. Built here, after dlt's `str.format` placeholder expansion,
     so its braces are never mistaken for placeholders."""
@@ -59,13 +72,10 @@ def page_params(page: PageRequest) -> dict[str, Any]:
     clauses = []
     if page.within is not None:
         field, value = page.within
-        clauses += [range_clause(field, "gte", value), range_clause(field, "lte", value)]
+        clauses += between(field, value, value)
     if page.floor is not None:
-        clauses.append(range_clause(page.floor[0], "gte", page.floor[1]))
-    if page.lowest is not None:
-        clauses.append(range_clause(page.field, "gte", page.lowest))
-    if page.highest is not None:
-        clauses.append(range_clause(page.field, "lte", page.highest))
+        clauses += between(page.floor[0], page.floor[1], None)
+    clauses += between(page.field, page.lowest, page.highest)
     params: dict[str, Any] = {"sort_field": page.field, "sort_direction": "desc" if page.descending else "asc"}
     if clauses:
         params["filter"] = encode_filter(clauses)
