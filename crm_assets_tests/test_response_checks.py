@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,3 +70,17 @@ def test_every_answer_is_a_valid_page_or_an_error_naming_resource_and_path(statu
     assert isinstance(page[ENDPOINT.data_selector], list)
     for record in page[ENDPOINT.data_selector]:
         assert isinstance(record, dict) and isinstance(record["id"], str) and record["id"]
+
+
+def test_an_empty_answer_may_send_null_or_no_list_but_only_with_a_count_of_0():
+    session = CrmSession()
+
+    def checked(body: dict) -> dict:
+        return session._checked(_response(200, json.dumps(body).encode()), ENDPOINT, "activities", PATH, 0).json()
+
+    # APIs that serialize an empty list as null, or leave it out: nothing can hide behind a count of 0
+    assert checked({"count": 0, "activity": None}) == {"count": 0, "activity": []}
+    assert checked({"count": 0}) == {"count": 0, "activity": []}
+    for body in ({"count": 2, "activity": None}, {"count": 2}, {"count": "0"}, {"count": False}):
+        with pytest.raises(CrmApiError, match="activities: GET /v1/activities answered 200 without a 'activity' list"):
+            checked(body)

@@ -363,13 +363,17 @@ class CrmSession(requests.Session):
                 resource=resource, path=path, status=status,
             ) from None
         records = payload.get(endpoint.data_selector) if isinstance(payload, dict) else None
+        count = payload.get("count") if isinstance(payload, dict) else None
+        if records is None and count == 0 and type(count) is int:
+            # nothing matches, said as null or by leaving the list out (APIs that serialize an
+            # empty list as null do): nothing can hide in it
+            records = payload[endpoint.data_selector] = []
         if not isinstance(records, list):
             raise CrmApiError(
                 f"{resource}: GET {path} answered 200 without a '{endpoint.data_selector}' list "
                 "of records",
                 resource=resource, path=path, status=status,
             )
-        count = payload.get("count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise CrmApiError(
                 f"{resource}: GET {path} answered 200 without a valid 'count'",
