@@ -172,18 +172,21 @@ def verify_count(
     resource: str, asked: PageRequest, records: Sequence[dict[str, Any]], count: int, key_field: str,
 ) -> None:
     """Check that an answer's page fits its own `count`: from `from=F` of a listing that counts N
-    records, at most N - F distinct records can follow (at the result window, where a count may be
-    only a lower bound, `from + size` stays within it). More, and the API ignored `from` (serving
-    the head again where the read walks a second by offset) or counted short: the walk's end and
-    the probe's counts would prove nothing. `records`: the page without a repeated head."""
-    room = max(count - asked.offset, 0)
+    records, N - F distinct records are left (at the result window, where a count may be only a
+    lower bound, `from + size` stays within it), one more where F > 0 and the API serves the record
+    before F again at the head. More, and the API ignored `from` (serving the head again where the
+    read walks a second by offset) or counted short: the walk's end and the probe's counts would
+    prove nothing. `records`: the page without a repeat of the previous answer's last record."""
+    left = max(count - asked.offset, 0)
+    room = left + (asked.offset > 0)
     if len(records) <= room:
         return
     served = len({record.get(key_field) for record in records})
     if served > room:
         raise CrmApiBehaviourError(
             resource, "served more records than its count leaves from the offset asked", asked.describe(),
-            f"{served} records with count={count}, where at most {room} can follow from={asked.offset} "
+            f"{served} records with count={count}, where from={asked.offset} leaves {left}"
+            f"{' (and a record served again at its head)' if asked.offset else ''} "
             "(an API that ignores 'from', or whose count falls short of its records)",
         )
 
