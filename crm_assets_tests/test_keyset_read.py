@@ -34,7 +34,9 @@ class Listing:
     optionally dishonest: `own_order` (a field it sorts on whatever is asked), `ignore_filter`,
     `ignore_offset` (every page from the head) or `count_short` (a count that many below the truth)."""
 
-    def __init__(self, updated: list[Optional[int]], window: int = WINDOW, created: Optional[list[int]] = None) -> None:
+    def __init__(
+        self, updated: list[Optional[int]], window: int = WINDOW, created: Optional[list[Optional[int]]] = None
+    ) -> None:
         created = created or [0] * len(updated)
         self.records: dict[str, dict] = {
             f"r{i:05d}": {"id": f"r{i:05d}", "date_updated": u, "date_created": c}
@@ -51,6 +53,7 @@ class Listing:
         self.ignore_filter = False
         self.ignore_offset = False
         self.count_short = 0
+        self.undated_first = False  # where records without the sorted field go: last, as Elasticsearch puts them
         self.clock = 0
         self.now()
 
@@ -72,12 +75,13 @@ class Listing:
         assert page.offset + page.size <= self.window, "the read asked past the result window"
         self.requests += 1
         field = self.own_order or page.field
+        unfiltered = self.ignore_filter or (page.lowest, page.highest, page.within, page.floor) == (None,) * 4
         listing = sorted(
-            (r for r in self.records.values() if self.ignore_filter or page.matches(r)),
-            # a record without a value comes last, as Elasticsearch sorts it
+            (r for r in self.records.values() if unfiltered or page.matches(r)),
             key=lambda r: (r.get(field) is None, r.get(field) or 0, r["id"]),
             reverse=page.descending and self.own_order is None,
         )
+        listing.sort(key=lambda r: (r.get(field) is None) != self.undated_first)  # stable: the rest keeps its order
         take = min(page.size, self.cap or page.size)
         offset = 0 if self.ignore_offset else page.offset
         rows = [dict(r) for r in listing[offset : offset + take]]
@@ -175,6 +179,27 @@ def test_a_count_short_of_its_own_page_fails_the_read():
     read = KeysetRead("jobs", 7, result_window=10_000)
     with pytest.raises(CrmApiBehaviourError, match=r"returned 5 records with count=4, where from=0 leaves 4 \(an API"):
         read.take(*listing.serve(read.request()))
+
+
+@pytest.mark.parametrize("undated_first", [False, True], ids=["listed_last", "listed_first"])
+def test_records_with_neither_date_are_read_from_where_the_api_lists_them(undated_first):
+    listing = Listing([3, None, 4, None, 8, None], created=[1, None, 2, 5, 6, None], window=10_000)
+    listing.undated_first = undated_first
+    plan = ReadPlan("jobs", 3, since=None, now=100, result_window=listing.window)
+    seen = set()
+    while not plan.done:
+        rows, count = listing.serve(plan.request())
+        seen.update(r["id"] for r in rows)
+        plan.take(rows, count)
+    assert seen == set(listing.records) and plan.undated == 2
+
+
+def test_more_records_with_neither_date_than_a_page_shows_fail_naming_them():
+    listing = Listing([3, 4] + [None] * 5, created=[1, 2] + [None] * 5, window=10_000)
+    plan = ReadPlan("jobs", 3, since=None, now=100, result_window=listing.window)
+    with pytest.raises(CrmIncompleteReadError, match=r"jobs: the API counts 5 record\(s\) with neither date_updated nor date_created"):
+        while not plan.done:
+            plan.take(*listing.serve(plan.request()))
 
 
 def test_records_without_a_cursor_are_read_by_date_created():

@@ -27,6 +27,9 @@ parallel slices (slices.py), each with the keyset read's proof, as many as the s
 (`claim_slices`; none left: the keyset read as usual). Ranges of records without a cursor
 are still read first, for the reason above.
 
+A record without a `date_created` either lies in no range: counted apart, such records are read
+from where the API lists them in `date_created` order (`_read_undated`).
+
 The probe's two counts are taken one after the other, records with a cursor first: a record
 created between them (appended, imported, or given a cursor by an edit) counts in the second only,
 and makes a range be read for nothing; one deleted between them can hide a record without a cursor
@@ -39,6 +42,7 @@ import logging
 from collections.abc import Callable, Generator
 from typing import Any, Optional, Sequence
 
+from .errors import CrmIncompleteReadError
 from .keyset import KeysetRead, PageRequest
 from .slices import slice_count
 
@@ -84,6 +88,7 @@ class ReadPlan:
         self.with_cursor: Optional[int] = None  # the probe's count of records with a cursor value
         self.reads: list[KeysetRead] = []  # the range reads, then the keyset read
         self.without_cursor = 0  # records without a cursor value, as the probe counted them
+        self.undated = 0  # of them, those without a date_created either, as read
         self.probe_requests = 0
         self.end = now  # the last record's date_created, once the probe asked (else now)
         self.done = False
@@ -196,6 +201,12 @@ class ReadPlan:
         self.probe_requests += 1
         end = last[0].get(self.created_field) if last else None
         self.end = end if type(end) is int and end > start else self.now
+        if self._trusted(every):
+            # records without a date_created either lie in no range: counted apart, read apart
+            in_ranges = yield from self._count(start, None, False)
+            if in_ranges < every:
+                undated_first = bool(first) and type(first[0].get(self.created_field)) is not int
+                yield from self._read_undated(every - in_ranges, in_ranges, undated_first)
         found: list[tuple[int, Optional[int]]] = []
         pending: list[tuple[int, Optional[int], int, int]] = [(start, None, every, with_cursor)]
         while pending:
@@ -220,6 +231,34 @@ class ReadPlan:
                 self.resource, self.without_cursor, self.cursor_field, len(found), self.created_field,
             )
         return sorted(found, key=lambda r: r[0])
+
+    def _read_undated(self, expected: int, dated: int, undated_first: bool) -> Steps:
+        """Read the records with neither date, which no range on either reaches. In `date_created`
+        order an API lists them together, after the dated ones (Elasticsearch does) or before:
+        one page from the last dated record on (or from the start) that reaches the end of the
+        listing (or a dated record after them) shows every one, from a single answer. Two tries;
+        then the read fails, naming them, rather than leave them out unseen."""
+        for _ in range(2):
+            offset = 0 if undated_first else max(0, dated - 1)
+            size = min(self.page_size, self.result_window - offset)
+            records, count, _ = yield PageRequest(self.created_field, None, None, offset, size)
+            self.probe_requests += 1
+            has_date = [type(record.get(self.created_field)) is int for record in records]
+            if undated_first:
+                shown = bool(records) and has_date[-1] or offset + len(records) >= count
+            else:
+                shown = (offset == 0 or bool(records) and has_date[0]) and offset + len(records) >= count
+            if shown and self._trusted(count):
+                self.undated = has_date.count(False)
+                logger.info("%s: %d record(s) have neither %s nor %s; read from where the API lists them",
+                            self.resource, self.undated, self.cursor_field, self.created_field)
+                return
+            dated = max(0, count - expected)
+        raise CrmIncompleteReadError(
+            f"{self.resource}: the API counts {expected} record(s) with neither {self.cursor_field} nor "
+            f"{self.created_field}; no range reaches them, and a page from where it lists them "
+            f"({'before' if undated_first else 'after'} the others in {self.created_field} order) did not show them all"
+        )
 
     def _halves(self, lowest: int, highest: Optional[int]) -> Optional[list[tuple[int, Optional[int]]]]:
         """Two halves of a range, or None where it cannot be halved (one second, or an open range
