@@ -102,6 +102,17 @@ def read_all(listing: Listing, page_size: int, since: Optional[int] = None) -> K
     return read
 
 
+def plan_all(listing: Listing, page_size: int) -> tuple[ReadPlan, set[str]]:
+    """A whole sync's read of a listing that holds still, and the ids its pages held."""
+    plan = ReadPlan("jobs", page_size, since=None, now=100, result_window=listing.window)
+    seen: set[str] = set()
+    while not plan.done:
+        rows, count = listing.serve(plan.request())
+        seen.update(r["id"] for r in rows)
+        plan.take(rows, count)
+    return plan, seen
+
+
 def test_an_undisturbed_read_takes_one_request_per_page_less_one_record():
     listing = Listing(list(range(100, 130)), window=10_000)
     read = read_all(listing, page_size=7)
@@ -185,12 +196,7 @@ def test_a_count_short_of_its_own_page_fails_the_read():
 def test_records_with_neither_date_are_read_from_where_the_api_lists_them(undated_first):
     listing = Listing([3, None, 4, None, 8, None], created=[1, None, 2, 5, 6, None], window=10_000)
     listing.undated_first = undated_first
-    plan = ReadPlan("jobs", 3, since=None, now=100, result_window=listing.window)
-    seen = set()
-    while not plan.done:
-        rows, count = listing.serve(plan.request())
-        seen.update(r["id"] for r in rows)
-        plan.take(rows, count)
+    plan, seen = plan_all(listing, 3)
     assert seen == set(listing.records) and plan.undated == 2
 
 
@@ -204,12 +210,7 @@ def test_more_records_with_neither_date_than_a_page_shows_fail_naming_them():
 
 def test_records_without_a_cursor_are_read_by_date_created():
     listing = Listing([3, None, 4, None, 8], created=[1, 2, 2, 5, 6], window=10_000)
-    plan = ReadPlan("jobs", 3, since=None, now=100, result_window=listing.window)
-    seen = set()
-    while not plan.done:
-        rows, count = listing.serve(plan.request())
-        seen.update(r["id"] for r in rows)
-        plan.take(rows, count)
+    plan, seen = plan_all(listing, 3)
     assert seen == set(listing.records) and plan.without_cursor == 2
 
 
