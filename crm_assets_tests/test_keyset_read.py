@@ -45,6 +45,7 @@ class Listing:
         self.next_id = len(updated)
         self.window = window
         self.cap: Optional[int] = None
+        self.caps: list[int] = []  # caps that change from one page to the next (an API that caps by bytes)
         self.count_capped = False
         self.repeat_next = False
         self.last_served: Optional[dict] = None
@@ -83,6 +84,8 @@ class Listing:
         )
         listing.sort(key=lambda r: (r.get(field) is None) != self.undated_first)  # stable: the rest keeps its order
         take = min(page.size, self.cap or page.size)
+        if self.caps and page.size:
+            take = min(page.size, self.caps[self.requests % len(self.caps)])
         offset = 0 if self.ignore_offset else page.offset
         rows = [dict(r) for r in listing[offset : offset + take]]
         if self.repeat_next and self.last_served is not None and take >= 2:
@@ -182,6 +185,16 @@ def test_an_api_that_ignores_from_fails_the_walk_of_a_second_rather_than_ending_
     with pytest.raises(CrmApiBehaviourError, match=message):
         while not read.done:
             read.take(*listing.serve(read.request()))
+
+
+def test_pages_capped_short_now_and_then_stay_within_the_budget():
+    """An API that caps pages by bytes serves long pages and short ones. The budget counts on the
+    shortest page the API cut while more remained, not on the longest: 300 records of one second,
+    walked by offset, in pages of 100 then ten of 3."""
+    listing = Listing([5] * 300, created=[5] * 300, window=10_000)
+    listing.caps = [100] + [3] * 10
+    read = read_all(listing, page_size=100)
+    assert read.records_read == 300 and read.capped_at == 3 and listing.requests > 30
 
 
 def test_a_count_short_of_its_own_page_fails_the_read():

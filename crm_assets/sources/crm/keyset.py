@@ -46,7 +46,8 @@ before it is read again, as a read of its own with its own budget.
 A read may be bounded above (`until`): it then ends past that value of its cursor field.
 
 The read gives up, naming the resource, the range and the counts, once it has used more requests
-than three times an undisturbed read of what it has read, plus a constant.
+than three times an undisturbed read of what it has read, plus a constant; in pages as short as
+the shortest the API cut while more remained (`capped_at`), where it cuts some shorter than others.
 """
 
 from __future__ import annotations
@@ -226,6 +227,9 @@ class KeysetRead:
         self.records_read = 0  # distinct records beyond `newest` when read
         self.walked = 0  # of them, read by walking a second (overlapping pages: fewer a page)
         self.stride = 0  # the longest page seen: the API may cap pages below `page_size`
+        # the shortest page the API cut below what was asked while more remained: an API that caps
+        # by bytes, say, serves long and short pages, and the budget must allow for the short ones
+        self.capped_at: Optional[int] = None
         self.seconds_apart = 0  # seconds read on their own (nested or walked)
         self.count: Optional[int] = None  # the last `count` the API gave
         self._mode = _HEAD
@@ -255,6 +259,8 @@ class KeysetRead:
         self.requests += 1
         self.count = count
         self.stride = max(self.stride, len(records))
+        if 2 <= len(records) < asked.size and asked.offset + len(records) < count:
+            self.capped_at = min(self.capped_at or len(records), len(records))
         previous = self._last_served
         if records:
             self._last_served = records[-1].get(self.key_field)
@@ -485,8 +491,9 @@ class KeysetRead:
         read = self.records_read + (nested.records_read if nested is not None else 0)
         walked = self.walked + (nested.walked if nested is not None else 0)
         # undisturbed, a head page overlaps the last record read and a walked page the last two
-        heads = -(-(read - walked) // max(1, self.stride - 1))
-        undisturbed = heads + -(-walked // max(1, self.stride - 2)) + 1
+        per_page = self.stride if self.capped_at is None else min(self.stride, self.capped_at)
+        heads = -(-(read - walked) // max(1, per_page - 1))
+        undisturbed = heads + -(-walked // max(1, per_page - 2)) + 1
         allowed = 3 * undisturbed + 2 * self.seconds_apart + SPARE_REQUESTS
         if not self.done and self.requests - self._gap_requests >= allowed:
             raise CrmIncompleteReadError(
