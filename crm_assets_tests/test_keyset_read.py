@@ -197,6 +197,31 @@ def test_pages_capped_short_now_and_then_stay_within_the_budget():
     assert read.records_read == 300 and read.capped_at == 3 and listing.requests > 30
 
 
+def test_an_edit_behind_the_read_of_the_current_second_is_read_once_the_read_has_passed_it():
+    """A bulk edit is under way: 20 records share date_updated 10, the API's current second, and
+    the read takes them on their own in date_created order. Meanwhile a record created long ago is
+    edited in that second, behind where that read has got to; then the clock moves on and a record
+    at 11 appears. The read passes 11, so the next sync reads from 11: unless second 10 is read
+    again first, that edit is never read."""
+    listing = Listing([5] + [10] * 20, created=[0] + list(range(1, 21)), window=10_000)
+    read = KeysetRead("jobs", 7, result_window=10_000, hot_after=10)
+    served: set[tuple[str, int]] = set()
+    edited = moved_on = False
+    while not read.done:
+        asked = read.request()
+        rows, count = listing.serve(asked)
+        served.update((r["id"], r["date_updated"]) for r in rows)
+        read.take(rows, count)
+        if asked.within is not None and not edited:  # second 10 is being read on its own
+            listing.records["r00000"]["date_updated"] = 10
+            edited = True
+        if edited and not moved_on and read.request().within is None:
+            listing.add(11, 11)
+            moved_on = True
+    assert moved_on and read.newest[0] == 11
+    assert ("r00000", 10) in served
+
+
 def test_a_count_short_of_its_own_page_fails_the_read():
     listing = Listing(list(range(1, 6)))
     listing.count_short = 1  # 5 records, counted as 4: a page holding 4 would end the read
@@ -315,7 +340,10 @@ class AdversarialRead(RuleBasedStateMachine):
         self.honest = dishonest is None
         self.page_size = page_size
         self.since = since
-        self.plan = ReadPlan("jobs", page_size, since=since, now=20, result_window=WINDOW)
+        # the newest second may still be the API's current one: edits may land in it
+        self.plan = ReadPlan("jobs", page_size, since=since, now=20, result_window=WINDOW,
+                             hot_after=self.listing.clock - 1)
+        self.served: set[tuple[str, Optional[int]]] = set()  # (id, date_updated) as pages held them
         # ids in the listing at the start and not removed since: what the read must return
         self.stayed = {
             i for i, r in self.listing.records.items()
@@ -380,6 +408,18 @@ class AdversarialRead(RuleBasedStateMachine):
         self.listing.records[record]["date_updated"] = self._now()
         self._changed()
 
+    @precondition(lambda self: self._changing() and self.listing.records)
+    @rule(data=st.data())
+    def edit_in_the_current_second(self, data):
+        # the clock still in the newest second: the record lands there, at its date_created, which
+        # may lie behind where a read of that second has got to
+        second = self.listing.now() - 1  # the newest date_updated the listing ever held
+        record = self.listing.records[data.draw(st.sampled_from(sorted(self.listing.records)))]
+        if second < (self.since or 0) or (record["date_updated"] or 0) > second:
+            return
+        record["date_updated"] = second
+        self._changed()
+
     @precondition(lambda self: self._changing())
     @rule(size=st.integers(2, 12), at=st.one_of(st.none(), st.integers(0, 14)), spread=st.booleans())
     def same_second_burst(self, size, at, spread):
@@ -401,12 +441,26 @@ class AdversarialRead(RuleBasedStateMachine):
     def _next_page(self) -> None:
         rows, count = self.listing.serve(self.plan.request())
         self.seen.update(row["id"] for row in rows)
+        self.served.update((row["id"], row["date_updated"]) for row in rows)
         try:
             self.plan.take(rows, count)
         except CrmError as failure:
             if self.honest and not self._beyond_any_reader(failure):
                 raise
             self.failure = failure  # a loud failure: the verdict an API that misbehaves may get
+
+    def _no_edit_left_behind_the_cursor(self) -> None:
+        """The next sync reads from the largest date_updated read on (inclusive): a record present
+        throughout whose date_updated is now below that was read with it, or no sync ever will."""
+        cursor = max((u for _, u in self.served if isinstance(u, int)), default=None)
+        if cursor is None:
+            return
+        behind = sorted(
+            i for i in self.stayed
+            if isinstance(u := self.listing.records[i]["date_updated"], int)
+            and (self.since or 0) <= u < cursor and (i, u) not in self.served
+        )
+        assert not behind, f"edits left behind the cursor {cursor}: {behind}"
 
     def _beyond_any_reader(self, failure: CrmError) -> bool:
         """A failure naming a second (of both dates, or of date_created in the read of records
@@ -473,6 +527,8 @@ class AdversarialRead(RuleBasedStateMachine):
         if self.failure is None:  # exact, or a loud failure: never a silent loss
             missing = self.stayed - self.seen
             assert not missing, f"records present throughout the read were not read: {sorted(missing)}"
+            if self.honest:
+                self._no_edit_left_behind_the_cursor()
         if self.honest:
             assert self.listing.requests <= self._bound()
 
@@ -597,7 +653,9 @@ class ConcurrentSlices(AdversarialRead):
         self.page_size = page_size
         self.since = since
         self.planned = _planned(self.listing, page_size, since, slices)
-        self.slices = Slices("jobs", page_size, self.planned.ranges, result_window=WINDOW)
+        self.slices = Slices("jobs", page_size, self.planned.ranges, result_window=WINDOW,
+                             hot_after=self.listing.clock - 1)
+        self.served: set[tuple[str, Optional[int]]] = set()
         self.slices.planned_from([[self.listing.last_served]] if self.listing.last_served else [])
         self.stayed = {i for i, r in self.listing.records.items() if r["date_updated"] >= since}
         self.seen: set[str] = set()
@@ -618,6 +676,7 @@ class ConcurrentSlices(AdversarialRead):
     def _next_slice_page(self, index: int) -> None:
         rows, count = self.listing.serve(self.slices.request(index))
         self.seen.update(row["id"] for row in rows)
+        self.served.update((row["id"], row["date_updated"]) for row in rows)
         self.slices.take(index, rows, count)
 
     @precondition(lambda self: not self.slices.done)
@@ -650,6 +709,7 @@ class ConcurrentSlices(AdversarialRead):
         assert self.slices.done, "the read did not end"
         missing = self.stayed - self.seen
         assert not missing, f"records present throughout the read were not read: {sorted(missing)}"
+        self._no_edit_left_behind_the_cursor()
         assert self.listing.requests <= self._bound()
 
 

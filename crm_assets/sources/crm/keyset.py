@@ -69,6 +69,9 @@ _HEAD, _WALK, _TAIL, _NESTED = "head", "walk", "tail", "nested"
 SPARE_REQUESTS = 10
 # A walked page overlaps the last two records read, and a repeated record may take one more place.
 MIN_PAGE_SIZE = 3
+# How far behind our clock a second may still be the API's current one (clocks differ): a second
+# read on its own this recent may still receive edits behind where its read had got to.
+HOT_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ class KeysetRead:
         within: Optional[tuple[str, int]] = None,
         until: Optional[int] = None,
         own_budget: bool = False,
+        hot_after: Optional[int] = None,
     ) -> None:
         if not MIN_PAGE_SIZE <= page_size <= result_window:
             raise CrmConfigurationError(
@@ -243,6 +247,10 @@ class KeysetRead:
         self._gap_requests = 0  # kept by the gap reads' own budgets, not this one's
         self._done_after_gap = False
         self._own_budget = own_budget or within is None
+        # seconds from which on the API's clock may not have passed yet (None: none), and those of
+        # them read on their own: see `_end`
+        self.hot_after = hot_after
+        self._hot: set[int] = set()
 
     def request(self) -> PageRequest:
         """The page to ask for next."""
@@ -278,7 +286,8 @@ class KeysetRead:
             self._gap.take(records, count, head_repeated)
             if self._gap.done:
                 self._gap = None
-                self.done = self._done_after_gap
+                if self._done_after_gap:
+                    self._end()
         elif self._nested is not None:
             self._nested.take(records, count, head_repeated)
             self._after_nested()
@@ -332,8 +341,9 @@ class KeysetRead:
             )
         self._advance(keys)
         if in_run >= count and count < self.result_window:
-            self.done = self._gap is None
             self._done_after_gap = True
+            if self._gap is None:
+                self._end()
             return
         if not keys:
             return  # `count` says more match but none came back: ask again (the budget counts it)
@@ -404,6 +414,8 @@ class KeysetRead:
         assert nested is not None
         if nested.done:
             second = nested.within[1]  # type: ignore[index]
+            if self.hot_after is not None and second >= self.hot_after:
+                self._hot.add(second)
             self.records_read += nested.records_read
             self.walked += nested.walked
             self.newest = (second, "\U0010ffff")  # all of that second is read
@@ -441,6 +453,31 @@ class KeysetRead:
 
     # -- state ----------------------------------------------------------------------------
 
+    def _end(self) -> None:
+        """All is read, but for edits into a second read on its own while it was the API's current
+        one: an edit lands in the current second at its record's `date_created`, which may lie
+        behind where that second's read had got to. Once the read has gone past such a second,
+        the API's clock has too (edits take its time), so a read of that second again now is
+        final; the incremental cursor, past it, would otherwise leave those edits behind for good.
+        A read that ends in that second leaves it to the next sync, which reads from it."""
+        if self._gap is not None:  # a range read again comes first; the read ends after it
+            self._done_after_gap = True
+            return
+        passed = sorted(s for s in self._hot if self.newest is not None and self.newest[0] > s)
+        self._hot.clear()
+        if not passed:
+            self.done = True
+            return
+        second, self._hot = passed[0], set(passed[1:])
+        logger.info("%s: reading %s=%d again: it was read on its own while it may have been the "
+                    "API's current second", self.resource, self.cursor_field, second)
+        self._gap = KeysetRead(
+            self.resource, self.page_size, since=second, until=second, result_window=self.result_window,
+            cursor_field=self.cursor_field, tie_field=self.tie_field, key_field=self.key_field,
+            within=self.within, own_budget=True,
+        )
+        self._done_after_gap = True
+
     def _advance(self, keys: list[Key]) -> int:
         """Move `newest` over a connected page; returns how many of its keys were new."""
         new = [k for k in keys if self.newest is None or k > self.newest]
@@ -456,7 +493,7 @@ class KeysetRead:
     def _head(self, lowest: int) -> None:
         self._mode = _HEAD
         if self.until is not None and lowest > self.until:
-            self.done = True  # past the read's upper bound: all of it is read
+            self._end()  # past the read's upper bound: all of it is read
         self._next = self._page(lowest, self.until, 0)
 
     def _walk_on(self, second: int, newest_at: int) -> None:

@@ -189,6 +189,7 @@ class KeysetPaginator(BasePaginator):
             return Slices(
                 self.resource, self.page_size, ranges, result_window=self.result_window,
                 cursor_field=CURSOR_FIELD, tie_field=CREATED_FIELD, key_field=self.key_field,
+                hot_after=plan.hot_after,
             )
 
         assert self._request is not None

@@ -43,7 +43,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Optional, Sequence
 
 from .errors import CrmIncompleteReadError
-from .keyset import KeysetRead, PageRequest
+from .keyset import HOT_SECONDS, KeysetRead, PageRequest
 from .slices import slice_count
 
 logger = logging.getLogger("crm_assets.sources.crm")
@@ -71,6 +71,7 @@ class ReadPlan:
         key_field: str = "id",
         max_slices: int = 1,
         claim_slices: Optional[Callable[[int], int]] = None,
+        hot_after: Optional[int] = None,
     ) -> None:
         self.resource = resource
         self.page_size = page_size
@@ -90,6 +91,8 @@ class ReadPlan:
         self.without_cursor = 0  # records without a cursor value, as the probe counted them
         self.undated = 0  # of them, those without a date_created either, as read
         self.probe_requests = 0
+        # seconds that may still be the API's current one during this read (keyset.py's `_end`)
+        self.hot_after = now - HOT_SECONDS if hot_after is None else hot_after
         self.end = now  # the last record's date_created, once the probe asked (else now)
         self.done = False
         self._last_served: Any = None  # the key of the previous answer's last record
@@ -154,6 +157,7 @@ class ReadPlan:
         read = KeysetRead(
             self.resource, self.page_size, since=since, until=until, result_window=self.result_window,
             cursor_field=field, tie_field=self.created_field if keyset else None, key_field=self.key_field,
+            hot_after=self.hot_after if keyset else None,
         )
         self.reads.append(read)
         return read

@@ -241,10 +241,12 @@ class Slices:
         cursor_field: str = "date_updated",
         tie_field: Optional[str] = "date_created",
         key_field: str = "id",
+        hot_after: Optional[int] = None,
     ) -> None:
         self.resource = resource
         self.page_size = page_size
         self.ranges = list(ranges)
+        self.hot_after = hot_after  # seconds that may still be the API's current one (keyset.py)
         self.result_window = result_window
         self.cursor_field = cursor_field
         self.tie_field = tie_field
@@ -265,7 +267,7 @@ class Slices:
         return KeysetRead(
             self.resource, self.page_size, since=low, until=high, result_window=self.result_window,
             cursor_field=self.cursor_field, tie_field=self.tie_field, key_field=self.key_field,
-            own_budget=True,
+            own_budget=True, hot_after=self.hot_after,
         )
 
     @property
