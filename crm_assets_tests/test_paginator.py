@@ -67,6 +67,28 @@ def test_the_incremental_cursor_becomes_an_inclusive_filter_and_never_reaches_th
     assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gt": 1_699_999_999}}}]}
 
 
+def test_a_record_dated_after_now_is_named_in_a_warning(caplog):
+    """The incremental cursor is the largest date_updated read: one record dated ahead (a device's
+    clock, an import in another time zone) makes incremental syncs skip every edit until then."""
+    paginator = KeysetPaginator("jobs", page_size=3)
+    request = _first_request(paginator)
+    _past_the_probe(paginator, request, 2)
+    ahead = paginator.plan.now + 7 * 3600
+    with caplog.at_level("WARNING", logger="crm_assets.sources.crm"):
+        paginator.update_state(_Answer(2), [{"id": "j1", "date_updated": 100}, {"id": "j2", "date_updated": ahead}])
+    assert not paginator.has_next_page
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("jobs: a record has date_updated ") and "after now" in warning and "crm_audit" in warning
+
+    caplog.clear()
+    paginator = KeysetPaginator("jobs", page_size=3)
+    request = _first_request(paginator)
+    _past_the_probe(paginator, request, 2)
+    with caplog.at_level("WARNING", logger="crm_assets.sources.crm"):
+        paginator.update_state(_Answer(2), [{"id": "j1", "date_updated": 100}, {"id": "j2", "date_updated": 200}])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_each_page_starts_at_the_head_of_what_is_left():
     paginator = KeysetPaginator("jobs", page_size=3)
     request = _first_request(paginator)
@@ -114,7 +136,7 @@ class _Session:
 
 def test_pages_the_slices_have_fetched_reach_dlt_as_one_page_waiting_for_none():
     read = SlicedRead(lambda: None, None, None, None, None, SimpleNamespace(requests=1), None)
-    read.slices = SimpleNamespace(reads=[None, None], requests=3, records_read=6)
+    read.slices = SimpleNamespace(reads=[None, None], requests=3, records_read=6, newest_second=None)
     read._room = [threading.Semaphore(0), threading.Semaphore(0)]
     read.running = 2
     pages = [({"from": 0, "page": n}, f"http://x/v1/jobs?page={n}", _Page([{"id": f"j{n}{k}"} for k in range(2)]))

@@ -26,7 +26,7 @@ from dlt.sources.helpers.rest_client.paginators import BasePaginator
 
 from .catalog import DEFAULT_PRIMARY_KEY
 from .errors import CrmApiBehaviourError
-from .keyset import KeysetRead, PageRequest
+from .keyset import HOT_SECONDS, KeysetRead, PageRequest
 from .reach import ReadPlan
 from .slices import SlicedRead, SlicePlan, Slices
 from .settings import CREATED_FIELD, CURSOR_FIELD, RESULT_WINDOW
@@ -164,6 +164,7 @@ class KeysetPaginator(BasePaginator):
             logger.info(
                 "%s: read complete: %d records in %d requests", self.resource, plan.records_read, plan.requests
             )
+            self._dated_ahead(plan.newest_second)
         elif plan.requests % PROGRESS_EVERY == 0:
             logger.info(
                 "%s: %d records read in %d requests, now at %s",
@@ -222,10 +223,26 @@ class KeysetPaginator(BasePaginator):
                 self.resource, len(slices.reads), slices.records_read, slices.requests, sliced.plan.requests,
                 time.monotonic() - sliced.began,
             )
+            self._dated_ahead(slices.newest_second)
         elif slices.requests >= self._logged + PROGRESS_EVERY:
             self._logged = slices.requests
             logger.info("%s: %d records read in %d slices, %d requests", self.resource, slices.records_read,
                         len(slices.reads), slices.requests)
+
+    def _dated_ahead(self, newest: Optional[int]) -> None:
+        """Warn of a record dated after now: the incremental cursor is the largest `date_updated`
+        read, so until that time comes, incremental syncs read from there on and miss every edit
+        made meanwhile (a device's clock, an import in another time zone)."""
+        now = self.plan.now if self.plan is not None else int(time.time())
+        if newest is None or newest <= now + HOT_SECONDS:
+            return
+        def utc(seconds: int) -> str:
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+        logger.warning(
+            "%s: a record has %s %s, after now (%s). Until then, incremental syncs read from there on "
+            "and miss the edits made meanwhile; the audit (job crm_audit) finds and repairs them",
+            self.resource, CURSOR_FIELD, utc(newest), utc(now),
+        )
 
     def _joined(
         self, pages: list[tuple[dict[str, Any], str, requests.Response]]

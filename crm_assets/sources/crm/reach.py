@@ -112,6 +112,13 @@ class ReadPlan:
     def records_read(self) -> int:
         return sum(read.records_read for read in self.reads)
 
+    @property
+    def newest_second(self) -> Optional[int]:
+        """The largest `date_updated` the keyset read has read (the incremental cursor's next value)."""
+        seconds = [read.newest[0] for read in self.reads
+                   if read.newest is not None and read.cursor_field == self.cursor_field]
+        return max(seconds, default=None)
+
     def request(self) -> PageRequest:
         return self._next
 

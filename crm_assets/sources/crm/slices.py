@@ -274,6 +274,12 @@ class Slices:
     def last(self) -> int:
         return len(self.reads) - 1
 
+    @property
+    def newest_second(self) -> Optional[int]:
+        """The largest `date_updated` the slices have read."""
+        reads = self.reads + ([self.recheck] if self.recheck is not None else [])
+        return max((read.newest[0] for read in reads if read.newest is not None), default=None)
+
     def name(self, index: int) -> str:
         low, high = self.ranges[index]
         span = f"{self.cursor_field} >= {low}" + ("" if high is None else f" and <= {high}")
