@@ -215,6 +215,10 @@ class RangeReads:
     def records_read(self) -> int:
         return sum(read.records_read for read in self.reads)
 
+    @property
+    def newest_second(self) -> None:
+        return None  # ranges read again for a repair say nothing of the incremental cursor
+
     def request(self) -> PageRequest:
         return self.reads[self._at].request()
 

@@ -233,8 +233,10 @@ class KeysetPaginator(BasePaginator):
         """Warn of a record dated after now: the incremental cursor is the largest `date_updated`
         read, so until that time comes, incremental syncs read from there on and miss every edit
         made meanwhile (a device's clock, an import in another time zone)."""
-        now = self.plan.now if self.plan is not None else int(time.time())
-        if newest is None or newest <= now + HOT_SECONDS:
+        if newest is None:
+            return
+        now = self.plan.now if isinstance(self.plan, ReadPlan) else int(time.time())
+        if newest <= now + HOT_SECONDS:
             return
         def utc(seconds: int) -> str:
             return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
