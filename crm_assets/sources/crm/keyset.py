@@ -32,16 +32,17 @@ or count towards the end (it may have been deleted since).
 
 Reading in `date_updated` order also keeps the incremental cursor safe: an edit moves a record to
 the end of the listing, ahead of the read, so the largest cursor read never passes a record that
-was left behind.
+was left behind; but for an edit into a second read on its own while it was the API's current one,
+which that second's read again settles (`_end`).
 
 All of this assumes the API sorts, filters and pages as asked, so every answer is checked first
 (`verify_page`, `verify_count`): sorted on (field, key), inside the requested bounds, integer dates
 and string keys, and no more records than its `count` leaves from its offset; anything else fails
-the read, saying what the API did. A page can look sorted and still not
-be the head of the listing (an API in an order of its own that agrees with this one on the page);
-the counts show it: a head page must count at least what the previous head page showed beyond its
-end. Where it counts fewer (records deleted meanwhile, or a page that skipped some), the range
-before it is read again, as a read of its own with its own budget.
+the read, saying what the API did. A page can look sorted and still not be the head of the listing
+(an API in an order of its own that agrees with this one on the page); the counts show it: a head
+page must count at least what the previous head page showed beyond its end. Where it counts fewer
+(records deleted meanwhile, or a page that skipped some), the range before it is read again, as a
+read of its own with its own budget.
 
 A read may be bounded above (`until`): it then ends past that value of its cursor field.
 

@@ -235,15 +235,14 @@ class KeysetPaginator(BasePaginator):
         made meanwhile (a device's clock, an import in another time zone)."""
         if newest is None:
             return
-        now = self.plan.now if isinstance(self.plan, ReadPlan) else int(time.time())
-        if newest <= now + HOT_SECONDS:
+        assert self.plan is not None
+        if newest <= self.plan.now + HOT_SECONDS:
             return
-        def utc(seconds: int) -> str:
-            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+        newest_at, now = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) for t in (newest, self.plan.now))
         logger.warning(
             "%s: a record has %s %s, after now (%s). Until then, incremental syncs read from there on "
             "and miss the edits made meanwhile; the audit (job crm_audit) finds and repairs them",
-            self.resource, CURSOR_FIELD, utc(newest), utc(now),
+            self.resource, CURSOR_FIELD, newest_at, now,
         )
 
     def _joined(
