@@ -307,3 +307,33 @@ def test_the_metadata_says_what_each_count_is_whether_the_load_was_full_and_wher
     assert refreshed["crm/full_load"].value is True
     assert refreshed["crm/cursor"].value == newest()
     assert refreshed["crm/records_read"].value >= SMALL_COUNTS["jobs"] + 1
+
+
+def test_a_record_dated_after_now_does_not_hold_the_cursor_and_later_edits_still_land(
+    start_simulator, crm_env, warehouse, caplog
+):
+    """A record dated hours ahead (a device's clock, an import from another time zone) would, as
+    the newest `date_updated` read, put the cursor hours ahead too: every edit until then missed.
+    The cursor counts such a date as the sync's start less five minutes; the record lands as dated."""
+    import time
+
+    from crm_assets.simulator.data import AHEAD_SECONDS
+
+    jobs = [AssetKey(["crm", "jobs"])]
+    simulator = start_simulator()
+    crm_env(simulator)
+    assert run_sync(selection=jobs).success
+    ahead = simulator.mutate("jobs", dated_ahead=1)["dated_ahead"]
+    with caplog.at_level("WARNING", logger="crm_assets.sources.crm"):
+        second = _metadata(run_sync(selection=jobs), "jobs")
+    assert any("after now" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert second["crm/cursor"].value < time.time() + 60  # not hours ahead
+    dated = dict(query(warehouse, "SELECT id, epoch(date_updated)::BIGINT FROM crm.jobs"))
+    assert dated[ahead[0]] >= time.time() + AHEAD_SECONDS - 60
+
+    simulator.reset_stats()
+    edited = simulator.mutate("jobs", edit=3, insert=1)
+    assert run_sync(selection=jobs).success
+    assert_exact(warehouse, simulator, resources=["jobs"])
+    # the edits, the record dated ahead again, and the few that share the cursor's second
+    assert simulator.stats()["records_served"]["jobs"] <= sum(map(len, edited.values())) + 6

@@ -698,7 +698,7 @@ def test_cli_flags_for_the_real_api_family(tmp_path: Path):
 
 # --------------------------------------------------------------------------- an API that does not do what it is asked
 # All opt-in (SimulatorConfig.ignore_sort, ignore_filter, ignore_from, exclusive_bounds, fields_param; mutate's null_cursor,
-# missing_cursor, silent_edit, delete); nothing above sees any of it.
+# missing_cursor, silent_edit, delete, dated_ahead); nothing above sees any of it.
 def _by_updated(records: list[dict]) -> list[str]:
     """Ids in (date_updated, id) order, records without a date_updated left out."""
     valued = [r for r in records if r.get("date_updated") is not None]
@@ -1070,3 +1070,17 @@ def test_cli_serves_many_accounts(tmp_path: Path, capsys):
 
     assert main(["--port", "0", "--accounts", "a,b", "--revoke", "c"]) == 2  # fails before it serves
     assert "not in --accounts: ['c']" in capsys.readouterr().err
+
+
+def test_dated_ahead_dates_an_edit_hours_after_now_and_leaves_the_clock_alone(sim, api):
+    from crm_assets.simulator.data import AHEAD_SECONDS
+
+    out = requests.post(sim.url + "/_admin/mutate", json={"resource": "jobs", "dated_ahead": 1}, timeout=10).json()
+    (ahead,) = out["dated_ahead"]
+    dates = {r["id"]: r["date_updated"] for r in sim.records("jobs")}
+    assert dates[ahead] >= time.time() + AHEAD_SECONDS - 60
+    edited = sim.mutate("jobs", edit=1)["edited"][0]
+    dates = {r["id"]: r["date_updated"] for r in sim.records("jobs")}
+    assert dates[edited] < dates[ahead]  # the clock stayed where it was
+    newest = api("jobs", size=1, sort_field="date_updated", sort_direction="desc").json()["results"][0]
+    assert newest["id"] == ahead  # the listing's end, past every later edit

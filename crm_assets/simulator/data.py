@@ -69,6 +69,7 @@ PREFIXES = {"jobs": "job", "contacts": "con", "tasks": "tsk", "activities": "act
 BASE = 1_600_000_000
 DAY = 86_400
 MAX_UPDATE_OFFSET = 90 * DAY  # generated date_updated lies within 90 days after date_created
+AHEAD_SECONDS = 7 * 3600  # how far after now mutate's dated_ahead dates its edits (a clock on another zone)
 _M64 = (1 << 64) - 1
 
 
@@ -405,22 +406,25 @@ class Store:
     def mutate(self, resource: str, edit: int = 0, insert: int = 0, deactivate: int = 0,
                add_field: dict | None = None, null_cursor: int | None = None,
                missing_cursor: int | None = None, silent_edit: int | None = None,
-               delete: int | None = None) -> dict[str, list[str]]:
+               delete: int | None = None, dated_ahead: int | None = None) -> dict[str, list[str]]:
         """Change n records of each kind; the reply lists their ids under "edited", "inserted", ...
 
         edit, insert and deactivate move date_updated to "now" (one tick per call). The other kinds
         play an API that breaks its own promises; each one's reply key appears only when it is given
         (so the replies existing callers read stay as they were): null_cursor ("null_cursor":
         date_updated becomes null), missing_cursor ("missing_cursor": the key goes), silent_edit
-        ("silently_edited": the name changes, date_updated does not) and delete ("deleted": hard
-        deletes). A later edit gives a record without a cursor a value again.
+        ("silently_edited": the name changes, date_updated does not), delete ("deleted": hard
+        deletes) and dated_ahead ("dated_ahead": an edit dated AHEAD_SECONDS after now, as a device
+        with a wrong clock makes; the clock itself stays). A later edit gives a record without a
+        cursor a value again.
         """
         if resource not in self.datasets:
             raise ValueError(f"unknown resource {resource!r}")
         if min(edit, insert, deactivate) < 0:
             raise ValueError("edit, insert and deactivate must be >= 0")
         dishonest = {k: v for k, v in (("null_cursor", null_cursor), ("missing_cursor", missing_cursor),
-                                       ("silent_edit", silent_edit), ("delete", delete)) if v is not None}
+                                       ("silent_edit", silent_edit), ("delete", delete),
+                                       ("dated_ahead", dated_ahead)) if v is not None}
         for k, v in dishonest.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{k} must be an integer >= 0, got {v!r}")
@@ -495,9 +499,14 @@ class Store:
             # Some CRMs change a record (or what hangs off it) without moving date_updated.
             rec["name"] = f"{NAMES[(salt + idx) % len(NAMES)]} (silent edit {seq})"
 
+        def ahead(rec: dict, idx: int) -> None:
+            rec["name"] = f"{NAMES[(salt + idx) % len(NAMES)]} (edit {seq}, dated ahead)"
+            rec["date_updated"] = now + AHEAD_SECONDS
+
         for name, reply_key, bit, how in (("null_cursor", "null_cursor", 0x0001, null),
                                           ("missing_cursor", "missing_cursor", 0x0002, missing),
-                                          ("silent_edit", "silently_edited", 0x0003, silent)):
+                                          ("silent_edit", "silently_edited", 0x0003, silent),
+                                          ("dated_ahead", "dated_ahead", 0x0005, ahead)):
             if name in dishonest:
                 reply[reply_key] = change(dishonest[name], bit, how)
         if "delete" in dishonest:

@@ -417,14 +417,14 @@ class CrmSimulator:
     def mutate(self, resource: str, edit: int = 0, insert: int = 0, deactivate: int = 0,
                add_field: Optional[dict] = None, null_cursor: Optional[int] = None,
                missing_cursor: Optional[int] = None, silent_edit: Optional[int] = None,
-               delete: Optional[int] = None) -> dict[str, list[str]]:
-        """See Store.mutate: the kinds, and the reply's keys (the last four only when given)."""
+               delete: Optional[int] = None, dated_ahead: Optional[int] = None) -> dict[str, list[str]]:
+        """See Store.mutate: the kinds, and the reply's keys (the last five only when given)."""
         self._single("mutate")
         with self._lock:
             return self._store.mutate(resource, edit=edit, insert=insert, deactivate=deactivate,
                                       add_field=add_field, null_cursor=null_cursor,
                                       missing_cursor=missing_cursor, silent_edit=silent_edit,
-                                      delete=delete)
+                                      delete=delete, dated_ahead=dated_ahead)
 
     def reset(self) -> None:
         """Back to the seeded data and the config given at construction; clears stats. With
@@ -692,7 +692,7 @@ class CrmSimulator:
             if not isinstance(body, dict) or "resource" not in body:
                 return _error(400, 'expected {"resource": ..., "edit": n, "insert": n, "deactivate": n}')
             args = {k: body[k] for k in ("edit", "insert", "deactivate", "null_cursor", "missing_cursor",
-                                         "silent_edit", "delete") if k in body}
+                                         "silent_edit", "delete", "dated_ahead") if k in body}
             for k, v in args.items():
                 if not isinstance(v, int) or isinstance(v, bool):
                     return _error(400, f"{k} must be an integer")

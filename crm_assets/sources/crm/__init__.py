@@ -21,6 +21,7 @@ from dlt.sources.rest_api import rest_api_resources
 
 from .arrow_pages import ArrowPages
 from .dlt_columns import ROOT_COLUMNS
+from .dated_ahead import CapDatesAhead, RestoreDates
 from .epoch_dates import EpochDates
 from .field_names import FieldNames
 from .catalog import BUILT_IN, Endpoint, build_endpoints, configured_endpoints
@@ -194,6 +195,7 @@ def crm_resources(
     lists as JSON columns, integer `date_*` fields as timestamps, then the Arrow pages step when
     `arrow_pages`."""
     endpoints = {c["name"]: c[_ENDPOINT] for c in resource_configs if _ENDPOINT in c}
+    incremental = {c["name"] for c in resource_configs if c.get("endpoint", {}).get("incremental")}
     config: dict[str, Any] = {
         "client": {
             "base_url": root,
@@ -217,6 +219,9 @@ def crm_resources(
         if first_steps and resource.name in first_steps:
             resource.add_step(first_steps[resource.name], insert_at=1)
         resource.add_step(FieldNames.of(resource))  # no two fields in one column (field_names.py)
+        if resource.name in incremental:  # no date after now holds the cursor (dated_ahead.py)
+            resource.add_step(CapDatesAhead())
+            resource.add_step(RestoreDates())
         lists = ListsAsJson(resource, encode=arrow_pages)  # lists as JSON columns (lists_as_json.py)
         resource.add_step(lists)
         epoch_dates = None

@@ -84,6 +84,10 @@ def page_params(page: PageRequest) -> dict[str, Any]:
     return params
 
 
+def _utc(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
 class KeysetPaginator(BasePaginator):
     """Reads a resource (reach.py, keyset.py) and stops only on proof of a complete read."""
 
@@ -126,6 +130,14 @@ class KeysetPaginator(BasePaginator):
             key_field=self.key_field, max_slices=self.session.max_in_flight if self.session is not None else 1,
             claim_slices=self.session.gate.claim_slices if self.session is not None else None,
         )
+        if since is not None and int(since) > self.plan.now + HOT_SECONDS:
+            # left by a version whose cursor followed a record dated ahead: the incremental drops
+            # every record older than it, so only reading from scratch gets back what it hid
+            logger.warning(
+                "%s: the cursor is at %s, after now (%s): edits made before then are not read "
+                "until that time. Reload this asset once with a full refresh (launchpad config "
+                "`full_refresh: true`)", self.resource, _utc(int(since)), _utc(self.plan.now),
+            )
         self._has_next_page = True
         request.params = params
         self.update_request(request)
@@ -230,19 +242,18 @@ class KeysetPaginator(BasePaginator):
                         len(slices.reads), slices.requests)
 
     def _dated_ahead(self, newest: Optional[int]) -> None:
-        """Warn of a record dated after now: the incremental cursor is the largest `date_updated`
-        read, so until that time comes, incremental syncs read from there on and miss every edit
-        made meanwhile (a device's clock, an import in another time zone)."""
+        """Name a record dated after now: the API's data (a device's clock, an import from another
+        time zone) deserves a look. The cursor does not follow it (dated_ahead.py); the record is
+        read again by every sync until that time."""
         if newest is None:
             return
         assert self.plan is not None
         if newest <= self.plan.now + HOT_SECONDS:
             return
-        newest_at, now = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) for t in (newest, self.plan.now))
         logger.warning(
-            "%s: a record has %s %s, after now (%s). Until then, incremental syncs read from there on "
-            "and miss the edits made meanwhile; the audit (job crm_audit) finds and repairs them",
-            self.resource, CURSOR_FIELD, newest_at, now,
+            "%s: a record has %s %s, after now (%s). The cursor does not follow it; each "
+            "sync reads the record again until then",
+            self.resource, CURSOR_FIELD, _utc(newest), _utc(self.plan.now),
         )
 
     def _joined(
