@@ -46,6 +46,7 @@ from .schedules import account_run_tags, active_runs_by_account
 from .sources.crm import CrmError, connection_settings, count_records
 from .sources.crm.accounts import configured_accounts, in_account_words
 from .sources.crm.http import CrmSession
+from .sources.crm.keyset import HOT_SECONDS
 
 # A sensor tick must finish within Dagster's sensor timeout (60 s by default): one quick retry
 # per request, short waits. A failed tick costs nothing, the next one asks again.
@@ -109,6 +110,13 @@ def _dump_cursor(cursor: dict[str, int]) -> str:
     )
 
 
+def _dated_ahead_from() -> int:
+    """Where dates count as ahead (a wrong clock): past the margin the sync allows between the
+    API's clock and ours. Such a record is no change since the last tick, and counted it would
+    request a sync at every tick until its date comes; the schedule's sync reads it."""
+    return int(_now()) + HOT_SECONDS + 1
+
+
 def _single_account(context: SensorEvaluationContext) -> Union[RunRequest, SkipReason]:
     active = active_sync_runs(context.instance)
     if active:
@@ -135,8 +143,8 @@ def _single_account(context: SensorEvaluationContext) -> Union[RunRequest, SkipR
             base_url, api_key = connection_settings()
             for endpoint in watched:
                 updated = count_records(
-                    endpoint, updated_after=cursor[endpoint.name], base_url=base_url, api_key=api_key,
-                    session=session,
+                    endpoint, updated_after=cursor[endpoint.name], updated_before=_dated_ahead_from(),
+                    base_url=base_url, api_key=api_key, session=session,
                 )
                 if updated:
                     changed[endpoint.name] = updated
@@ -191,8 +199,8 @@ def _account_changes(account: Account, watched: dict[str, int], over: threading.
             if over.is_set():
                 break
             updated = count_records(
-                endpoint, updated_after=watched[endpoint.name], base_url=account.base_url,
-                api_key=api_key, session=session,
+                endpoint, updated_after=watched[endpoint.name], updated_before=_dated_ahead_from(),
+                base_url=account.base_url, api_key=api_key, session=session,
             )
             if updated:
                 changed[endpoint.name] = updated

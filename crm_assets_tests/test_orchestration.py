@@ -191,6 +191,24 @@ def test_the_change_sensor_requests_only_what_changed_and_moves_its_cursor(
     assert isinstance(again, SkipReason)  # the edits are behind the cursor now
 
 
+def test_a_record_dated_ahead_does_not_make_the_change_sensor_request_a_sync_at_every_tick(
+    start_simulator, crm_env, instance
+):
+    """A date hours ahead (a wrong clock) stays after the sensor's cursor until that time: counted
+    as a change, it would request a sync at every tick. The scheduled sync reads it."""
+    simulator = start_simulator()
+    crm_env(simulator)
+    _, cursor = evaluate(instance, None)
+    simulator.mutate("jobs", dated_ahead=1)
+    for _ in range(2):
+        quiet, cursor = evaluate(instance, cursor)
+        assert isinstance(quiet, SkipReason) and "No CRM resource has changed" in quiet.skip_message
+
+    simulator.mutate("jobs", edit=1)
+    changed, _ = evaluate(instance, cursor)
+    assert isinstance(changed, RunRequest) and changed.asset_selection == [AssetKey(["crm", "jobs"])]
+
+
 def test_the_change_sensor_reads_an_earlier_versions_epoch_cursor(start_simulator, crm_env, instance):
     simulator = start_simulator()
     crm_env(simulator)

@@ -20,11 +20,13 @@ def count_records(
     resource: Union[str, Endpoint],
     *,
     updated_after: Optional[int] = None,
+    updated_before: Optional[int] = None,
     base_url: Optional[str] = None,
     api_key: Optional[str] = None,
     session: Optional[CrmSession] = None,
 ) -> int:
-    """The API's `count` for a resource, optionally only records with `date_updated > updated_after`.
+    """The API's `count` for a resource, optionally only records with `date_updated > updated_after`
+    and `date_updated < updated_before`.
 
     The resource and connection settings default to the source's configuration; the session
     applies the same retry policy and error messages as a sync.
@@ -33,8 +35,10 @@ def count_records(
     if base_url is None or api_key is None:
         base_url, api_key = connection_settings()
     params: dict[str, object] = {"size": 0}
-    if updated_after is not None:
-        params["filter"] = encode_filter([range_clause(CURSOR_FIELD, "gt", int(updated_after))])
+    clauses = [range_clause(CURSOR_FIELD, op, int(value))
+               for op, value in (("gt", updated_after), ("lt", updated_before)) if value is not None]
+    if clauses:
+        params["filter"] = encode_filter(clauses)
     own_session = session is None
     session = session or CrmSession(endpoints=[endpoint])
     try:
