@@ -84,6 +84,17 @@ def test_a_record_dated_after_now_is_named_in_a_warning(caplog):
     assert warning.startswith("jobs: a record has date_updated ") and "after now" in warning
     assert "does not follow it" in warning
 
+    # milliseconds (outside the contract) are named as such; a date past the calendar stays a number
+    for newest, shown in ((paginator.plan.now * 1000 - 86_400_000, "(milliseconds?"), (1 << 62, str(1 << 62))):
+        caplog.clear()
+        paginator = KeysetPaginator("jobs", page_size=3)
+        request = _first_request(paginator)
+        _past_the_probe(paginator, request, 1)
+        with caplog.at_level("WARNING", logger="crm_assets.sources.crm"):
+            paginator.update_state(_Answer(1), [{"id": "j1", "date_updated": newest}])
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert shown in warning
+
     caplog.clear()
     paginator = KeysetPaginator("jobs", page_size=3)
     request = _first_request(paginator)

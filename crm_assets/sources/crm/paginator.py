@@ -85,7 +85,11 @@ def page_params(page: PageRequest) -> dict[str, Any]:
 
 
 def _utc(epoch: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    """A date for the log; one past the platform's calendar stays a number rather than fail the read."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    except (OverflowError, OSError, ValueError):
+        return f"{epoch} (epoch seconds)"
 
 
 class KeysetPaginator(BasePaginator):
@@ -250,10 +254,12 @@ class KeysetPaginator(BasePaginator):
         assert self.plan is not None
         if newest <= self.plan.now + HOT_SECONDS:
             return
+        # past a hundred times now (the year 5600): milliseconds of any date since 1977
+        unit = " (milliseconds? dates are read as epoch seconds)" if newest > self.plan.now * 100 else ""
         logger.warning(
-            "%s: a record has %s %s, after now (%s). The cursor does not follow it; each "
+            "%s: a record has %s %s%s, after now (%s). The cursor does not follow it; each "
             "sync reads the record again until then",
-            self.resource, CURSOR_FIELD, _utc(newest), _utc(self.plan.now),
+            self.resource, CURSOR_FIELD, _utc(newest), unit, _utc(self.plan.now),
         )
 
     def _joined(
