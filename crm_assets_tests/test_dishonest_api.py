@@ -91,6 +91,26 @@ def test_an_api_that_ignores_from_fails_rather_than_landing_part_of_a_busy_secon
     assert sorted(table_ids(warehouse, "files")) == before  # none of the import landed
 
 
+def test_an_api_whose_count_is_the_pages_own_length_fails_rather_than_landing_its_first_page(
+    start_simulator, crm_env, warehouse
+):
+    """`count` as the number of records in the answer (0 when asked for none): every read would end
+    on its first page, green, with 50 jobs of 240. Looking beyond that page shows more; read once
+    more, the range ends as short again, and the run fails saying what the API did."""
+    simulator = start_simulator(page_cap=50, page_count=["jobs"])
+    crm_env(simulator)
+
+    result = run_sync(selection=[AssetKey(["crm", "jobs"])], raise_on_error=False)
+
+    assert not result.success
+    assert re.search(
+        r"jobs: the API counts fewer records than it lists: GET /v1/jobs \(date_updated >= \d+ and "
+        r"date_updated <= \d+, .*\) returned id='job\w+' \(date_updated=\d+\) with count=\d+, past "
+        r"id='job\w+', where its counts had ended the read, and again",
+        failure_message(result),
+    )
+
+
 def test_an_api_whose_gte_and_lte_exclude_their_own_second_loses_nothing(start_simulator, crm_env, warehouse):
     """The read asks `gt` and `lt` the second next to each bound: taken for `gt` and `lt`, `gte` and
     `lte` would leave out the rest of the second a page ended in, and a bulk second (asked as

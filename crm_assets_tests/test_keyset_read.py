@@ -54,6 +54,8 @@ class Listing:
         self.ignore_filter = False
         self.ignore_offset = False
         self.count_short = 0
+        self.count_cap: Optional[int] = None  # a count that stops there, well below the window
+        self.count_page = False  # a count that is the page's own length (0 for size=0)
         self.undated_first = False  # where records without the sorted field go: last, as Elasticsearch puts them
         self.clock = 0
         self.now()
@@ -95,6 +97,10 @@ class Listing:
         if rows:
             self.last_served = rows[-1]
         count = max(0, len(listing) - self.count_short)
+        if self.count_cap is not None:
+            count = min(count, self.count_cap)
+        if self.count_page:
+            count = len(rows)
         return rows, min(count, self.window) if self.count_capped else count
 
 
@@ -230,6 +236,61 @@ def test_a_count_short_of_its_own_page_fails_the_read():
         read.take(*listing.serve(read.request()))
 
 
+def _plan_read(listing: Listing, page_size: int, now: int = 10_000, hook=None) -> tuple[ReadPlan, set[str]]:
+    """A sync's read, its start well after every record (so an end resting on a count alone is
+    checked beyond); `hook(request)` runs before each answer."""
+    plan = ReadPlan("jobs", page_size, since=None, now=now, result_window=listing.window)
+    seen: set[str] = set()
+    while not plan.done:
+        request = plan.request()
+        if hook is not None:
+            hook(request)
+        rows, count = listing.serve(request)
+        seen.update(r["id"] for r in rows)
+        plan.take(rows, count)
+    return plan, seen
+
+
+@pytest.mark.parametrize("lie", ["count_page", "count_cap"])
+def test_a_count_that_stops_at_the_page_fails_the_read_rather_than_ending_it_there(lie):
+    """An API whose `count` is the page's own length (0 when asked for none), or stops at the page
+    size, ends every read on its first page: green, with most records missing. Beyond the end it
+    lists more; read again, that range ends as short, and the read fails naming it."""
+    listing = Listing(list(range(100, 160)), window=10_000)
+    if lie == "count_page":
+        listing.count_page = True
+    else:
+        listing.count_cap = 10
+    with pytest.raises(CrmApiBehaviourError, match=r"jobs: the API counts fewer records than it lists: .* "
+                       r"returned id='r000\d\d' \(date_updated=1\d\d\) with count=\d+, past id='r000\d\d', where "
+                       r"its counts had ended the read, and again"):
+        _plan_read(listing, 10)
+
+
+def test_an_import_beyond_the_end_is_read_and_then_the_read_ends():
+    """Honest counts, but a record imported with an old date lands after the end page and before
+    the look beyond it: that range is read once more, and the read ends with it."""
+    listing = Listing(list(range(100, 106)), window=10_000)
+    imported = []
+
+    def import_once(request: PageRequest) -> None:
+        if request.size == 3 and request.highest is not None and not imported:  # the look beyond
+            imported.append(listing.add(200, 200))
+
+    plan, seen = _plan_read(listing, 10, hook=import_once)
+    assert imported and seen == set(listing.records)
+
+
+def test_an_end_on_a_page_shorter_than_an_earlier_one_asks_nothing_beyond():
+    """Records that run out cut the last page short: the end needs no look beyond. A read of one
+    page, or one ending on a page as long as the longest, takes one request more."""
+    for records, pages, beyond in ((12, 3, 0), (5, 1, 1), (9, 2, 1)):
+        listing = Listing(list(range(100, 100 + records)), window=10_000)
+        plan, seen = _plan_read(listing, 5)
+        assert seen == set(listing.records)
+        assert listing.requests == plan.probe_requests + pages + beyond, records
+
+
 @pytest.mark.parametrize("undated_first", [False, True], ids=["listed_last", "listed_first"])
 def test_records_with_neither_date_are_read_from_where_the_api_lists_them(undated_first):
     listing = Listing([3, None, 4, None, 8, None], created=[1, None, 2, 5, 6, None], window=10_000)
@@ -325,9 +386,13 @@ class AdversarialRead(RuleBasedStateMachine):
         cap=st.one_of(st.none(), st.integers(3, 8)),
         count_capped=st.booleans(),
         since=st.one_of(st.none(), st.integers(0, 6)),
-        dishonest=st.sampled_from([None, None, "date_created", "id", "ignore_filter", "ignore_offset"]),
+        dishonest=st.sampled_from([None, None, "date_created", "id", "ignore_filter", "ignore_offset",
+                                   "count_page", "count_cap"]),
     )
     def start(self, cursors, without_cursor, page_size, cap, count_capped, since, dishonest):
+        self.count_lie = dishonest in ("count_page", "count_cap")
+        if self.count_lie:
+            without_cursor = []  # the probe's counts lie too: records without a cursor go unseen
         self.listing = Listing(
             [u for u, _ in cursors] + [None] * len(without_cursor),
             created=[c for _, c in cursors] + without_cursor,
@@ -336,13 +401,16 @@ class AdversarialRead(RuleBasedStateMachine):
         self.listing.count_capped = count_capped and dishonest is None
         self.listing.ignore_filter = dishonest == "ignore_filter"
         self.listing.ignore_offset = dishonest == "ignore_offset"
+        self.listing.count_page = dishonest == "count_page"
+        self.listing.count_cap = page_size if dishonest == "count_cap" else None
         self.listing.own_order = dishonest if dishonest in ("date_created", "id") else None
         self.honest = dishonest is None
         self.page_size = page_size
         self.since = since
         # the newest second may still be the API's current one: edits may land in it
+        self.hot_after = self.listing.clock - 1
         self.plan = ReadPlan("jobs", page_size, since=since, now=20, result_window=WINDOW,
-                             hot_after=self.listing.clock - 1)
+                             hot_after=self.hot_after)
         self.served: set[tuple[str, Optional[int]]] = set()  # (id, date_updated) as pages held them
         # ids in the listing at the start and not removed since: what the read must return
         self.stayed = {
@@ -354,6 +422,7 @@ class AdversarialRead(RuleBasedStateMachine):
         self.changed = False
         self.deletes = 0
         self.bursts = 0
+        self.imports = 0  # records added with dates of their own (behind the clock)
 
     def _now(self) -> int:
         # the clock never runs behind the cursor of the sync before (the largest date_updated it read)
@@ -385,6 +454,7 @@ class AdversarialRead(RuleBasedStateMachine):
     @rule(updated=st.integers(0, 14), created=st.integers(0, 3))
     def insert_anywhere(self, updated, created):
         self.listing.add(updated, created)
+        self.imports += 1
         self._changed()
 
     @precondition(lambda self: self._reading() and self.listing.records)
@@ -428,6 +498,7 @@ class AdversarialRead(RuleBasedStateMachine):
         for n in range(size):
             self.listing.add(second, n % 4 if spread else second)
         self.bursts += 1
+        self.imports += at is not None
         self._changed()
 
     @precondition(lambda self: self._reading())
@@ -445,7 +516,7 @@ class AdversarialRead(RuleBasedStateMachine):
         try:
             self.plan.take(rows, count)
         except CrmError as failure:
-            if self.honest and not self._beyond_any_reader(failure):
+            if self.honest and not (self._beyond_any_reader(failure) or self._imported_beyond_twice(failure)):
                 raise
             self.failure = failure  # a loud failure: the verdict an API that misbehaves may get
 
@@ -473,6 +544,12 @@ class AdversarialRead(RuleBasedStateMachine):
         sharing = [r for r in self.listing.records.values() if all(r.get(f) == v for f, v in named.items())]
         return bool(named) and len(sharing) >= WINDOW  # a count at the window may be a lower bound
 
+    def _imported_beyond_twice(self, failure: CrmError) -> bool:
+        """Records imported with dates of their own after a read's end, and again after that range
+        was read once more, look like a count that stops short; failing loudly is the verdict then
+        (the next sync reads them), never a silent loss."""
+        return self.imports >= 2 and "counts fewer records than it lists" in str(failure)
+
     @precondition(lambda self: not self.plan.done and self.failure is None)
     @rule()
     def next_page(self):
@@ -495,13 +572,15 @@ class AdversarialRead(RuleBasedStateMachine):
     def _bound(self) -> int:
         records = len(self.listing.records) + self.bursts * 12
         per_read = 3 * (records // max(1, self.page_size - 1) + 1) + 2 * (self.bursts + 5) + SPARE_REQUESTS
-        bound = self.plan.probe_requests + max(1, len(self.plan.reads)) * per_read + self.deletes * per_read
+        # a range read again for each deletion, and for each import beyond a read's end
+        bound = (self.plan.probe_requests + max(1, len(self.plan.reads)) * per_read
+                 + (self.deletes + self.imports) * per_read)
         if self.listing.requests > bound:
             # pages the API caps, in a second walked by offset, hold fewer new records than the
             # page size suggests: three times the same read of the listing as it is now, held still
             spare = 2 * (self.bursts + 5) + SPARE_REQUESTS
             bound = max(bound, 3 * self._undisturbed_requests() + max(1, len(self.plan.reads)) * spare
-                        + self.plan.probe_requests + self.deletes * per_read)
+                        + self.plan.probe_requests + (self.deletes + self.imports) * per_read)
         return bound
 
     def _undisturbed_requests(self) -> int:
@@ -526,6 +605,11 @@ class AdversarialRead(RuleBasedStateMachine):
         assert self.plan.done or self.failure is not None, "the read did not end"
         if self.failure is None:  # exact, or a loud failure: never a silent loss
             missing = self.stayed - self.seen
+            if self.count_lie:
+                # a count that stops at the page ends a read among records too recent to tell from
+                # edits made during it: those are left to the next sync, which reads from the cursor
+                cursor = max((u for _, u in self.served if isinstance(u, int)), default=0)
+                missing = {i for i in missing if self.listing.records[i]["date_updated"] < max(self.hot_after, cursor)}
             assert not missing, f"records present throughout the read were not read: {sorted(missing)}"
             if self.honest:
                 self._no_edit_left_behind_the_cursor()
@@ -663,29 +747,37 @@ class ConcurrentSlices(AdversarialRead):
         self.changed = False
         self.deletes = 0
         self.bursts = 0
+        self.imports = 0  # records added with dates of their own (behind the clock)
 
     def _changing(self) -> bool:
-        return not self.slices.done and not self.changed
+        return not self.slices.done and not self.changed and self.failure is None
 
     def _reading(self) -> bool:  # slices have no probe
         return self._changing()
 
     def _ready(self) -> list[int]:
+        if self.failure is not None:
+            return []
         return [i for i in range(len(self.slices.reads)) if self.slices.ready(i)]
 
     def _next_slice_page(self, index: int) -> None:
         rows, count = self.listing.serve(self.slices.request(index))
         self.seen.update(row["id"] for row in rows)
         self.served.update((row["id"], row["date_updated"]) for row in rows)
-        self.slices.take(index, rows, count)
+        try:
+            self.slices.take(index, rows, count)
+        except CrmError as failure:
+            if not self._imported_beyond_twice(failure):
+                raise
+            self.failure = failure
 
-    @precondition(lambda self: not self.slices.done)
+    @precondition(lambda self: not self.slices.done and self.failure is None)
     @rule(data=st.data())
     def next_page(self, data):
         self._next_slice_page(data.draw(st.sampled_from(self._ready())))
         self.changed = False
 
-    @precondition(lambda self: self.slices.done)
+    @precondition(lambda self: self.slices.done or self.failure is not None)
     @rule()
     def after_the_read(self):
         pass
@@ -696,7 +788,7 @@ class ConcurrentSlices(AdversarialRead):
         per_read = 3 * (records // max(1, self.page_size - 1) + 1) + 2 * (self.bursts + 5) + SPARE_REQUESTS
         undisturbed = 3 * (records // max(1, self.page_size - 1) + slices)
         return (self.planned.requests + 1 + undisturbed + slices * (2 * (self.bursts + 5) + SPARE_REQUESTS)
-                + self.deletes * per_read)
+                + (self.deletes + self.imports) * per_read)
 
     def teardown(self):
         if not hasattr(self, "listing"):
@@ -706,10 +798,11 @@ class ConcurrentSlices(AdversarialRead):
             if not ready:
                 break
             self._next_slice_page(ready[0])
-        assert self.slices.done, "the read did not end"
-        missing = self.stayed - self.seen
-        assert not missing, f"records present throughout the read were not read: {sorted(missing)}"
-        self._no_edit_left_behind_the_cursor()
+        assert self.slices.done or self.failure is not None, "the read did not end"
+        if self.failure is None:  # exact, or a loud failure: never a silent loss
+            missing = self.stayed - self.seen
+            assert not missing, f"records present throughout the read were not read: {sorted(missing)}"
+            self._no_edit_left_behind_the_cursor()
         assert self.listing.requests <= self._bound()
 
 

@@ -697,7 +697,7 @@ def test_cli_flags_for_the_real_api_family(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- an API that does not do what it is asked
-# All opt-in (SimulatorConfig.ignore_sort, ignore_filter, ignore_from, exclusive_bounds, fields_param; mutate's null_cursor,
+# All opt-in (SimulatorConfig.ignore_sort, ignore_filter, ignore_from, exclusive_bounds, page_count, fields_param; mutate's null_cursor,
 # missing_cursor, silent_edit, delete, dated_ahead); nothing above sees any of it.
 def _by_updated(records: list[dict]) -> list[str]:
     """Ids in (date_updated, id) order, records without a date_updated left out."""
@@ -878,6 +878,15 @@ def test_exclusive_bounds_leave_out_the_seconds_that_gte_and_lte_name(sim, api):
     assert api("tasks", size=0, filter=rng("date_created", gte=tasks_second, lte=tasks_second)).json()["count"] >= 1
 
 
+def test_page_count_counts_the_answer_not_the_listing_for_the_named_resources_only(sim, api):
+    sim.configure(page_count=["jobs"])
+    body = api("jobs", size=7).json()
+    assert body["count"] == len(body["results"]) == 7
+    assert api("jobs", size=0).json()["count"] == 0
+    assert api("tasks", size=0).json()["count"] == len(sim.ids("tasks"))
+    sim.configure(page_count=[])
+
+
 def test_dishonest_config_is_validated(sim):
     sim.reset()  # the config given at construction: all of it off
     config = sim.configure()
@@ -898,11 +907,12 @@ def test_cli_flags_for_an_api_that_does_not_do_what_it_is_asked(tmp_path: Path):
 
     help_text = build_parser().format_help()
     for flag in ("--ignore-sort RESOURCES", "--ignore-filter RESOURCES", "--ignore-from RESOURCES",
-                 "--exclusive-bounds RESOURCES", "--fields-param"):
+                 "--exclusive-bounds RESOURCES", "--page-count RESOURCES", "--fields-param"):
         assert flag in help_text
     assert build_parser().parse_args(["--ignore-sort", "all", "--ignore-filter", "jobs, tasks"]).ignore_filter == [
         "jobs", "tasks"]
     assert build_parser().parse_args(["--ignore-from", "files"]).ignore_from == ["files"]
+    assert build_parser().parse_args(["--page-count", "jobs"]).page_count == ["jobs"]
     for bad in (["--ignore-sort", "nope"], ["--ignore-filter", ","]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)

@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="for these resources, ignore 'from': every page starts at the head of the listing")
     dishonest.add_argument("--exclusive-bounds", type=_parse_resources, default=[], metavar="RESOURCES",
                            help="for these resources, read the filter's gte as gt and lte as lt")
+    dishonest.add_argument("--page-count", type=_parse_resources, default=[], metavar="RESOURCES",
+                           help="for these resources, 'count' is the number of records in the answer "
+                                "(0 for size=0), not of those matching")
     dishonest.add_argument("--fields-param", action="store_true",
                            help="honour fields=a,b,c: each record carries only those keys (the real API "
                                 "family documents it); without this flag the parameter is ignored")
@@ -218,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         count_capped=args.count_capped, forbidden=args.forbid, fail_resources=args.fail_resources,
         ignore_sort=args.ignore_sort,
         ignore_filter=args.ignore_filter, ignore_from=args.ignore_from, exclusive_bounds=args.exclusive_bounds,
+        page_count=args.page_count,
         fields_param=args.fields_param,
         colliding_fields=args.colliding_fields,
         verbose=args.verbose,

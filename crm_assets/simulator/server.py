@@ -94,6 +94,7 @@ class SimulatorConfig:
     ignore_filter: list[str] = field(default_factory=list)  # the whole resource, count included
     ignore_from: list[str] = field(default_factory=list)  # every page from the head, count as asked
     exclusive_bounds: list[str] = field(default_factory=list)  # gte read as gt, lte as lt
+    page_count: list[str] = field(default_factory=list)  # `count` is the answer's own length (0 for size=0)
     # `fields=a,b` keeps only those keys of each record, as the real API family documents; off, the
     # parameter is unknown and ignored like any other.
     fields_param: bool = False
@@ -123,15 +124,15 @@ _SERVER_FIELDS = ("host", "port", "accounts", "account_overrides")
 LIVE_FIELDS = ("page_cap", "page_caps", "fault_every", "fault_kinds", "retry_after", "storm_seconds", "latency_ms",
                "drift_every", "repeat_every", "insert_every", "delete_every", "count_capped", "fail_resources", "corrupt", "forbidden", "verbose",
                "result_window", "max_size", "default_size", "default_sort_field", "default_sort_direction",
-               "ignore_sort", "ignore_filter", "ignore_from", "exclusive_bounds", "fields_param", "colliding_fields",
-               "revoked")
+               "ignore_sort", "ignore_filter", "ignore_from", "exclusive_bounds", "page_count", "fields_param",
+               "colliding_fields", "revoked")
 
 
 def _check_config(c: SimulatorConfig) -> None:
     """Raise ValueError on nonsense, so a typo in a test fails loudly instead of doing nothing."""
     # Accept any iterable for the list fields (e.g. a set), but store JSON-friendly lists.
     c.forbidden = sorted(set(c.forbidden))
-    for name in ("ignore_sort", "ignore_filter", "ignore_from", "exclusive_bounds", "colliding_fields"):
+    for name in ("ignore_sort", "ignore_filter", "ignore_from", "exclusive_bounds", "page_count", "colliding_fields"):
         if isinstance(getattr(c, name), str):  # "jobs" would otherwise read as j, o, b, s
             raise ValueError(f'{name} must be a list of resources or ["*"], got {getattr(c, name)!r}')
         setattr(c, name, sorted(set(getattr(c, name))))
@@ -180,6 +181,7 @@ def _check_config(c: SimulatorConfig) -> None:
     resources("ignore_filter", [r for r in c.ignore_filter if r != "*"])
     resources("ignore_from", [r for r in c.ignore_from if r != "*"])
     resources("exclusive_bounds", [r for r in c.exclusive_bounds if r != "*"])
+    resources("page_count", [r for r in c.page_count if r != "*"])
     resources("colliding_fields", [r for r in c.colliding_fields if r != "*"])
     if not isinstance(c.revoked, bool):
         raise ValueError(f"revoked must be true or false, got {c.revoked!r}")
@@ -609,6 +611,8 @@ class CrmSimulator:
                 self._last_served[resource] = records[-1]
             if cfg.count_capped:
                 count = min(count, cfg.result_window)
+            if _names(cfg.page_count, resource):
+                count = len(records)
 
         if _names(cfg.colliding_fields, resource):
             records = [with_colliding_fields(r) for r in records]

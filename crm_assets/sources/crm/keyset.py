@@ -17,7 +17,8 @@ been read. It moves `newest` only over a page that connects to it:
 
 The read ends only on a page that holds at least as many distinct matching records as the API's
 `count` for that same answer: the page then holds all that is left. A `count` at the result window
-is only a lower bound and never ends a read.
+is only a lower bound and never ends a read. An end on a page as long as pages come rests on the
+count alone, so a read given `hot_after` checks it one step beyond (`_ask_beyond`).
 
 Every page normally starts at `from=0` of `cursor >= <cursor of newest>`, so no offset is trusted
 and the 10,000-record result window does not matter. A second of `date_updated` that fills a page
@@ -63,7 +64,7 @@ from .errors import CrmApiBehaviourError, CrmConfigurationError, CrmIncompleteRe
 logger = logging.getLogger("crm_assets.sources.crm")
 
 Key = tuple[int, str]
-_HEAD, _WALK, _TAIL, _NESTED = "head", "walk", "tail", "nested"
+_HEAD, _WALK, _TAIL, _NESTED, _BEYOND = "head", "walk", "tail", "nested", "beyond"
 
 # Requests a read may spend beyond 3x an undisturbed read of what it has read: two per second read
 # on its own (its first page and its end check) and this constant (the first and last pages).
@@ -252,6 +253,13 @@ class KeysetRead:
         # them read on their own: see `_end`
         self.hot_after = hot_after
         self._hot: set[int] = set()
+        # An end that rests on a count alone, checked beyond (`_ask_beyond`): the page the read
+        # ended on (its last key, and how many of its keys share that key's second), the key the
+        # check looks past, and how often it was asked.
+        self._end_page: Optional[tuple[Key, int]] = None
+        self._beyond_of: Optional[Key] = None
+        self._beyond_asked = 0
+        self._stride_before = 0  # the longest page before the one being taken
 
     def request(self) -> PageRequest:
         """The page to ask for next."""
@@ -267,6 +275,7 @@ class KeysetRead:
         asked = self.request()
         self.requests += 1
         self.count = count
+        self._stride_before = self.stride
         self.stride = max(self.stride, len(records))
         if 2 <= len(records) < asked.size and asked.offset + len(records) < count:
             self.capped_at = min(self.capped_at or len(records), len(records))
@@ -286,7 +295,9 @@ class KeysetRead:
             self._gap_requests += 1
             self._gap.take(records, count, head_repeated)
             if self._gap.done:
-                self._gap = None
+                gap, self._gap = self._gap, None
+                if self._mode is _BEYOND:  # what showed beyond the end is read: check after it
+                    self._end_page = gap._end_page
                 if self._done_after_gap:
                     self._end()
         elif self._nested is not None:
@@ -305,6 +316,8 @@ class KeysetRead:
                 self._take_head(asked, keys, count, len(run))
             elif self._mode is _WALK:
                 self._take_walk(asked, keys, count)
+            elif self._mode is _BEYOND:
+                self._take_beyond(asked, keys, count)
             else:
                 self._take_tail(asked, keys, count)
         if self._own_budget:  # the outermost read keeps the budget, nested reads included
@@ -342,6 +355,10 @@ class KeysetRead:
             )
         self._advance(keys)
         if in_run >= count and count < self.result_window:
+            # an end page shorter than an earlier one was cut by the data, not by a cap; an empty
+            # one shows the end itself
+            if keys and len(keys) >= self._stride_before:
+                self._end_page = (keys[-1], sum(1 for key in keys if key[0] == keys[-1][0]))
             self._done_after_gap = True
             if self._gap is None:
                 self._end()
@@ -467,7 +484,8 @@ class KeysetRead:
         passed = sorted(s for s in self._hot if self.newest is not None and self.newest[0] > s)
         self._hot.clear()
         if not passed:
-            self.done = True
+            if not self._ask_beyond():
+                self.done = True
             return
         second, self._hot = passed[0], set(passed[1:])
         logger.info("%s: reading %s=%d again: it was read on its own while it may have been the "
@@ -476,6 +494,52 @@ class KeysetRead:
             self.resource, self.page_size, since=second, until=second, result_window=self.result_window,
             cursor_field=self.cursor_field, tie_field=self.tie_field, key_field=self.key_field,
             within=self.within, own_budget=True,
+        )
+        self._done_after_gap = True
+
+    def _ask_beyond(self) -> bool:
+        """Whether to look beyond the end. An end on a page as long as pages come rests on its
+        `count` alone, and an API whose count is the page's own length, or stops short of its
+        records, ends every read there: green, with most records missing. So the listing from the
+        end page's last second up to the sync's start (less the clocks' margin: later records are
+        edits made during the read) is asked for just past the last key's position: an honest API
+        has nothing there, and counts no more than the read has. Where more shows, that range
+        is read once more (an import with its own dates may have landed there meanwhile); more
+        again fails the read (`_take_beyond`)."""
+        if self.within is not None or self.hot_after is None or self._end_page is None:
+            return False  # (a range read again keeps its end page for the read it serves)
+        end, self._end_page = self._end_page, None
+        second, position = end[0][0], end[1]
+        highest = self.hot_after - 1 if self.until is None else min(self.until, self.hot_after - 1)
+        if second > highest:
+            return False
+        self._beyond_of = end[0]
+        self._beyond_asked += 1
+        self._mode = _BEYOND
+        # just past the last key's position: an honest answer is empty, so nothing is served twice
+        self._next = PageRequest(self.cursor_field, second, highest, position, MIN_PAGE_SIZE)
+        return True
+
+    def _take_beyond(self, asked: PageRequest, keys: list[Key], count: int) -> None:
+        assert self._beyond_of is not None and asked.lowest is not None and asked.highest is not None
+        after = [key for key in keys if key > self._beyond_of]
+        if not after and count <= asked.offset:
+            self.done = True
+            return
+        shown = f"{self.key_field}={after[0][1]!r} ({self.cursor_field}={after[0][0]})" if after else "no record"
+        if self._beyond_asked > 1:
+            raise CrmApiBehaviourError(
+                self.resource, "counts fewer records than it lists", asked.describe(),
+                f"{shown} with count={count}, past {self.key_field}={self._beyond_of[1]!r}, where its "
+                "counts had ended the read, and again after that range was read once more (a count "
+                "capped below its records, or the page's own length)",
+            )
+        logger.info("%s: the API lists more after the read's end (%s, count=%d); reading %s from %d to %d again",
+                    self.resource, shown, count, self.cursor_field, asked.lowest, asked.highest)
+        self._gap = KeysetRead(
+            self.resource, self.page_size, since=asked.lowest, until=asked.highest,
+            result_window=self.result_window, cursor_field=self.cursor_field, tie_field=self.tie_field,
+            key_field=self.key_field, own_budget=True,
         )
         self._done_after_gap = True
 
