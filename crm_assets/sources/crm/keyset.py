@@ -355,9 +355,11 @@ class KeysetRead:
             )
         self._advance(keys)
         if in_run >= count and count < self.result_window:
-            # an end page shorter than an earlier one was cut by the data, not by a cap; an empty
-            # one shows the end itself
-            if keys and len(keys) >= self._stride_before:
+            # An end page shorter than an earlier one was cut by the data, not by a cap; so was one
+            # of fewer than MIN_PAGE_SIZE records (the read is proven for APIs that cap pages at
+            # that or more), as a quiet sync's page of the cursor's own second mostly is. An empty
+            # page shows the end itself.
+            if len(keys) >= max(self._stride_before, MIN_PAGE_SIZE):
                 self._end_page = (keys[-1], sum(1 for key in keys if key[0] == keys[-1][0]))
             self._done_after_gap = True
             if self._gap is None:
