@@ -65,10 +65,8 @@ class RestoreDates(ItemTransform):  # type: ignore[type-arg]
         super().__init__(lambda item: item)
 
     def __call__(self, item: Any, meta: Any = None) -> Any:
-        if isinstance(item, list):
+        if isinstance(item, list):  # pages only: CapDatesAhead caps nothing else
             for record in item:
                 if type(record) is dict and HELD_KEY in record:
                     record[CURSOR_FIELD] = record.pop(HELD_KEY)
-        elif type(item) is dict and HELD_KEY in item:
-            item[CURSOR_FIELD] = item.pop(HELD_KEY)
         return item
