@@ -534,7 +534,8 @@ class KeysetRead:
                 self.resource, "counts fewer records than it lists", asked.describe(),
                 f"{shown} with count={count}, past {self.key_field}={self._beyond_of[1]!r}, where its "
                 "counts had ended the read, and again after that range was read once more (a count "
-                "capped below its records, or the page's own length)",
+                "capped below its records, or the page's own length; or records imported with dates "
+                "of their own there twice while the read ended, which the next sync reads)",
             )
         logger.info("%s: the API lists more after the read's end (%s, count=%d); reading %s from %d to %d again",
                     self.resource, shown, count, self.cursor_field, asked.lowest, asked.highest)
