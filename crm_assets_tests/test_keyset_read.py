@@ -13,6 +13,7 @@ not do what it is asked, the verdict is the same: every record read, or a loud f
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Optional
 
@@ -56,6 +57,7 @@ class Listing:
         self.count_short = 0
         self.count_cap: Optional[int] = None  # a count that stops there, well below the window
         self.count_page = False  # a count that is the page's own length (0 for size=0)
+        self.count_unfiltered = False  # a count of the whole listing, whatever the filter
         self.undated_first = False  # where records without the sorted field go: last, as Elasticsearch puts them
         self.clock = 0
         self.now()
@@ -96,7 +98,7 @@ class Listing:
         self.repeat_next = False
         if rows:
             self.last_served = rows[-1]
-        count = max(0, len(listing) - self.count_short)
+        count = max(0, (len(self.records) if self.count_unfiltered else len(listing)) - self.count_short)
         if self.count_cap is not None:
             count = min(count, self.count_cap)
         if self.count_page:
@@ -290,6 +292,25 @@ def test_an_end_on_a_page_shorter_than_an_earlier_one_asks_nothing_beyond():
         plan, seen = _plan_read(listing, 5)
         assert seen == set(listing.records)
         assert listing.requests == plan.probe_requests + pages + beyond, records
+
+
+@pytest.mark.parametrize("lie", ["ignore_filter", "count_unfiltered"])
+def test_counts_that_ignore_the_filter_fail_the_probe_rather_than_halve_every_second(lie):
+    """More records than the window, counted as the whole listing whatever the filter: every range
+    counts at the window, so the probe would halve the span down to each of its million seconds. The
+    first second counted at the window fails the read, after one halving per level."""
+    rng = random.Random(3)
+    listing = Listing([rng.randint(1, 10**6) for _ in range(60)], created=[rng.randint(1, 10**6) for _ in range(60)])
+    listing.count_capped = True
+    setattr(listing, lie, True)
+
+    def bounded(request: PageRequest) -> None:
+        assert listing.requests < 1000, "the probe is still halving"
+
+    with pytest.raises(CrmIncompleteReadError, match=r"jobs: the API counts at least 40 records with "
+                       r"date_created=\d+: either they are that many, .* or its counts ignore the filter"):
+        _plan_read(listing, 10, now=2 * 10**6, hook=bounded)
+    assert listing.requests < 2 * 2 * 20 + 10  # two counts a level, 20 levels for a million seconds
 
 
 @pytest.mark.parametrize("undated_first", [False, True], ids=["listed_last", "listed_first"])

@@ -12,8 +12,8 @@ of many pages holding such records is split in two, each half counted again), an
 read on its own, in `date_created` order, with the keyset read's proof.
 
 A count at the result window may be only a lower bound, so a range counted there is split as well,
-until its counts can be trusted. Without records lacking a cursor and with counts below the
-window, the probe is two `size=0` requests.
+until its counts can be trusted; a single second still counted there fails the read. Without
+records lacking a cursor and with counts below the window, the probe is two `size=0` requests.
 
 Those ranges are read *before* the keyset read on `date_updated`, for the sake of the incremental
 cursor (the largest `date_updated` loaded): a range read also returns records that have a
@@ -226,8 +226,16 @@ class ReadPlan:
             if trusted and every <= with_cursor:
                 continue
             halves = self._halves(lowest, highest)
-            # read whole: a range of few pages, or one that cannot be halved (a second counted
-            # at the window among them: its read fails, naming it, if it cannot be read)
+            if halves is None and not trusted and highest is not None:
+                # One second counted at the window: at least as many records created in it as the
+                # API can page through, or (far likelier) counts that ignore the filter, which
+                # would otherwise halve the whole span down to every one of its seconds.
+                raise CrmIncompleteReadError(
+                    f"{self.resource}: the API counts at least {self.result_window} records with "
+                    f"{self.created_field}={lowest}: either they are that many, and its result window "
+                    "makes reading them all impossible, or its counts ignore the filter"
+                )
+            # read whole: a range of few pages, or the open one after the last record's second
             if halves is None or (trusted and every <= SPLIT_ABOVE_PAGES * self.page_size):
                 self.without_cursor += max(0, every - with_cursor)
                 found.append((lowest, highest))
