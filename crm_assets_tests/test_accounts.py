@@ -105,10 +105,12 @@ def test_accounts_merge_secrets_and_config_and_the_key_stays_out_of_the_account(
         "import json\n"
         "from crm_assets.sources.crm.accounts import account_api_key, configured_accounts\n"
         "print(json.dumps([[a.name, a.base_url, a.dataset_name, a.pipeline_name, repr(a), str(vars(a)),\n"
-        "    {e.name: e.page_size for e in a.endpoints}['tasks'], account_api_key(a)]\n"
+        "    {e.name: e.page_size for e in a.endpoints}['tasks'], account_api_key(a),\n"
+        "    {e.name: e.result_window for e in a.endpoints}['jobs']]\n"
         "    for a in configured_accounts()]))"
     )
     env = {**os.environ, "SOURCES__CRM__ACCOUNTS__SOUTH__API_KEY": "k-south-from-env",
+           "SOURCES__CRM__RESULT_WINDOW": "8000", "SOURCES__CRM__ACCOUNTS__SOUTH__RESULT_WINDOW": "5000",
            "SOURCES__CRM__ACCOUNTS": '{"south": {"base_url": "https://env.example.com"}}'}
     completed = subprocess.run([sys.executable, "-c", read], cwd=tmp_path, env=env, capture_output=True,
                                text=True, timeout=60)
@@ -121,6 +123,8 @@ def test_accounts_merge_secrets_and_config_and_the_key_stays_out_of_the_account(
     assert south[1] == "https://env.example.com"
     assert (north[7], south[7]) == ("k-north", "k-south-from-env")
     assert "k-north" not in north[4] + north[5]  # the key is read when needed, never kept
+    # an account's own result window, or the one under [sources.crm]
+    assert (north[8], south[8]) == (8000, 5000)
 
 
 @pytest.mark.parametrize("settings, named", [
@@ -130,6 +134,8 @@ def test_accounts_merge_secrets_and_config_and_the_key_stays_out_of_the_account(
     ({"acme": {"base_url": "https://a.example.com", "api_key": "k", "apikey": "k"}}, ("'acme'", "'apikey'")),
     ({"acme": {"base_url": "https://a.example.com", "api_key": "k", "page_sizes": {"tasks": 1}}},
      ("'acme'", "page_size")),
+    ({"acme": {"base_url": "https://a.example.com", "api_key": "k", "result_window": 2}},
+     ("'acme'", "result_window")),
     ({"Acme": {"base_url": "https://a.example.com", "api_key": "k"}}, ("'Acme'", "lower-case")),
     ({"all": {"base_url": "https://a.example.com", "api_key": "k"}}, ("'all'", "not 'all'")),
 ])

@@ -59,6 +59,9 @@ def test_one_primary_key_for_every_resource_and_resources_added_or_changed_field
         (None, {"2invoices": INVOICES}, None, "must be a table name"),
         (None, {"invoices": {**INVOICES, "page_size": 5000}}, None, "page_size must be a whole number from 3 to 1000"),
         (None, {"invoices": {**INVOICES, "page_size": "100"}}, None, "page_size"),
+        (None, {"jobs": {"result_window": 2}}, None, "'jobs' in SOURCES__CRM__RESOURCES (or [sources.crm.resources.<name>] "
+         "in .dlt/config.toml): result_window must be the API's result window"),
+        (None, {"jobs": {"result_window": "5000"}}, None, "result_window must be"),
         (None, {"invoices": {"path": "v1/invoices"}}, None, "path must be the endpoint's URL path"),
         (None, {"invoices": {"path": "/v1/invoices?x=1"}}, None, "path must be"),
         (None, {"invoices": {**INVOICES, "epoch_fields": "date_due"}}, None, "epoch_fields must be a list"),
@@ -80,12 +83,27 @@ def test_bad_configuration_is_refused_naming_the_setting(primary_key, resources,
     assert message in str(raised.value)
 
 
+def test_the_result_window_is_every_resources_unless_a_resource_sets_its_own():
+    assert {e.result_window for e in build_endpoints()} == {10_000}  # as documented
+    endpoints = {e.name: e for e in build_endpoints(None, {"tasks": {"result_window": 8000}}, {"files": 50}, 500)}
+    assert {name: e.result_window for name, e in endpoints.items()} == {
+        "jobs": 500, "contacts": 500, "tasks": 8000, "activities": 500, "files": 500,
+    }
+    # a page never reaches past the window
+    assert (endpoints["jobs"].read_size, endpoints["tasks"].read_size, endpoints["files"].read_size) == (500, 1000, 50)
+    for bad in (0, 2, True, "5000"):
+        with pytest.raises(CrmConfigurationError, match="SOURCES__CRM__RESULT_WINDOW"):
+            build_endpoints(result_window=bad)
+
+
 def test_the_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("SOURCES__CRM__PRIMARY_KEY", "jnid")
     monkeypatch.setenv("SOURCES__CRM__RESOURCES", '{"invoices": {"path": "/v1/invoices", "data_selector": "results"}}')
+    monkeypatch.setenv("SOURCES__CRM__RESULT_WINDOW", "5000")
     endpoints = configured_endpoints()
     assert [e.name for e in endpoints][-1] == "invoices"
     assert {e.primary_key for e in endpoints} == {"jnid"}
+    assert {e.result_window for e in endpoints} == {5000}
 
 
 def test_the_settings_come_from_config_toml(tmp_path: Path):

@@ -11,7 +11,7 @@ import re
 import pytest
 from dagster import AssetKey
 
-from .conftest import RESOURCES, failure_message, run_sync
+from .conftest import RESOURCES, SMALL_COUNTS, failure_message, run_sync
 from .warehouses import assert_exact, table_ids
 
 
@@ -109,6 +109,37 @@ def test_an_api_whose_count_is_the_pages_own_length_fails_rather_than_landing_it
         r"id='job\w+', where its counts had ended the read, and again",
         failure_message(result),
     )
+
+
+def test_an_api_with_a_smaller_result_window_fails_naming_the_setting_and_lands_exactly_with_it(
+    start_simulator, crm_env, warehouse, monkeypatch
+):
+    """A search index set to a 2,000-record window, whose counts stop there too: they look exact
+    below the documented 10,000, so the probe took 2,000 with a cursor and 2,000 in all for
+    "every record has one", and the five jobs without a `date_updated` went unread in a green run.
+    Each count is asked at `from=10000`, which such an API refuses, naming the setting; set, the
+    sync lands every record, and stays exact."""
+    simulator = start_simulator(dict(SMALL_COUNTS, jobs=3000), result_window=2000, count_capped=True)
+    crm_env(simulator)
+    changed = simulator.mutate("jobs", null_cursor=3, missing_cursor=2)
+    assert len(changed["null_cursor"] + changed["missing_cursor"]) == 5
+
+    result = run_sync(selection=[AssetKey(["crm", "jobs"])], raise_on_error=False)
+
+    assert not result.success
+    assert re.search(
+        r"jobs: GET /v1/jobs failed: HTTP 400 at from \+ size = 10000; if the API's result window is "
+        r"smaller, set SOURCES__CRM__RESULT_WINDOW .* - API says: result window is too large",
+        failure_message(result),
+    )
+
+    monkeypatch.setenv("SOURCES__CRM__RESULT_WINDOW", "2000")
+    result = run_sync()
+    assert result.success, failure_message(result)
+    assert_exact(warehouse, simulator)
+    simulator.mutate("jobs", edit=30, null_cursor=1)
+    assert run_sync().success
+    assert_exact(warehouse, simulator)
 
 
 def test_an_api_whose_gte_and_lte_exclude_their_own_second_loses_nothing(start_simulator, crm_env, warehouse):

@@ -52,7 +52,8 @@ def test_the_first_requests_count_the_records_with_a_cursor_then_every_record():
     assert json.loads(request.params["filter"]) == {"must": [{"range": {"date_updated": {"gt": -1}}}]}
     paginator.update_state(_Answer(7), [])
     paginator.update_request(request)
-    assert request.params == {"sort_field": "date_created", "sort_direction": "asc", "from": 0, "size": 0}
+    # a count is asked at the result window: an API whose window is smaller answers 400
+    assert request.params == {"sort_field": "date_created", "sort_direction": "asc", "from": 10_000, "size": 0}
     paginator.update_state(_Answer(7), [])
     paginator.update_request(request)
     # the counts agree: the keyset read, over every record with a cursor value
@@ -242,6 +243,7 @@ def test_a_second_read_on_its_own_holds_date_updated_and_sorts_on_date_created()
         ({"base_url": "http://127.0.0.1:1", "api_key": "k", "page_sizes": {"tasks": 5000}}, "from 3 to 1000"),
         ({"base_url": "http://127.0.0.1:1", "api_key": "k", "page_sizes": {"task": 5}}, "unknown resource"),
         ({"base_url": "http://127.0.0.1:1", "api_key": "k", "schema_contract": "strict"}, "SCHEMA_CONTRACT"),
+        ({"base_url": "http://127.0.0.1:1", "api_key": "k", "result_window": 1}, "SOURCES__CRM__RESULT_WINDOW"),
     ],
 )
 def test_bad_configuration_is_refused_before_any_request(kwargs, message):

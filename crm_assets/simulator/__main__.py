@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete-every", type=int, default=None,
                    help="before every N-th page, a hard delete (alternately before and after 'from')")
     p.add_argument("--count-capped", action="store_true", help="'count' stops at the result window")
+    p.add_argument("--result-window", type=int, default=10_000, metavar="N",
+                   help="the most records from + size may reach (10000, as documented); past it: 400")
     p.add_argument("--forbid", type=_parse_forbidden, default=[], metavar="RESOURCES",
                    help="these resources answer 403 to every request, as for a key whose role may not read them")
     p.add_argument("--fail-resources", type=_parse_failures, default={}, metavar="NAME[=STATUS],...",
@@ -218,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         page_cap=args.page_cap, latency_ms=args.latency_ms, fault_every=args.fault_every,
         fault_kinds=args.fault_kinds, retry_after=args.retry_after, storm_seconds=args.storm_seconds, drift_every=args.drift_every,
         repeat_every=args.repeat_every, insert_every=args.insert_every, delete_every=args.delete_every,
-        count_capped=args.count_capped, forbidden=args.forbid, fail_resources=args.fail_resources,
+        count_capped=args.count_capped, result_window=args.result_window, forbidden=args.forbid, fail_resources=args.fail_resources,
         ignore_sort=args.ignore_sort,
         ignore_filter=args.ignore_filter, ignore_from=args.ignore_from, exclusive_bounds=args.exclusive_bounds,
         page_count=args.page_count,

@@ -120,7 +120,7 @@ def _resource_config(
         "endpoint": {
             "path": endpoint.path,
             "data_selector": endpoint.data_selector,
-            "paginator": paginator or KeysetPaginator(endpoint.name, endpoint.page_size, key_field=endpoint.primary_key),
+            "paginator": paginator or KeysetPaginator.of(endpoint),
             "params": dict(params or {}),
         },
     }
@@ -248,6 +248,7 @@ def crm(
     request_timeout: float = REQUEST_TIMEOUT,
     arrow_pages: bool = True,
     max_in_flight: int = MAX_IN_FLIGHT,
+    result_window: Optional[int] = None,
 ) -> list[DltResource]:
     """The CRM API's resources (five built in, more by configuration), each read completely and
     merged on its primary key.
@@ -266,8 +267,10 @@ def crm(
         arrow_pages: build each page's tables with pyarrow (arrow_pages.py); False leaves every
             record to dlt's row-by-row normalizer.
         max_in_flight: the most requests in flight at once across all resources (8; http.py).
+        result_window: the API's result window (10,000 as documented), for every resource whose
+            own settings name none.
     """
-    endpoints = build_endpoints(primary_key, resources, page_sizes)
+    endpoints = build_endpoints(primary_key, resources, page_sizes, result_window)
     root = check_settings(base_url, api_key)
     session = crm_session(endpoints, schema_contract, max_retries, backoff_factor, request_timeout, max_in_flight)
     configs = [_resource_config(endpoint, hard_delete, schema_contract) for endpoint in endpoints]

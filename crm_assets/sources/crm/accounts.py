@@ -9,6 +9,7 @@ dlt's providers (no Dagster here).
         # optional, the settings [sources.crm] takes for the single account:
         # primary_key = "jnid"
         # page_sizes = {tasks = 500}
+        # result_window = 5000
         # [sources.crm.accounts.acme.resources.invoices]
         # path = "/v1/invoices"
 
@@ -17,8 +18,8 @@ dlt's providers (no Dagster here).
 
 An account's table may be split between the files (base_url in config.toml, api_key in
 secrets.toml); for each setting the first provider that has it wins, in dlt's order (environment,
-secrets.toml, config.toml). An account without `primary_key`, `resources` or `page_sizes` takes
-the ones under [sources.crm].
+secrets.toml, config.toml). An account without `primary_key`, `resources`, `page_sizes` or
+`result_window` takes the ones under [sources.crm].
 
 No accounts configured: the single-account path ([sources.crm] base_url/api_key), unchanged.
 
@@ -43,7 +44,9 @@ from .errors import CrmConfigurationError
 
 ACCOUNTS_SECTION = ("sources", "crm", "accounts")
 ACCOUNTS_ENV = "SOURCES__CRM__ACCOUNTS"
-ACCOUNT_SETTINGS = ("base_url", "api_key", "primary_key", "resources", "page_sizes")
+# what an account may set for itself, or takes from [sources.crm]
+ACCOUNT_OPTIONS = ("primary_key", "resources", "page_sizes", "result_window")
+ACCOUNT_SETTINGS = ("base_url", "api_key") + ACCOUNT_OPTIONS
 # The partition key and part of the dataset name (`crm_<name>`): a PostgreSQL identifier with
 # room for dlt's suffixes.
 _ACCOUNT_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
@@ -62,6 +65,7 @@ class Account:
     # per-account overrides of the settings under [sources.crm]; plain mappings, not hashed
     resources: Optional[Mapping[str, Any]] = field(default=None, hash=False)
     page_sizes: Optional[Mapping[str, int]] = field(default=None, hash=False)
+    result_window: Optional[int] = None
 
     @property
     def dataset_name(self) -> str:
@@ -77,7 +81,7 @@ class Account:
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
         """Its resources, checked (the built-in five with its overrides)."""
-        return build_endpoints(self.primary_key, self.resources, self.page_sizes)
+        return build_endpoints(self.primary_key, self.resources, self.page_sizes, self.result_window)
 
     def __repr__(self) -> str:  # the dataclass's would print every mapping; the name says enough
         return f"Account({self.name!r}, {self.base_url!r})"
@@ -170,9 +174,11 @@ def _shared(
     primary_key: Optional[str] = dlt.config.value,
     resources: Optional[dict[str, Any]] = dlt.config.value,
     page_sizes: Optional[dict[str, Any]] = dlt.config.value,
+    result_window: Optional[int] = dlt.config.value,
 ) -> dict[str, Any]:
     """The [sources.crm] settings an account without its own takes."""
-    return {"primary_key": primary_key, "resources": resources, "page_sizes": page_sizes}
+    return {"primary_key": primary_key, "resources": resources, "page_sizes": page_sizes,
+            "result_window": result_window}
 
 
 def _parsed(name: str, setting: str, value: Any) -> Any:
@@ -182,6 +188,8 @@ def _parsed(name: str, setting: str, value: Any) -> Any:
             value = json.loads(value)
         except ValueError:
             pass
+    if setting == "result_window" and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # an environment variable's text
     if setting in ("resources", "page_sizes") and not isinstance(value, Mapping):
         raise CrmConfigurationError(f"{_where(name, setting)} must be a table, got {value!r}")
     return value
@@ -199,7 +207,7 @@ def _account(name: str, settings: dict[str, Any], shared: dict[str, Any]) -> Acc
         raise CrmConfigurationError(f"{_where(name, 'base_url')}: {problem}") from None
     options = {
         setting: _parsed(name, setting, settings[setting]) if setting in settings else shared[setting]
-        for setting in ("primary_key", "resources", "page_sizes")
+        for setting in ACCOUNT_OPTIONS
     }
     account = Account(name=name, base_url=root, **options)
     try:
@@ -246,4 +254,5 @@ def source_arguments(account: Account) -> dict[str, Any]:
         primary_key=account.primary_key,
         resources=account.resources,
         page_sizes=account.page_sizes,
+        result_window=account.result_window,
     )

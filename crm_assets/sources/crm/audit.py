@@ -79,10 +79,11 @@ def audit_settings(
     max_retries: int = MAX_RETRIES,
     backoff_factor: float = BACKOFF_FACTOR,
     request_timeout: float = REQUEST_TIMEOUT,
+    result_window: Optional[int] = None,
 ) -> AuditSettings:
     """The source's settings (the same `[sources.crm]` ones a sync reads) and the audit's own,
     checked."""
-    endpoints = build_endpoints(primary_key, resources, page_sizes)
+    endpoints = build_endpoints(primary_key, resources, page_sizes, result_window)
     root = check_settings(base_url, api_key)
     share = audit_max_gone_share
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
@@ -318,10 +319,11 @@ def audit_source(
         asked = listing_fields(endpoint, settings.hard_delete)
         params = {FIELDS_PARAM: ",".join(asked)} if settings.audit_fields else {}
         if ranges is None:
-            paginator = KeysetPaginator(endpoint.name, endpoint.page_size, key_field=endpoint.primary_key)
+            paginator = KeysetPaginator.of(endpoint)
         else:
             paginator = RangePaginator(
-                endpoint.name, endpoint.page_size, ranges[endpoint.name], key_field=endpoint.primary_key
+                endpoint.name, endpoint.read_size, ranges[endpoint.name],
+                result_window=endpoint.result_window, key_field=endpoint.primary_key,
             )
             params = {}  # whole records: they are what the repair loads
         configs.append(_resource_config(

@@ -6,7 +6,10 @@
                                                                          data_selector, primary_key,
                                                                          page_size, epoch_fields,
                                                                          not_epoch_fields,
-                                                                         description
+                                                                         result_window, description
+    SOURCES__CRM__RESULT_WINDOW or  [sources.crm] result_window          the API's result window
+                                                                         (default 10,000), for every
+                                                                         resource that sets none
 
 A configured resource overrides a built-in one field by field, or adds one. `build_endpoints()`
 checks everything and says which setting is wrong; the source and the Dagster definitions both
@@ -26,7 +29,7 @@ from dlt.common.configuration.inject import with_config
 
 from .errors import CrmConfigurationError
 from .keyset import MIN_PAGE_SIZE
-from .settings import MAX_PAGE_SIZE
+from .settings import MAX_PAGE_SIZE, RESULT_WINDOW
 
 DEFAULT_PRIMARY_KEY = "id"
 DEFAULT_PAGE_SIZE = MAX_PAGE_SIZE
@@ -52,6 +55,14 @@ class Endpoint:
     description: str = ""
     # integer `date_*` fields (or epoch_fields of a built-in resource) that stay integers
     not_epoch_fields: tuple[str, ...] = ()
+    # The most records an offset reaches (`from + size`), and where `count` stops being exact:
+    # the contract's 10,000, unless the API's search index is set otherwise.
+    result_window: int = RESULT_WINDOW
+
+    @property
+    def read_size(self) -> int:
+        """The page size asked for: `page_size`, within the result window."""
+        return min(self.page_size, self.result_window)
 
     @property
     def timestamp_fields(self) -> tuple[str, ...]:
@@ -79,9 +90,10 @@ BUILT_IN: tuple[Endpoint, ...] = (
 
 RESOURCES_SETTING = "SOURCES__CRM__RESOURCES (or [sources.crm.resources.<name>] in .dlt/config.toml)"
 PRIMARY_KEY_SETTING = "SOURCES__CRM__PRIMARY_KEY (or primary_key under [sources.crm])"
-_SETTINGS = {"resources": RESOURCES_SETTING, "primary_key": PRIMARY_KEY_SETTING}
+RESULT_WINDOW_SETTING = "SOURCES__CRM__RESULT_WINDOW (or result_window under [sources.crm])"
+_SETTINGS = {"resources": RESOURCES_SETTING, "primary_key": PRIMARY_KEY_SETTING, "result_window": RESULT_WINDOW_SETTING}
 RESOURCE_FIELDS = ("path", "data_selector", "primary_key", "page_size", "epoch_fields", "not_epoch_fields",
-                   "description")
+                   "result_window", "description")
 
 # Table names as dlt keeps them unchanged (snake_case), short enough for PostgreSQL's 63-character
 # identifiers with what dlt appends to them.
@@ -95,9 +107,11 @@ def build_endpoints(
     primary_key: Optional[str] = DEFAULT_PRIMARY_KEY,
     resources: Optional[Mapping[str, Any]] = None,
     page_sizes: Optional[Mapping[str, Any]] = None,
+    result_window: Optional[int] = None,
 ) -> tuple[Endpoint, ...]:
-    """The built-in endpoints with `primary_key`, the `resources` settings and the `page_sizes`
-    shorthand ({"tasks": 100}) applied, checked."""
+    """The built-in endpoints with `primary_key`, the `resources` settings, the `page_sizes`
+    shorthand ({"tasks": 100}) and the `result_window` of every resource that sets none applied,
+    checked."""
     key = DEFAULT_PRIMARY_KEY if primary_key is None else primary_key
     if not isinstance(key, str) or not _FIELD_NAME.fullmatch(key):
         raise CrmConfigurationError(
@@ -110,9 +124,11 @@ def build_endpoints(
             'resources must map resource names to settings, e.g. {"invoices": {"path": "/v1/invoices"}}, '
             f"got {type(resources).__name__}: set {RESOURCES_SETTING}"
         )
-    endpoints = {endpoint.name: replace(endpoint, primary_key=key) for endpoint in BUILT_IN}
+    window = RESULT_WINDOW if result_window is None else result_window
+    _check_window(RESULT_WINDOW_SETTING, window)
+    endpoints = {endpoint.name: replace(endpoint, primary_key=key, result_window=window) for endpoint in BUILT_IN}
     for name, fields in resources.items():
-        endpoints[name] = _configured(name, fields, endpoints.get(name), key)
+        endpoints[name] = _configured(name, fields, endpoints.get(name), key, window)
     for name, size in (page_sizes or {}).items():
         if name not in endpoints:
             raise CrmConfigurationError(
@@ -131,7 +147,7 @@ def build_endpoints(
     return tuple(endpoints.values())
 
 
-def _configured(name: Any, fields: Any, built_in: Optional[Endpoint], primary_key: str) -> Endpoint:
+def _configured(name: Any, fields: Any, built_in: Optional[Endpoint], primary_key: str, window: int) -> Endpoint:
     where = f"resource {name!r} in {RESOURCES_SETTING}"
     if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name) or "__" in name:
         raise CrmConfigurationError(
@@ -147,7 +163,7 @@ def _configured(name: Any, fields: Any, built_in: Optional[Endpoint], primary_ke
         )
     if built_in is None and "path" not in fields:
         raise CrmConfigurationError(f"{where}: a new resource needs a path, e.g. \"/v1/{name}\"")
-    endpoint = built_in or Endpoint(name, "", primary_key=primary_key)
+    endpoint = built_in or Endpoint(name, "", primary_key=primary_key, result_window=window)
     changes = dict(fields)
     for setting in ("epoch_fields", "not_epoch_fields"):
         if setting in changes:
@@ -190,6 +206,15 @@ def _check(where: str, endpoint: Endpoint) -> None:
         raise CrmConfigurationError(
             f"{where}: page_size must be a whole number from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, got {size!r}"
         )
+    _check_window(f"{where}: result_window", endpoint.result_window)
+
+
+def _check_window(where: str, window: Any) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < MIN_PAGE_SIZE:
+        raise CrmConfigurationError(
+            f"{where} must be the API's result window, a whole number of records of at least "
+            f"{MIN_PAGE_SIZE} (10000 as documented), got {window!r}"
+        )
 
 
 @with_config(sections=("sources", "crm"))
@@ -197,8 +222,9 @@ def _resolved(
     primary_key: Optional[str] = dlt.config.value,
     resources: Optional[dict[str, Any]] = dlt.config.value,
     page_sizes: Optional[dict[str, Any]] = dlt.config.value,
+    result_window: Optional[int] = dlt.config.value,
 ) -> tuple[Endpoint, ...]:
-    return build_endpoints(primary_key, resources, page_sizes)
+    return build_endpoints(primary_key, resources, page_sizes, result_window)
 
 
 def configured_endpoints() -> tuple[Endpoint, ...]:

@@ -9,7 +9,7 @@ from .config import connection_settings
 from .errors import CrmIncompleteReadError
 from .http import CrmSession
 from .paginator import between, encode_filter, range_clause
-from .settings import CREATED_FIELD, CURSOR_FIELD, RESULT_WINDOW
+from .settings import CREATED_FIELD, CURSOR_FIELD
 
 # The most `size=0` requests an exact count of a listing beyond the result window may take: about
 # two a halving of its `date_created` span, enough for several hundred thousand records.
@@ -34,7 +34,8 @@ def count_records(
     endpoint = resource if isinstance(resource, Endpoint) else _configured(resource)
     if base_url is None or api_key is None:
         base_url, api_key = connection_settings()
-    params: dict[str, object] = {"size": 0}
+    # at `from=<result window>`, as every count (paginator.page_params says why)
+    params: dict[str, object] = {"size": 0, "from": endpoint.result_window}
     clauses = [range_clause(CURSOR_FIELD, op, int(value))
                for op, value in (("gt", updated_after), ("lt", updated_before)) if value is not None]
     if clauses:
@@ -72,12 +73,16 @@ def count_every_record(
     headers = {"Authorization": f"Bearer {api_key}"}
     session = CrmSession(endpoints=[endpoint])
 
+    window = endpoint.result_window
+
     def answer(params: dict[str, object]) -> dict:
+        if params.get("size") == 0:  # at `from=<result window>`, as every count (paginator.page_params)
+            params = {**params, "from": window}
         return session.get(url, params=params, headers=headers).json()
 
     try:
         total = int(answer({"size": 0})["count"])
-        if total < RESULT_WINDOW:
+        if total < window:
             return total
         # the span to halve: the first and the last record's date_created
         span = []
@@ -94,7 +99,7 @@ def count_every_record(
                 )
             part = int(answer({"size": 0, "filter": encode_filter(between(CREATED_FIELD, low, high))})["count"])
             requests += 1
-            if part < RESULT_WINDOW:
+            if part < window:
                 counted += part
             elif low >= high:
                 raise CrmIncompleteReadError(

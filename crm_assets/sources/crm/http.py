@@ -39,7 +39,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Optional
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -150,6 +150,23 @@ def _connection_failure(exc: Exception) -> str:
     if isinstance(exc, Timeout):
         return "no answer within the request timeout"
     return f"the connection failed ({type(exc).__name__})"
+
+
+def _window_hint(response: requests.Response) -> str:
+    """What a 400 to an offset may mean: an API whose result window is smaller than the one the
+    read relies on refuses `from + size` beyond it (every count asks at `from=<window>`)."""
+    query = parse_qs(urlsplit(response.request.url or "").query) if response.request is not None else {}
+    try:
+        reach = int(query["from"][0]) + int(query.get("size", ["0"])[0])
+    except (KeyError, ValueError):
+        return ""
+    if reach <= 0:
+        return ""
+    return (
+        f" at from + size = {reach}; if the API's result window is smaller, set "
+        f"SOURCES__CRM__RESULT_WINDOW (or result_window under [sources.crm], or the resource's "
+        f"own) to it"
+    )
 
 
 def _retry_after(response: requests.Response) -> Optional[float]:
@@ -346,7 +363,7 @@ class CrmSession(requests.Session):
             elif status in RETRY_STATUSES:
                 reason = f"HTTP {status} after {retries} retries"
             else:
-                reason = f"HTTP {status}"
+                reason = f"HTTP {status}" + (_window_hint(response) if status == 400 else "")
             message = f"{resource}: GET {path} failed: {reason}"
             raise CrmApiError(
                 message + (f" - API says: {detail}" if detail else ""),

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import requests
 from dlt.sources.helpers.rest_client.paginators import BasePaginator
 
-from .catalog import DEFAULT_PRIMARY_KEY
+from .catalog import DEFAULT_PRIMARY_KEY, Endpoint
 from .errors import CrmApiBehaviourError
 from .keyset import HOT_SECONDS, KeysetRead, PageRequest
 from .reach import ReadPlan
@@ -67,8 +67,10 @@ def encode_filter(clauses: list[dict[str, Any]]) -> str:
     return json.dumps({"must": clauses}, separators=(",", ":"))
 
 
-def page_params(page: PageRequest) -> dict[str, Any]:
-    """The query parameters of one page of a keyset read."""
+def page_params(page: PageRequest, result_window: int = RESULT_WINDOW) -> dict[str, Any]:
+    """The query parameters of one page of a keyset read. A count (`size=0`) is asked at
+    `from=<result window>`: `count` is exact only below the window, so each count also shows that
+    the API's window is at least the one the read relies on (one smaller answers 400)."""
     clauses = []
     if page.within is not None:
         field, value = page.within
@@ -79,7 +81,7 @@ def page_params(page: PageRequest) -> dict[str, Any]:
     params: dict[str, Any] = {"sort_field": page.field, "sort_direction": "desc" if page.descending else "asc"}
     if clauses:
         params["filter"] = encode_filter(clauses)
-    params["from"] = page.offset
+    params["from"] = page.offset if page.size else result_window
     params["size"] = page.size
     return params
 
@@ -121,6 +123,12 @@ class KeysetPaginator(BasePaginator):
         self._selector = "results"  # the key of a page's records (a sliced read's)
         self._logged = 0  # requests of the sliced read at its last progress line
 
+    @classmethod
+    def of(cls, endpoint: Endpoint) -> "KeysetPaginator":
+        """The paginator of a configured resource: its page size within its result window."""
+        return cls(endpoint.name, endpoint.read_size, result_window=endpoint.result_window,
+                   key_field=endpoint.primary_key)
+
     def init_request(self, request: requests.Request) -> None:
         params = request.params if isinstance(request.params, dict) else {}
         since = params.pop(UPDATED_SINCE_PARAM, None)
@@ -158,7 +166,7 @@ class KeysetPaginator(BasePaginator):
         if self.plan is None or self.plan.done:
             return
         request.params.pop("filter", None)
-        request.params.update(page_params(self.plan.request()))
+        request.params.update(page_params(self.plan.request(), self.result_window))
 
     def update_state(self, response: requests.Response, data: Optional[list[Any]] = None) -> None:
         if self.sliced is not None:
@@ -212,7 +220,7 @@ class KeysetPaginator(BasePaginator):
         assert self._request is not None
         gate = self.session.gate
         self.sliced = SlicedRead(
-            lambda: gate.release_slices(slices), self.session, self._request, lambda page: {**self._static, **page_params(page)}, answer_of,
+            lambda: gate.release_slices(slices), self.session, self._request, lambda page: {**self._static, **page_params(page, self.result_window)}, answer_of,
             SlicePlan(self.resource, self.page_size, since=since, total=plan.sliced, slices=slices,
                       result_window=self.result_window, cursor_field=CURSOR_FIELD),
             slices_of,
