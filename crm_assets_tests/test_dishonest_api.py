@@ -128,8 +128,8 @@ def test_an_api_with_a_smaller_result_window_fails_naming_the_setting_and_lands_
 
     assert not result.success
     assert re.search(
-        r"jobs: GET /v1/jobs failed: HTTP 400 at from \+ size = 10000; if the API's result window is "
-        r"smaller, set SOURCES__CRM__RESULT_WINDOW .* - API says: result window is too large",
+        r"jobs: GET /v1/jobs failed: HTTP 400 at from \+ size = 10000: if the API's result window is "
+        r"smaller, set SOURCES__CRM__RESULT_WINDOW to it - API says: result window is too large",
         failure_message(result),
     )
 

@@ -163,9 +163,8 @@ def _window_hint(response: requests.Response) -> str:
     if reach <= 0:
         return ""
     return (
-        f" at from + size = {reach}; if the API's result window is smaller, set "
-        f"SOURCES__CRM__RESULT_WINDOW (or result_window under [sources.crm], or the resource's "
-        f"own) to it"
+        f" at from + size = {reach}: if the API's result window is smaller, set "
+        "SOURCES__CRM__RESULT_WINDOW to it"
     )
 
 
